@@ -1,0 +1,177 @@
+"""Checkpoints that survive crashes: atomic writes, a checksum, and a fall-back to the last good file.
+
+A checkpoint is one ``torch.save`` payload (a dict). compt always stores at least:
+
+- ``model``: the model's state dict (plain, never DDP/compile-prefixed),
+- ``model_cfg``: the open_clip model config, so a checkpoint alone rebuilds its model,
+- ``member``: the member's name.
+
+The training engine adds optimizer, scheduler, scaler, RNG states, data position and cost counters.
+Writes go to a temporary file in the same folder, are fsynced, then renamed over the target, so a
+crash mid-write leaves the previous checkpoint intact. A SHA-256 of the payload bytes is stored in a
+sidecar ``<file>.sha256``; a truncated or corrupted file is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "latest_checkpoint",
+    "model_from_checkpoint",
+    "prune_checkpoints",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupted, or of another model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically with a SHA-256 sidecar; raise a clear error on failure.
+
+    On any failure (disk full, permission) the previous file at ``path`` is left as it was.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        sidecar = path.with_name(path.name + ".sha256")
+        old = _digests(sidecar) if path.is_file() else []
+        # Three atomic steps so that a crash between any two leaves a file that verifies: the
+        # sidecar first lists both sums, then the data is replaced, then only the new sum is kept.
+        _atomic_write(sidecar, "".join(f"{d}  {path.name}\n" for d in [digest, *old]).encode())
+        _atomic_write(path, data)
+        if old:
+            _atomic_write(sidecar, f"{digest}  {path.name}\n".encode())
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint is intact; "
+            "free disk space or fix the folder's permissions, then rerun the same command to resume."
+        ) from e
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` exists and matches its SHA-256 sidecar (files without a sidecar pass)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return True
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest() in _digests(sidecar)
+
+
+def _digests(sidecar: Path) -> list[str]:
+    try:
+        return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (or any torch-saved dict with ``model``).
+
+    Raises :class:`CheckpointError` naming the file when it is missing or fails its checksum.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or train that member first)")
+    if not verify_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (SHA-256 mismatch)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged zip
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e})") from e
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{path} is not a compt checkpoint (no 'model' entry)")
+    return payload
+
+
+_STEP_RE = re.compile(r"step_(\d+)\.pt$")
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``step_*.pt`` in ``folder`` that passes its checksum, warning about each bad one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _STEP_RE.search(p.name))
+    )
+    for _, p in reversed(found):
+        if verify_checkpoint(p):
+            return p
+        warnings.warn(f"checkpoint {p} is corrupted or truncated; falling back to an earlier one", stacklevel=2)
+    return None
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``step_*.pt`` checkpoints (and their sidecars)."""
+    if keep <= 0:
+        return
+    found = sorted((int(m.group(1)), p) for p in Path(folder).glob("step_*.pt") if (m := _STEP_RE.search(p.name)))
+    for _, p in found[:-keep]:
+        p.unlink(missing_ok=True)
+        p.with_name(p.name + ".sha256").unlink(missing_ok=True)
+
+
+def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the open_clip ``CLIP`` stored in a checkpoint; returns ``(model, payload)``."""
+    from open_clip.model import CLIP
+
+    payload = load_checkpoint(path, map_location)
+    if "model_cfg" not in payload:
+        raise CheckpointError(f"{path} holds no 'model_cfg'; it was not written by compt")
+    model = CLIP(**payload["model_cfg"])
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match its model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model, payload
