@@ -1,0 +1,156 @@
+"""compt.report renders summary.json + metrics.jsonl files (written here with the documented schema)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compt.cli import main as cli_main
+from compt.report import load_run, member_curve, read_metrics, render_markdown, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(root: Path, kind: str, members: list[tuple[str, float, float, float, float]], evals: int = 3) -> Path:
+    """A run folder: summary.json plus one metrics.jsonl per member (train lines and eval lines).
+
+    members: (name, epochs, train_macs, wall_s, final top-1); the first member of a chain has no teacher.
+    """
+    root.mkdir(parents=True)
+    entries, acc_macs, acc_wall = [], 0.0, 0.0
+    for i, (name, epochs, macs, wall, top1) in enumerate(members):
+        acc_macs += macs
+        acc_wall += wall
+        folder = root / name.replace("/", "-")
+        folder.mkdir()
+        lines = []
+        steps = 10 * evals
+        for step in range(1, steps + 1):
+            frac = step / steps
+            lines.append({"step": step, "epoch": epochs * frac, "samples_seen": 8 * step, "train_macs": macs * frac,
+                          "wall_s": wall * frac, "loss": 2.0 - frac, "task_loss": 1.5, "distill_loss": 0.5, "lr": 1e-3})
+            if step % 10 == 0:  # eval lines without train_macs: report interpolates it from the step
+                lines.append({"step": step, "mean_zeroshot_top1": top1 * frac, "mean_retrieval_r1": top1 / 2 * frac,
+                              "zeroshot/shapes/top1": top1 * frac})
+        text = "\n".join(json.dumps(x) for x in lines) + "\n"
+        (folder / "metrics.jsonl").write_text(text + '{"step": 99, "mean_zero')  # truncated last line (crash)
+        entries.append({
+            "name": name, "teacher": members[i - 1][0] if kind == "chain" and i else None,
+            "epochs": epochs, "steps": steps, "samples_seen": 8 * steps, "train_macs": macs,
+            "accumulated_train_macs": acc_macs, "wall_s": wall, "accumulated_wall_s": acc_wall,
+            "metrics": {"mean_zeroshot_top1": top1, "mean_retrieval_r1": top1 / 2, "zeroshot/shapes/top1": top1},
+            "metrics_file": f"{folder.name}/metrics.jsonl", "export": f"{folder.name}/export",
+            "until_lossless": {"stopped_at_step": steps, "epochs_needed": epochs * 0.8} if kind == "chain" and i else None,
+        })
+    summary = {"kind": kind, "family": "tiny", "members": entries, "config": {"seed": 0}}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path):
+    chain = _write_run(tmp_path / "chain", "chain", [
+        ("tiny-XS", 8, 1.0e12, 60.0, 20.0), ("tiny-S", 4, 1.5e12, 50.0, 26.0), ("tiny-M", 2, 2.0e12, 40.0, 30.0)])
+    base = _write_run(tmp_path / "base", "individual", [
+        ("tiny-XS", 8, 1.0e12, 60.0, 20.0), ("tiny-S", 8, 4.0e12, 150.0, 25.0), ("tiny-M", 8, 9.0e12, 300.0, 30.2)])
+    return chain, base
+
+
+def _table_rows(md: str) -> dict[str, list[str]]:
+    """Model name -> cells of the Table 2 rows."""
+    section = md.split("## Table 2")[1].split("###")[0].split("##")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    head, body = rows[0], rows[2:]
+    return {r[0]: dict(zip(head, r)) for r in body}
+
+
+def test_read_metrics_skips_a_truncated_last_line_but_not_a_bad_middle_line(runs, tmp_path):
+    chain, _ = runs
+    recs = read_metrics(chain / "tiny-S" / "metrics.jsonl")
+    assert recs[-1]["step"] == 30 and all(isinstance(r, dict) for r in recs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        read_metrics(bad)
+
+
+def test_curve_is_offset_by_earlier_members_and_interpolates_macs(runs):
+    run = load_run(runs[0])
+    curve = member_curve(run, run.members[1], "mean_zeroshot_top1")
+    # tiny-S starts after tiny-XS's 1e12 MACs; its eval at step 10 of 30 sits at 1/3 of its own 1.5e12.
+    assert [round(x / 1e12, 6) for x, _ in curve] == [1.5, 2.0, 2.5]
+    assert curve[-1][1] == pytest.approx(26.0)
+
+
+def test_table2_gaps_ratios_and_lossless(runs):
+    run, base = load_run(runs[0]), load_run(runs[1])
+    md = render_markdown(run, base)
+    rows = _table_rows(md)
+    assert list(rows) == ["tiny-XS", "tiny-S", "tiny-M"]
+    s, m = rows["tiny-S"], rows["tiny-M"]
+    assert s["Teacher"] == "tiny-XS" and rows["tiny-XS"]["Teacher"] == "—"
+    assert s["Zero-shot top-1"] == "26.00" and s["Zero-shot top-1 baseline"] == "25.00"
+    assert s["Zero-shot top-1 Δ"] == "+1.00" and s["Retrieval R@1 Δ"] == "+0.50"
+    assert m["Zero-shot top-1 Δ"] == "-0.20" and m["Lossless"] == "yes"  # within 0.5 points
+    # Individual and accumulated ratios: 4e12/1.5e12, (1+4)/(1+1.5); hours: 150/50.
+    macs_col = next(k for k in s if k.startswith("MACs indiv."))
+    assert s[macs_col] == "1.50 (2.67×)"
+    assert s["MACs accum."] == "2.50 (2.00×)"
+    assert s["Wall-clock h indiv."].endswith("(3.00×)")
+    assert "×10^12" in macs_col
+    assert "Lossless for every member: yes" in md
+    assert "`zeroshot/shapes/top1`" in md and "(25.00)" in md
+
+
+def test_lossy_member_is_flagged(tmp_path):
+    chain = _write_run(tmp_path / "c", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 24.0)])
+    base = _write_run(tmp_path / "b", "individual", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, 25.0)])
+    md = render_markdown(load_run(chain), load_run(base))
+    assert _table_rows(md)["tiny-S"]["Lossless"] == "no"
+    assert "Lossless for every member: no" in md
+
+
+def test_write_report_makes_markdown_and_valid_pngs(runs, tmp_path):
+    chain, base = runs
+    out = tmp_path / "rep"
+    report = write_report(chain, base, out)
+    assert report == out / "report.md"
+    for name in ("metric_vs_macs.png", "epochs_per_link.png", "acceleration.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, name
+        assert f"![{name}]({name})" in report.read_text()
+
+
+def test_chain_alone_has_no_baseline_columns(runs):
+    chain, _ = runs
+    report = write_report(chain)  # default folder: <run>/report
+    assert report == chain / "report" / "report.md"
+    md = report.read_text()
+    assert not any("baseline" in k for k in _table_rows(md)["tiny-S"]) and "Δ" not in md
+    assert not (chain / "report" / "acceleration.png").exists()
+    assert (chain / "report" / "metric_vs_macs.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bad_summary_names_file_and_field(tmp_path):
+    run = _write_run(tmp_path / "r", "chain", [("tiny-XS", 8, 1e12, 60, 20.0)])
+    doc = json.loads((run / "summary.json").read_text())
+    del doc["members"][0]["train_macs"]
+    (run / "summary.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"summary\.json: members\[0\] lacks 'train_macs'"):
+        load_run(run)
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        load_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/summary\.json does not exist"):
+        load_run(tmp_path / "empty")
+
+
+def test_cli_report(runs, tmp_path, capsys):
+    chain, base = runs
+    assert cli_main(["report", str(chain), str(base), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "report.md").is_file()
+    assert str(tmp_path / "o" / "report.md") in capsys.readouterr().out
+    assert cli_main(["report", str(chain), "--metric", "no/such/metric"]) == 2
+    assert "no/such/metric" in capsys.readouterr().err
