@@ -1,0 +1,149 @@
+"""``compt plan``: the training MACs of a family, individually vs as a chain (paper Table 2, App. C.2).
+
+    compt plan --family vit --members ViT-T/16,ViT-S/16,ViT-B/16,ViT-L/16 \\
+        --samples 2753427 --baseline-epochs 128 --epochs 128,24,18,15 --captions 4
+    compt plan --family tiny --json
+
+Models are built on the meta device, so planning ViT-L takes seconds and no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from compt.cost import (
+    DEFAULT_END_FRACTION,
+    DEFAULT_TARGET_RATIO,
+    PAPER_BATCH_SIZE,
+    ChainPlan,
+    plan_chain,
+)
+from compt.families import Member, get_family, get_member
+
+CC3M_SAMPLES = 2_753_427  # valid CC3M images (paper Table A)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="training MACs of a model family: baseline vs chain (Table 2)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--family", help="registered family (vit, swin, tiny, debug) or a family YAML file")
+    p.add_argument("--members", help="comma-separated members, smallest first (ViT-S/16 or ViT-S-16); "
+                   "default: every member of --family")
+    p.add_argument("--samples", type=int, default=CC3M_SAMPLES,
+                   help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)")
+    p.add_argument("--baseline-epochs", type=int, default=128,
+                   help="epochs of individual (baseline) training for every member (default 128, CC3M)")
+    p.add_argument("--epochs", help="comma-separated chain epochs, one per member; default: allocated per §3.1.2")
+    p.add_argument("--captions", type=int, default=4, help="captions per image, M (default 4, Table G)")
+    p.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE,
+                   help=f"global batch size; sets optimizer steps for the AdamW update MACs "
+                   f"(default {PAPER_BATCH_SIZE}, Table C)")
+    p.add_argument("--target-ratio", type=float, default=DEFAULT_TARGET_RATIO,
+                   help=f"accumulated acceleration aimed at when allocating epochs (default {DEFAULT_TARGET_RATIO})")
+    p.add_argument("--end-fraction", type=float, default=DEFAULT_END_FRACTION,
+                   help=f"last member's epochs / second member's when allocating (default {DEFAULT_END_FRACTION})")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def _members(args: argparse.Namespace) -> list[Member]:
+    if args.members:
+        names = [n.strip() for n in args.members.split(",") if n.strip()]
+        if args.family:
+            family = get_family(args.family)
+            return [family.member(n) for n in names]
+        return [get_member(n) for n in names]
+    if args.family:
+        return list(get_family(args.family).members)
+    raise ValueError("say which models to plan: --family NAME (all its members) and/or --members A,B,...")
+
+
+def _epochs(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(e) for e in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--epochs must be comma-separated integers, e.g. 128,24,18,15; got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_chain(
+        _members(args),
+        samples=args.samples,
+        baseline_epochs=args.baseline_epochs,
+        epochs=_epochs(args.epochs),
+        num_captions=args.captions,
+        batch_size=args.batch_size,
+        target_ratio=args.target_ratio,
+        end_fraction=args.end_fraction,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def _unit(value: float, units: list[tuple[float, str]]) -> tuple[float, str]:
+    for scale, label in units:
+        if value >= scale:
+            return scale, label
+    return units[-1]
+
+
+_PER_SAMPLE_UNITS = [(1e9, "G"), (1e6, "M"), (1e3, "K"), (1.0, "")]
+# Table 2 reports run MACs in 10^10 G; smaller runs get a readable prefix instead.
+_RUN_UNITS = [(1e19, "1e10 G"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1.0, "")]
+
+
+def format_plan(plan: ChainPlan) -> str:
+    """The plan as a text table shaped like the cost columns of the paper's Table 2."""
+    rows = plan.rows
+    fs, fu = _unit(max(r.train_macs for r in rows), _PER_SAMPLE_UNITS)
+    rs, ru = _unit(plan.baseline_total_macs, _RUN_UNITS)
+    header = [
+        "model", "params (M)", f"fwd/sample ({fu})", f"train/sample ({fu})", "epochs",
+        f"baseline indiv. ({ru})", f"baseline accum. ({ru})", f"chain indiv. ({ru})", f"chain accum. ({ru})",
+    ]
+    table = [header]
+    for r in rows:
+        table.append([
+            r.name,
+            f"{r.params['total'] / 1e6:.2f}",
+            f"{r.forward_macs / fs:.2f}",
+            f"{r.train_macs / fs:.2f}",
+            str(r.epochs),
+            f"{r.baseline_macs / rs:.2f}",
+            f"{r.baseline_accumulated_macs / rs:.2f}",
+            f"{r.chain_macs / rs:.2f} ({r.individual_acceleration:.2f}x)",
+            f"{r.chain_accumulated_macs / rs:.2f} ({r.accumulated_acceleration:.2f}x)",
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [
+        f"samples/epoch {plan.samples:,}, 1 image + {plan.num_captions} captions per sample, "
+        f"baseline {plan.baseline_epochs} epochs, batch {plan.batch_size}",
+    ]
+    if plan.allocated:
+        lines.append(
+            f"epochs allocated per §3.1.2: first member at the baseline epochs, the rest decreasing linearly "
+            f"in log(params) to {plan.end_fraction:g}x the second's, aimed at {plan.target_ratio:g}x "
+            f"accumulated acceleration (pass --epochs to choose them)"
+        )
+    lines.append("")
+    for j, row in enumerate(table):
+        cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)]
+        lines.append("  ".join(cells))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        f"total: baseline {plan.baseline_total_macs / rs:.2f} {ru} MACs, chain {plan.chain_total_macs / rs:.2f} "
+        f"{ru} MACs, acceleration {plan.acceleration:.2f}x"
+    )
+    return "\n".join(lines)
