@@ -204,6 +204,8 @@ def _validate_model_cfg(cfg: dict[str, Any], where: str) -> None:
         (_VISION_FIELDS, cfg.get("vision_cfg", {}), "vision_cfg"),
         (_TEXT_FIELDS, cfg.get("text_cfg", {}), "text_cfg"),
     ):
+        if not isinstance(sub, dict):
+            raise ValueError(f"{where}: {label} must be a mapping of fields, got {type(sub).__name__} {sub!r}")
         for key in sub:
             if key not in fields:
                 close = difflib.get_close_matches(key, sorted(fields), n=1)
@@ -366,12 +368,18 @@ def load_family_yaml(path: str | Path) -> Family:
     if unknown:
         raise ValueError(f"{path}: unknown top-level field(s) {sorted(unknown)}; allowed: name, description, members")
     fam_name = str(doc.get("name", path.stem))
+    if not isinstance(doc["members"], (list, type(None))):
+        raise ValueError(f"{path}: 'members' must be a list of members (one '- name: ...' entry each)")
     members = []
     for i, entry in enumerate(doc["members"] or []):
         if not isinstance(entry, dict) or "name" not in entry:
             raise ValueError(f"{path}: member #{i + 1} needs a 'name'")
         cfg = {k: v for k, v in entry.items() if k != "name"}
         _validate_model_cfg(cfg, where=f"{path}: member {entry['name']!r}")
+        # Names are looked up case- and '/'-insensitively, so these must differ after normalizing.
+        twin = next((m.name for m in members if m.key == normalize_name(str(entry["name"]))), None)
+        if twin is not None:
+            raise ValueError(f"{path}: member #{i + 1} {entry['name']!r} has the same name as {twin!r}; rename one")
         members.append(Member(name=str(entry["name"]), family=fam_name, model_cfg=cfg))
     if not members:
         raise ValueError(f"{path}: the family has no members")
