@@ -1,0 +1,293 @@
+"""Zero-shot evaluation of CLIP members: top-1 classification and image-text retrieval (paper §4, Table 2).
+
+The paper reports zero-shot top-1 on ImageNet-1K and VTAB+ and R@1 on COCO after each member is
+trained. compt evaluates the same two kinds of task on whatever sets it is given:
+
+- a :class:`~compt.data.evalsets.ZeroShotTask` (class names, prompt templates, labelled images): the
+  classifier is open_clip's own :func:`open_clip.build_zero_shot_classifier` (templates averaged per
+  class, then normalized), and the score is top-1 accuracy;
+- a :class:`~compt.data.evalsets.RetrievalSet` (images, several captions each): R@1/5/10 in both
+  directions, image->text (a hit when any of the image's captions is in the top k) and text->image.
+
+All numbers are percentages (0-100), as in the paper's tables, so a "gap in points" reads directly.
+Keys of the returned dict::
+
+    zeroshot/<task>/top1              one per task
+    mean_zeroshot_top1                mean over tasks
+    retrieval/<set>/i2t_r{1,5,10}     one triple per set and direction
+    retrieval/<set>/t2i_r{1,5,10}
+    mean_retrieval_r1                 mean over sets of (i2t_r1 + t2i_r1) / 2
+
+The model is evaluated in eval mode, without gradients, in batches, on the device its parameters
+live on; its train/eval mode is restored afterwards, so the training loop may call this mid-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from open_clip import build_zero_shot_classifier
+
+__all__ = [
+    "RECALL_KS",
+    "evaluate_model",
+    "zeroshot_top1",
+    "retrieval_recall",
+    "build_evaluator",
+    "evaluate_checkpoint",
+]
+
+RECALL_KS = (1, 5, 10)
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class _Task(Protocol):  # the fields of compt.data.evalsets.ZeroShotTask that are read here
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+class _RetrievalSet(Protocol):  # the fields of compt.data.evalsets.RetrievalSet that are read here
+    name: str
+    images: torch.Tensor
+    captions: list[list[str]]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The open_clip model inside DDP / DataParallel / torch.compile wrappers (they hide encode_*)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _param(model: torch.nn.Module) -> torch.Tensor:
+    try:
+        return next(model.parameters())
+    except StopIteration:
+        raise ValueError("evaluate: the model has no parameters; pass an open_clip CLIP model") from None
+
+
+@torch.no_grad()
+def _encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int, where: str) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{where}: images must be a float tensor [N, 3, H, W], got shape {tuple(images.shape)}")
+    p = _param(model)
+    feats = [
+        model.encode_image(images[i : i + batch_size].to(device=p.device, dtype=p.dtype), normalize=True).float()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def _encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+    device = _param(model).device
+    feats = [
+        model.encode_text(tokenizer(texts[i : i + batch_size]).to(device), normalize=True).float()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(feats)
+
+
+def zeroshot_top1(model: torch.nn.Module, task: _Task, tokenizer: Tokenizer, batch_size: int = 256) -> float:
+    """Zero-shot top-1 accuracy (%) of ``model`` on ``task`` with open_clip's prompt-ensemble classifier."""
+    where = f"zero-shot task {task.name!r}"
+    n = len(task.images)
+    if n == 0 or len(task.classnames) == 0 or len(task.templates) == 0:
+        raise ValueError(
+            f"{where}: needs images, class names and templates "
+            f"(got {n} images, {len(task.classnames)} classes, {len(task.templates)} templates)"
+        )
+    labels = torch.as_tensor(task.labels).long().cpu()
+    if labels.shape != (n,) or labels.min() < 0 or labels.max() >= len(task.classnames):
+        raise ValueError(
+            f"{where}: labels must be a LongTensor [{n}] with values in [0, {len(task.classnames) - 1}]"
+        )
+    if any("{}" not in t for t in task.templates):
+        raise ValueError(f"{where}: every template needs a '{{}}' placeholder for the class name")
+    device = _param(model).device
+    # open_clip batches class names; keep one text batch to about batch_size prompts.
+    per_batch = max(1, batch_size // len(task.templates))
+    weights = build_zero_shot_classifier(
+        model, tokenizer, task.classnames, task.templates, num_classes_per_batch=per_batch, device=device
+    ).float()
+    feats = _encode_images(model, task.images, batch_size, where)
+    pred = (feats @ weights).argmax(dim=1).cpu()
+    return 100.0 * (pred == labels).sum().item() / n
+
+
+def retrieval_recall(
+    model: torch.nn.Module,
+    rset: _RetrievalSet,
+    tokenizer: Tokenizer,
+    batch_size: int = 256,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
+    """Recall@k (%) in both directions: ``{"i2t_r1": ..., "t2i_r1": ..., ...}`` for each k in ``ks``.
+
+    Image->text counts a hit when any caption of the image ranks in the top k texts; text->image when
+    the caption's own image ranks in the top k images (the COCO protocol of CLIP and clip_benchmark).
+    """
+    where = f"retrieval set {rset.name!r}"
+    n = len(rset.images)
+    if n == 0 or len(rset.captions) != n:
+        raise ValueError(f"{where}: needs one list of captions per image (got {n} images, {len(rset.captions)} lists)")
+    texts, owner = [], []
+    for i, caps in enumerate(rset.captions):
+        if not caps:
+            raise ValueError(f"{where}: image #{i} has no caption")
+        texts.extend(caps)
+        owner.extend([i] * len(caps))
+    owner_t = torch.tensor(owner)
+    img = _encode_images(model, rset.images, batch_size, where).cpu()
+    txt = _encode_texts(model, tokenizer, texts, batch_size).cpu()
+    out: dict[str, float] = {}
+    kmax = max(ks)
+    # Rows in chunks: a full N x T similarity matrix of a large set would not fit in memory.
+    i2t_rank_hits = torch.zeros(n, kmax, dtype=torch.bool)
+    for s in range(0, n, batch_size):
+        top = (img[s : s + batch_size] @ txt.T).topk(min(kmax, len(texts)), dim=1).indices
+        hit = owner_t[top] == torch.arange(s, s + len(top))[:, None]
+        i2t_rank_hits[s : s + len(top), : hit.shape[1]] = hit
+    t2i_rank_hits = torch.zeros(len(texts), kmax, dtype=torch.bool)
+    for s in range(0, len(texts), batch_size):
+        top = (txt[s : s + batch_size] @ img.T).topk(min(kmax, n), dim=1).indices
+        hit = top == owner_t[s : s + len(top), None]
+        t2i_rank_hits[s : s + len(top), : hit.shape[1]] = hit
+    for k in ks:
+        out[f"i2t_r{k}"] = 100.0 * i2t_rank_hits[:, :k].any(dim=1).sum().item() / n
+        out[f"t2i_r{k}"] = 100.0 * t2i_rank_hits[:, :k].any(dim=1).sum().item() / len(texts)
+    return out
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tasks: Sequence[_Task],
+    retrieval_sets: Sequence[_RetrievalSet],
+    tokenizer: Tokenizer,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Evaluate ``model`` on zero-shot ``tasks`` and ``retrieval_sets``; keys as in the module docstring.
+
+    ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``compt.data.tokenizer``
+    or ``open_clip.get_tokenizer``). The model's train/eval mode is restored on return.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"evaluate: batch_size must be positive, got {batch_size}")
+    names = [t.name for t in tasks] + [r.name for r in retrieval_sets]
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    if dupes:
+        raise ValueError(f"evaluate: eval set names must be unique (metric keys use them); repeated: {dupes}")
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    metrics: dict[str, float] = {}
+    try:
+        top1 = []
+        for task in tasks:
+            acc = zeroshot_top1(net, task, tokenizer, batch_size)
+            metrics[f"zeroshot/{task.name}/top1"] = acc
+            top1.append(acc)
+        if top1:
+            metrics["mean_zeroshot_top1"] = sum(top1) / len(top1)
+        r1 = []
+        for rset in retrieval_sets:
+            rec = retrieval_recall(net, rset, tokenizer, batch_size)
+            metrics.update({f"retrieval/{rset.name}/{k}": v for k, v in rec.items()})
+            r1.append((rec["i2t_r1"] + rec["t2i_r1"]) / 2)
+        if r1:
+            metrics["mean_retrieval_r1"] = sum(r1) / len(r1)
+    finally:
+        net.train(was_training)
+    return metrics
+
+
+def _eval_sets(
+    image_size: int, imagefolders: Sequence[str | Path], embedded: bool, seed: int, num_images: int | None
+):
+    from compt.data.evalsets import embedded_eval_sets, imagefolder_task
+
+    tasks, rsets = [], []
+    if embedded:
+        sizes = {} if num_images is None else {"num_images": num_images, "num_retrieval": num_images}
+        tasks, rsets = embedded_eval_sets(image_size, seed=seed, **sizes)
+    names = {t.name for t in tasks} | {r.name for r in rsets}
+    for folder in imagefolders:
+        name = Path(folder).resolve().name
+        if name in names:  # two folders called "val": key the second by its parent too
+            name = f"{Path(folder).resolve().parent.name}_{name}"
+        names.add(name)
+        tasks.append(imagefolder_task(folder, image_size, name=name))
+    if not tasks and not rsets:
+        raise ValueError("evaluate: nothing to evaluate; keep the embedded sets or pass --imagefolder DIR")
+    return tasks, rsets
+
+
+def build_evaluator(
+    image_size: int,
+    context_length: int,
+    *,
+    imagefolders: Sequence[str | Path] = (),
+    embedded: bool = True,
+    seed: int = 0,
+    num_images: int | None = None,
+    batch_size: int = 256,
+) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """An ``evaluate(model, step) -> metrics`` callback for ``compt.train.train_member``.
+
+    The eval sets (embedded tasks at ``image_size`` plus one task per ImageFolder, named after the
+    folder) and the tokenizer are built once, on the first call. ``num_images`` overrides the
+    embedded sets' size (images per task and retrieval images; default: compt.data.evalsets').
+    In a distributed run call it on rank 0 only.
+    """
+    from compt.data import tokenizer as make_tokenizer
+
+    cache: dict[str, Any] = {}
+
+    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        if not cache:
+            cache["sets"] = _eval_sets(image_size, imagefolders, embedded, seed, num_images)
+            cache["tok"] = make_tokenizer(context_length)
+        tasks, rsets = cache["sets"]
+        return evaluate_model(model, tasks, rsets, cache["tok"], batch_size)
+
+    return evaluate
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    imagefolders: Sequence[str | Path] = (),
+    embedded: bool = True,
+    seed: int = 0,
+    num_images: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate a checkpoint file, a run folder or an exported member; returns ``(metrics, info)``.
+
+    ``info`` names the member, the file actually loaded, and the image size / context length used.
+    The embedded eval sets are rendered at the checkpoint's own image size.
+    """
+    from compt.export import load_model
+
+    model, model_cfg, info = load_model(path)
+    image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
+    context_length = int(model_cfg["text_cfg"].get("context_length", 77))
+    evaluator = build_evaluator(
+        image_size, context_length, imagefolders=imagefolders, embedded=embedded, seed=seed,
+        num_images=num_images, batch_size=batch_size,
+    )
+    metrics = evaluator(model.to(device), -1)
+    info = {**info, "image_size": image_size, "context_length": context_length}
+    return metrics, info

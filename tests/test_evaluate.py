@@ -1,0 +1,189 @@
+"""compt.evaluate: zero-shot top-1 and retrieval recall on real tiny models, checked against plain loops."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compt.checkpoint import save_checkpoint
+from compt.cli import main as cli_main
+from compt.data import tokenizer as make_tokenizer
+from compt.evaluate import build_evaluator, evaluate_checkpoint, evaluate_model, retrieval_recall, zeroshot_top1
+from compt.export import export_member
+from compt.families import get_member
+
+
+@dataclass
+class Task:  # the fields compt.data.evalsets.ZeroShotTask has
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class RSet:  # the fields compt.data.evalsets.RetrievalSet has
+    name: str
+    images: torch.Tensor
+    captions: list[list[str]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = get_member("tiny-XS").create()
+    m.train()
+    return m
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(get_member("tiny-XS").context_length)
+
+
+def _task(n=23, classes=("circle", "square", "star", "ring", "cross"), seed=0, name="shapes"):
+    g = torch.Generator().manual_seed(seed)
+    return Task(name, list(classes), ["a photo of a {}.", "a {} shape"], torch.randn(n, 3, 32, 32, generator=g),
+                torch.randint(0, len(classes), (n,), generator=g))
+
+
+def _rset(n=11, seed=1, name="captions"):
+    g = torch.Generator().manual_seed(seed)
+    caps = [[f"object number {i}", f"a picture of thing {i}", f"item {i} in red"][: 1 + i % 3] for i in range(n)]
+    return RSet(name, torch.randn(n, 3, 32, 32, generator=g), caps)
+
+
+def _reference_top1(model, task, tok):
+    """Plain, unbatched zero-shot: mean of normalized template embeddings per class, then argmax."""
+    with torch.no_grad():
+        w = []
+        for c in task.classnames:
+            e = model.encode_text(tok([t.format(c) for t in task.templates]), normalize=True).mean(0)
+            w.append(e / e.norm())
+        w = torch.stack(w)
+        pred = [int((model.encode_image(x[None], normalize=True) @ w.T).argmax()) for x in task.images]
+    return 100.0 * sum(p == int(y) for p, y in zip(pred, task.labels)) / len(pred)
+
+
+def _reference_recall(model, rset, tok, k):
+    """Plain ranks: sort all scores for every query."""
+    texts = [c for caps in rset.captions for c in caps]
+    owner = [i for i, caps in enumerate(rset.captions) for _ in caps]
+    with torch.no_grad():
+        img = model.encode_image(rset.images, normalize=True)
+        txt = model.encode_text(tok(texts), normalize=True)
+    sim = img @ txt.T
+    i2t = sum(any(owner[j] == i for j in sim[i].argsort(descending=True)[:k].tolist()) for i in range(len(img)))
+    t2i = sum(owner[j] in sim[:, j].argsort(descending=True)[:k].tolist() for j in range(len(texts)))
+    return 100.0 * i2t / len(img), 100.0 * t2i / len(texts)
+
+
+def test_zeroshot_matches_a_plain_loop_for_any_batch_size(model, tok):
+    model.eval()
+    task = _task()
+    ref = _reference_top1(model, task, tok)
+    for bs in (1, 4, 256):
+        assert zeroshot_top1(model, task, tok, batch_size=bs) == pytest.approx(ref, abs=1e-9)
+
+
+def test_retrieval_matches_a_plain_loop_for_any_batch_size(model, tok):
+    model.eval()
+    rset = _rset()
+    for bs in (2, 5, 256):  # chunks that split the similarity matrix unevenly
+        rec = retrieval_recall(model, rset, tok, batch_size=bs)
+        for k in (1, 5, 10):
+            i2t, t2i = _reference_recall(model, rset, tok, k)
+            assert rec[f"i2t_r{k}"] == pytest.approx(i2t) and rec[f"t2i_r{k}"] == pytest.approx(t2i)
+    assert rec["i2t_r1"] <= rec["i2t_r5"] <= rec["i2t_r10"] and rec["t2i_r1"] <= rec["t2i_r5"] <= rec["t2i_r10"]
+    assert retrieval_recall(model, _rset(n=8), tok)["t2i_r10"] == 100.0  # 10 >= 8 candidate images
+
+
+def test_evaluate_model_keys_means_mode_and_no_grad(model, tok):
+    model.train()
+    tasks, rsets = [_task(), _task(seed=3, name="other")], [_rset(), _rset(seed=4, name="second")]
+    m = evaluate_model(model, tasks, rsets, tok, batch_size=8)
+    assert model.training, "train/eval mode must be restored for the training loop"
+    assert all(p.grad is None for p in model.parameters())
+    expected = {"zeroshot/shapes/top1", "zeroshot/other/top1", "mean_zeroshot_top1", "mean_retrieval_r1"}
+    expected |= {f"retrieval/{s}/{d}_r{k}" for s in ("captions", "second") for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert set(m) == expected
+    assert m["mean_zeroshot_top1"] == pytest.approx((m["zeroshot/shapes/top1"] + m["zeroshot/other/top1"]) / 2)
+    r1 = [(m[f"retrieval/{s}/i2t_r1"] + m[f"retrieval/{s}/t2i_r1"]) / 2 for s in ("captions", "second")]
+    assert m["mean_retrieval_r1"] == pytest.approx(sum(r1) / 2)
+    assert all(0.0 <= v <= 100.0 for v in m.values())
+    # DDP-style wrappers expose the model as .module; evaluation unwraps them.
+    wrapped = torch.nn.DataParallel(model)
+    assert evaluate_model(wrapped, tasks, rsets, tok, batch_size=8) == m
+
+
+def test_bad_eval_sets_give_clear_errors(model, tok):
+    t = _task()
+    with pytest.raises(ValueError, match=r"'shapes'.*labels"):
+        zeroshot_top1(model, Task(t.name, t.classnames[:2], t.templates, t.images, t.labels), tok)
+    with pytest.raises(ValueError, match="placeholder"):
+        zeroshot_top1(model, Task(t.name, t.classnames, ["no slot"], t.images, t.labels), tok)
+    with pytest.raises(ValueError, match=r"image #0 has no caption"):
+        retrieval_recall(model, RSet("r", torch.zeros(2, 3, 32, 32), [[], ["x"]]), tok)
+    with pytest.raises(ValueError, match="unique"):
+        evaluate_model(model, [t, t], [], tok)
+
+
+def _write_imagefolder(root, classes=("red", "blue"), per_class=3):
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = np.clip(np.array(colours[c]) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def _checkpoint(tmp_path, name="tiny-XS"):
+    torch.manual_seed(0)
+    member = get_member(name)
+    model = member.create()
+    payload = {"model": model.state_dict(), "model_cfg": member.model_cfg, "member": member.name}
+    return save_checkpoint(tmp_path / "run" / "final.pt", payload)
+
+
+def test_checkpoint_and_its_export_evaluate_identically(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    folder = _write_imagefolder(tmp_path / "colours")
+    m1, info = evaluate_checkpoint(ckpt, imagefolders=[folder], num_images=40, batch_size=64)
+    assert info["member"] == "tiny-XS" and info["image_size"] == 32 and info["format"] == "checkpoint"
+    assert "zeroshot/colours/top1" in m1 and "mean_zeroshot_top1" in m1 and "mean_retrieval_r1" in m1
+    export = export_member(ckpt, tmp_path / "export")
+    m2, info2 = evaluate_checkpoint(export, imagefolders=[folder], num_images=40, batch_size=64)
+    assert info2["format"] == "export"
+    assert m1 == pytest.approx(m2, abs=1e-9)
+
+
+def test_build_evaluator_is_a_train_callback(tmp_path, model):
+    evaluate = build_evaluator(32, 32, imagefolders=[_write_imagefolder(tmp_path / "f")], embedded=False)
+    model.train()
+    first = evaluate(model, 10)
+    assert set(first) == {"zeroshot/f/top1", "mean_zeroshot_top1"} and model.training
+    assert evaluate(model, 20) == first  # same sets, same model: same numbers
+    # Two ImageFolders with the same folder name get distinct metric keys.
+    a, b = _write_imagefolder(tmp_path / "a" / "val"), _write_imagefolder(tmp_path / "b" / "val")
+    both = build_evaluator(32, 32, imagefolders=[a, b], embedded=False)(model, 0)
+    assert {"zeroshot/val/top1", "zeroshot/b_val/top1"} <= set(both)
+
+
+def test_cli_eval_json_and_table(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    folder = _write_imagefolder(tmp_path / "colours")
+    assert cli_main(["eval", str(ckpt.parent), "--no-embedded", "--imagefolder", str(folder), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == {"zeroshot/colours/top1", "mean_zeroshot_top1"}
+    assert cli_main(["eval", str(ckpt), "--no-embedded", "--imagefolder", str(folder)]) == 0
+    assert "zeroshot/colours/top1" in capsys.readouterr().out
+    assert cli_main(["eval", str(ckpt), "--no-embedded"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""compt.export writes open_clip's local-dir layout; open_clip alone reloads the same model and tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from compt.checkpoint import model_from_checkpoint, save_checkpoint
+from compt.cli import main as cli_main
+from compt.data import tokenizer as compt_tokenizer
+from compt.data.images import MEAN, STD, eval_transform
+from compt.export import CONFIG_NAME, WEIGHTS_NAME, export_member, load_model
+from compt.families import get_member
+
+CAPTIONS = ["a red circle on a black background", "two blue squares", "", "a photo of a striped star " * 8]
+
+
+def _checkpoint(tmp_path, name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    member = get_member(name)
+    model = member.create()
+    with torch.no_grad():  # move logit_scale off its init value so a dropped tensor would show
+        model.logit_scale.fill_(3.21)
+    path = save_checkpoint(
+        tmp_path / "run" / "final.pt", {"model": model.state_dict(), "model_cfg": member.model_cfg, "member": member.name}
+    )
+    return member, path
+
+
+@pytest.mark.parametrize("name", ["debug-S", "tiny-XS", "tiny-S"])
+def test_open_clip_local_dir_gives_identical_embeddings(tmp_path, name):
+    member, ckpt = _checkpoint(tmp_path, name)
+    out = export_member(ckpt, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+    ours, _ = model_from_checkpoint(ckpt)
+    theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    ours.eval(), theirs.eval()
+    tok_theirs = open_clip.get_tokenizer(f"local-dir:{out}")
+    tok_ours = compt_tokenizer(member.context_length)
+    tokens = tok_ours(CAPTIONS)
+    assert tokens.shape == (len(CAPTIONS), member.context_length)
+    assert torch.equal(tok_theirs(CAPTIONS), tokens)
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(5, 3, member.image_size, member.image_size, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_image(images), ours.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(theirs.encode_text(tokens), ours.encode_text(tokens), rtol=0, atol=1e-6)
+        assert theirs.logit_scale.item() == pytest.approx(3.21)
+
+
+def test_exported_preprocess_matches_compt_eval_transform(tmp_path):
+    member, ckpt = _checkpoint(tmp_path, "tiny-XS")
+    out = export_member(ckpt, tmp_path / "export")
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    cfg = json.loads((out / CONFIG_NAME).read_text())["preprocess_cfg"]
+    assert cfg["size"] == member.image_size
+    assert cfg["mean"] == pytest.approx(MEAN.flatten().tolist()) and cfg["std"] == pytest.approx(STD.flatten().tolist())
+    rng = np.random.default_rng(0)
+    # Shapes whose resize and center crop land on whole pixels in both implementations.
+    for h, w in [(32, 32), (64, 64), (48, 96), (67, 101)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        torch.testing.assert_close(preprocess(img), eval_transform(img, member.image_size), rtol=0, atol=1e-6)
+
+
+def test_safetensors_hold_the_full_state_dict(tmp_path):
+    member, ckpt = _checkpoint(tmp_path, "debug-L")
+    out = export_member(ckpt, tmp_path / "export")
+    tensors = load_file(str(out / WEIGHTS_NAME))
+    expected = member.create().state_dict()
+    assert set(tensors) == set(expected)
+    assert all(t.is_contiguous() and t.shape == expected[k].shape for k, t in tensors.items())
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["model_cfg"] == member.model_cfg
+    assert config["compt"]["member"] == member.name
+
+
+def test_export_from_module_payload_and_run_folder(tmp_path):
+    member, ckpt = _checkpoint(tmp_path, "debug-S")
+    model, payload = model_from_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="model_cfg"):
+        export_member(model, tmp_path / "a")
+    # A model whose tensors share storage / are non-contiguous still exports (safetensors refuses those).
+    with torch.no_grad():
+        model.text_projection.data = model.text_projection.data.t().contiguous().t()
+    a = export_member(model, tmp_path / "a", model_cfg=member.model_cfg, member=member.name)
+    b = export_member(payload, tmp_path / "b")
+    shared = dict(payload["model"])
+    shared["logit_scale"] = shared["logit_scale"].view(1)[0]  # a view of another storage...
+    shared["extra"] = shared["logit_scale"]  # ...and two entries on one storage
+    tied = load_file(str(export_member({**payload, "model": shared}, tmp_path / "tied") / WEIGHTS_NAME))
+    assert torch.equal(tied["extra"], tied["logit_scale"])
+    c = export_member(ckpt.parent, tmp_path / "c")  # run folder: uses final.pt
+    ref = load_file(str(b / WEIGHTS_NAME))
+    for folder in (a, c):
+        got = load_file(str(folder / WEIGHTS_NAME))
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # load_model reads all three forms and names the member.
+    for path, fmt in ((ckpt, "checkpoint"), (ckpt.parent, "checkpoint"), (c, "export")):
+        loaded, cfg, info = load_model(path)
+        assert info["format"] == fmt and info["member"] == member.name and cfg == member.model_cfg
+        assert torch.equal(loaded.state_dict()["logit_scale"], ref["logit_scale"])
+
+
+def test_load_model_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        load_model(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="final.pt"):
+        load_model(tmp_path / "empty")
+
+
+def test_cli_export(tmp_path, capsys):
+    _, ckpt = _checkpoint(tmp_path, "debug-S")
+    assert cli_main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / WEIGHTS_NAME).is_file()
+    assert "local-dir:" in capsys.readouterr().out
+    assert cli_main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "o2")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
