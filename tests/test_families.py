@@ -43,7 +43,8 @@ def test_small_family_members_run_forward(name):
         texts = torch.randint(0, member.text_cfg["vocab_size"], (3, member.context_length))
         with torch.no_grad():
             img, txt = model.encode_image(images), model.encode_text(texts)
-        assert img.shape == (2, member.model_cfg["embed_dim"]) and txt.shape == (3, member.model_cfg["embed_dim"])
+        embed_dim = member.model_cfg["embed_dim"]
+        assert img.shape == (2, embed_dim) and txt.shape == (3, embed_dim)
 
 
 @pytest.mark.parametrize("family", list_families())
@@ -139,7 +140,10 @@ def test_yaml_unknown_field_names_field_and_file(tmp_path, old, new, field):
         ("members: []\n", "no members"),
         ("members:\n  - embed_dim: 32\n", "needs a 'name'"),
         ("members:\n  - name: a\n    vision_cfg: {}\n    text_cfg: {}\n", "missing model field 'embed_dim'"),
-        ("members:\n  - name: a\n    embed_dim: 8\n    vision_cfg: oops\n    text_cfg: {}\n", "vision_cfg must be a mapping"),
+        (
+            "members:\n  - name: a\n    embed_dim: 8\n    vision_cfg: oops\n    text_cfg: {}\n",
+            "vision_cfg must be a mapping",
+        ),
         ("members: {a: 1}\n", "must be a list"),
     ],
 )

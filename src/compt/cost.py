@@ -90,8 +90,9 @@ def _mac_counter() -> Iterator[FlopCounterMode]:
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=_ATTENTION_FORMULAS) as fc:
-            yield fc
+        counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FORMULAS)
+        with sdpa_kernel(SDPBackend.MATH), counter:
+            yield counter
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
@@ -148,7 +149,8 @@ def _member_params(name: str, cfg_key: str) -> tuple[tuple[str, int], ...]:
 
 
 def count_params(member_or_model: Member | str | nn.Module) -> dict[str, int]:
-    """Parameter counts: ``total``, ``vision``, ``text``, ``text_no_embed``, ``total_no_embed``, ``text_blocks``.
+    """Parameter counts: ``total``, ``vision``, ``text``, ``text_no_embed``, ``total_no_embed``,
+    ``text_blocks``.
 
     ``*_no_embed`` leave out the text token-embedding table; ``text_blocks`` is the text transformer
     alone (the paper's Table G text-tower convention). A member (or member name) is built on the
@@ -241,7 +243,9 @@ def member_cost(member: Member | str, num_captions: int = 4) -> MemberCost:
     >>> member_cost("ViT-T/16").forward_macs  # 1 image at 224 px + 4 captions of 77 tokens
     """
     if not isinstance(num_captions, int) or num_captions < 1:
-        raise ValueError(f"num_captions must be a positive integer (captions per image), got {num_captions!r}")
+        raise ValueError(
+            f"num_captions must be a positive integer (captions per image), got {num_captions!r}"
+        )
     member = get_member(member)
     return _member_cost(member.name, _cfg_key(member), num_captions)
 
@@ -304,7 +308,8 @@ def allocate_epochs(
         return [baseline_epochs]
     sizes = [c.params["total"] for c in costs]
     span = math.log(sizes[-1] / sizes[1]) if len(costs) > 2 else 0.0
-    weights = [1.0 - (1.0 - end_fraction) * (math.log(s / sizes[1]) / span if span > 0 else 0.0) for s in sizes[1:]]
+    position = [math.log(s / sizes[1]) / span if span > 0 else 0.0 for s in sizes[1:]]  # 0 .. 1
+    weights = [1.0 - (1.0 - end_fraction) * x for x in position]
     links = [c.train_macs + t.forward_macs for t, c in zip(costs, costs[1:])]
     baseline = baseline_epochs * sum(c.train_macs for c in costs)
     budget = baseline / target_ratio - baseline_epochs * costs[0].train_macs
@@ -406,7 +411,9 @@ def plan_chain(
     epochs = list(epochs)
     if len(epochs) != len(members):
         names = ", ".join(m.name for m in members)
-        raise ValueError(f"got {len(epochs)} epoch values for {len(members)} members ({names}); give one per member")
+        raise ValueError(
+            f"got {len(epochs)} epoch values for {len(members)} members ({names}); give one per member"
+        )
     for m, e in zip(members, epochs):
         _check_positive_int(e, f"epochs of {m.name}")
     costs = [member_cost(m, num_captions) for m in members]

@@ -205,7 +205,7 @@ def _validate_model_cfg(cfg: dict[str, Any], where: str) -> None:
         (_TEXT_FIELDS, cfg.get("text_cfg", {}), "text_cfg"),
     ):
         if not isinstance(sub, dict):
-            raise ValueError(f"{where}: {label} must be a mapping of fields, got {type(sub).__name__} {sub!r}")
+            raise ValueError(f"{where}: {label} must be a mapping of fields, got {sub!r}")
         for key in sub:
             if key not in fields:
                 close = difflib.get_close_matches(key, sorted(fields), n=1)
@@ -379,7 +379,7 @@ def load_family_yaml(path: str | Path) -> Family:
         # Names are looked up case- and '/'-insensitively, so these must differ after normalizing.
         twin = next((m.name for m in members if m.key == normalize_name(str(entry["name"]))), None)
         if twin is not None:
-            raise ValueError(f"{path}: member #{i + 1} {entry['name']!r} has the same name as {twin!r}; rename one")
+            raise ValueError(f"{path}: member #{i + 1} {entry['name']!r} has the same name as {twin!r}")
         members.append(Member(name=str(entry["name"]), family=fam_name, model_cfg=cfg))
     if not members:
         raise ValueError(f"{path}: the family has no members")

@@ -38,15 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)")
     p.add_argument("--baseline-epochs", type=int, default=128,
                    help="epochs of individual (baseline) training for every member (default 128, CC3M)")
-    p.add_argument("--epochs", help="comma-separated chain epochs, one per member; default: allocated per §3.1.2")
+    p.add_argument("--epochs",
+                   help="comma-separated chain epochs, one per member; default: allocated per §3.1.2")
     p.add_argument("--captions", type=int, default=4, help="captions per image, M (default 4, Table G)")
     p.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE,
                    help=f"global batch size; sets optimizer steps for the AdamW update MACs "
                    f"(default {PAPER_BATCH_SIZE}, Table C)")
     p.add_argument("--target-ratio", type=float, default=DEFAULT_TARGET_RATIO,
-                   help=f"accumulated acceleration aimed at when allocating epochs (default {DEFAULT_TARGET_RATIO})")
+                   help="accumulated acceleration aimed at when allocating epochs "
+                   f"(default {DEFAULT_TARGET_RATIO}, Table 2)")
     p.add_argument("--end-fraction", type=float, default=DEFAULT_END_FRACTION,
-                   help=f"last member's epochs / second member's when allocating (default {DEFAULT_END_FRACTION})")
+                   help="last member's epochs / second member's when allocating "
+                   f"(default {DEFAULT_END_FRACTION})")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -69,7 +72,9 @@ def _epochs(text: str | None) -> list[int] | None:
     try:
         return [int(e) for e in text.split(",")]
     except ValueError:
-        raise ValueError(f"--epochs must be comma-separated integers, e.g. 128,24,18,15; got {text!r}") from None
+        raise ValueError(
+            f"--epochs must be comma-separated integers, e.g. 128,24,18,15; got {text!r}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +113,7 @@ def format_plan(plan: ChainPlan) -> str:
     fs, fu = _unit(max(r.train_macs for r in rows), _PER_SAMPLE_UNITS)
     rs, ru = _unit(plan.baseline_total_macs, _RUN_UNITS)
     header = [
-        "model", "params (M)", f"fwd/sample ({fu})", f"train/sample ({fu})", "epochs",
+        "model", "params (M)", "w/o tok. emb. (M)", f"fwd/sample ({fu})", f"train/sample ({fu})", "epochs",
         f"baseline indiv. ({ru})", f"baseline accum. ({ru})", f"chain indiv. ({ru})", f"chain accum. ({ru})",
     ]
     table = [header]
@@ -116,6 +121,7 @@ def format_plan(plan: ChainPlan) -> str:
         table.append([
             r.name,
             f"{r.params['total'] / 1e6:.2f}",
+            f"{r.params['total_no_embed'] / 1e6:.2f}",
             f"{r.forward_macs / fs:.2f}",
             f"{r.train_macs / fs:.2f}",
             str(r.epochs),
@@ -131,9 +137,9 @@ def format_plan(plan: ChainPlan) -> str:
     ]
     if plan.allocated:
         lines.append(
-            f"epochs allocated per §3.1.2: first member at the baseline epochs, the rest decreasing linearly "
-            f"in log(params) to {plan.end_fraction:g}x the second's, aimed at {plan.target_ratio:g}x "
-            f"accumulated acceleration (pass --epochs to choose them)"
+            "epochs allocated per §3.1.2: first member at the baseline epochs, the rest decreasing "
+            f"linearly in log(params) to {plan.end_fraction:g}x the second's, aimed at "
+            f"{plan.target_ratio:g}x accumulated acceleration (pass --epochs to choose them)"
         )
     lines.append("")
     for j, row in enumerate(table):
@@ -143,7 +149,7 @@ def format_plan(plan: ChainPlan) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(
-        f"total: baseline {plan.baseline_total_macs / rs:.2f} {ru} MACs, chain {plan.chain_total_macs / rs:.2f} "
-        f"{ru} MACs, acceleration {plan.acceleration:.2f}x"
+        f"total: baseline {plan.baseline_total_macs / rs:.2f} {ru} MACs, "
+        f"chain {plan.chain_total_macs / rs:.2f} {ru} MACs, acceleration {plan.acceleration:.2f}x"
     )
     return "\n".join(lines)
