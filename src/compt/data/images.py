@@ -1,0 +1,103 @@
+"""Image decoding and open_clip's preprocessing, with the randomness taken from a given generator.
+
+open_clip trains with ``RandomResizedCrop(scale=(0.9, 1.0))`` + normalization by the OpenAI mean/std,
+and evaluates with resize-shortest-side + center crop (``open_clip.image_transform``). torchvision's
+crop draws from the *global* torch RNG, which would make a sample depend on the worker that loads
+it; here the same crop is drawn from the per-sample generator the loader passes in (seeded by
+seed, epoch and sample index), so a sample is the same for any number of workers or ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageError", "open_image", "train_transform", "eval_transform", "to_tensor", "MEAN", "STD"]
+
+MEAN = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32).view(3, 1, 1)
+STD = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32).view(3, 1, 1)
+_CROP_SCALE = (0.9, 1.0)  # open_clip AugmentationCfg default
+_CROP_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default
+
+
+class ImageError(Exception):
+    """An image could not be read; ``reason`` is the skip-counter key (``missing_file``, ...)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file (path or bytes) to RGB; raise :class:`ImageError` with a reason.
+
+    ``draft_size`` lets JPEG decoding shrink by 2/4/8 while staying at least that size, which makes
+    decoding large photos several times faster without changing what the model sees much.
+    """
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise ImageError("missing_file", f"image file not found: {source}") from None
+    except OSError as e:
+        raise ImageError("unreadable_file", f"cannot open image {source}: {e}") from None
+    try:
+        with fp:
+            img = Image.open(fp)
+            if draft_size:
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()  # force the decode here, inside the try, so truncated data is caught
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        where = "image bytes" if isinstance(source, bytes) else str(source)
+        raise ImageError("corrupt_image", f"cannot decode {where}: {e}") from None
+
+
+def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB uint8 image -> float32 [3, H, W] normalized with open_clip's OpenAI mean/std."""
+    arr = np.asarray(img, dtype=np.uint8)
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    return t.sub_(MEAN).div_(STD)
+
+
+def _crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A RandomResizedCrop box (left, top, w, h), drawn as torchvision does but from ``rng``."""
+    area = width * height
+    log_ratio = (math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*_CROP_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    # Fallback (as torchvision): the central crop with the ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < _CROP_RATIO[0]:
+        w, h = width, int(round(width / _CROP_RATIO[0]))
+    elif in_ratio > _CROP_RATIO[1]:
+        w, h = int(round(height * _CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """open_clip's training transform (random resized crop, bicubic, normalize) drawn from ``rng``."""
+    left, top, w, h = _crop_box(img.width, img.height, rng)
+    out = img.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return to_tensor(out)
+
+
+def eval_transform(img: Image.Image, image_size: int) -> torch.Tensor:
+    """open_clip's eval transform: resize the shortest side (bicubic), center crop, normalize."""
+    scale = image_size / min(img.width, img.height)
+    w, h = max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    return to_tensor(img.crop((left, top, left + image_size, top + image_size)))
