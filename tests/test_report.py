@@ -154,3 +154,25 @@ def test_cli_report(runs, tmp_path, capsys):
     assert str(tmp_path / "o" / "report.md") in capsys.readouterr().out
     assert cli_main(["report", str(chain), "--metric", "no/such/metric"]) == 2
     assert "no/such/metric" in capsys.readouterr().err
+
+
+def test_cli_report_on_a_chain_output_tree(tmp_path, capsys):
+    """`compt report OUT` renders OUT/chain against OUT/individual, the layout `compt chain run` writes."""
+    _write_run(tmp_path / "out" / "chain", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 26.0)])
+    _write_run(tmp_path / "out" / "individual", "individual",
+               [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, 25.0)])
+    assert cli_main(["report", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "vs baseline" in md and (tmp_path / "out" / "report" / "acceleration.png").is_file()
+
+
+def test_members_without_metrics_still_render(tmp_path):
+    run = _write_run(tmp_path / "r", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 26.0)])
+    doc = json.loads((run / "summary.json").read_text())
+    for m in doc["members"]:
+        m["metrics"], m["metrics_file"] = {}, None
+    (run / "summary.json").write_text(json.dumps(doc))
+    report = write_report(run)
+    assert "tiny-S" in report.read_text()
+    assert not (report.parent / "metric_vs_macs.png").exists()
+    assert (report.parent / "epochs_per_link.png").read_bytes()[:8] == PNG_MAGIC

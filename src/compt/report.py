@@ -49,7 +49,9 @@ from typing import Any
 
 from compt.families import normalize_name
 
-__all__ = ["Run", "load_run", "read_metrics", "member_curve", "render_markdown", "write_report", "MAIN_METRICS"]
+__all__ = [
+    "Run", "load_run", "read_metrics", "member_curve", "render_markdown", "resolve_runs", "write_report", "MAIN_METRICS",
+]
 
 SUMMARY_NAME = "summary.json"
 # The Table 2 columns, in order, when present: ImageNet/VTAB+-style zero-shot top-1 and COCO-style R@1.
@@ -360,6 +362,17 @@ def plot_acceleration(run: Run, baseline: Run, path: Path) -> Path:
     return path
 
 
+def resolve_runs(run: str | Path, baseline: str | Path | None = None) -> tuple[Path, Path | None]:
+    """The summary files to render: ``run`` may also be a ``compt chain run`` output tree holding
+    ``chain/summary.json`` (then ``individual/summary.json`` is the default baseline)."""
+    run = Path(run)
+    if run.is_dir() and not (run / SUMMARY_NAME).is_file() and (run / "chain" / SUMMARY_NAME).is_file():
+        if baseline is None and (run / "individual" / SUMMARY_NAME).is_file():
+            baseline = run / "individual"
+        run = run / "chain"
+    return run, (Path(baseline) if baseline is not None else None)
+
+
 def write_report(
     run: str | Path | Run,
     baseline: str | Path | Run | None = None,
@@ -375,8 +388,9 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     runs = [run] + ([baseline] if baseline else [])
-    if metric is None:
-        present = _metrics_present(runs)
+    if metric is None:  # the run's headline metric, else the first Table 2 metric it has
+        present = [k for k in [run.summary.get("metric")] + _metrics_present(runs)
+                   if k and any(k in m["metrics"] for m in run.members)]
         metric = present[0] if present else None
     elif not any(metric in m["metrics"] for r in runs for m in r.members):
         known = sorted({k for r in runs for m in r.members for k in m["metrics"]})

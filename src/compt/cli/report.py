@@ -13,16 +13,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "metric vs cumulative training MACs, epochs per link, acceleration ratios. Reads only structured "
         "files (summary.json, metrics.jsonl).",
     )
-    p.add_argument("run", metavar="RUN", help="run folder holding summary.json (or the file itself)")
+    p.add_argument("run", metavar="RUN", help="run folder holding summary.json (or the file itself), or a "
+                   "`compt chain run` output folder (renders chain/ against individual/)")
     p.add_argument("baseline", metavar="BASELINE_RUN", nargs="?", help="baseline run folder (members trained alone)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/report)")
-    p.add_argument("--metric", metavar="KEY", help="y axis of the cost figure (default: mean_zeroshot_top1)")
+    p.add_argument("--metric", metavar="KEY",
+                   help="y axis of the cost figure (default: the run's headline metric, e.g. mean_zeroshot_top1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.report import write_report
+    from pathlib import Path
 
-    report = write_report(args.run, args.baseline, args.out, metric=args.metric)
+    from compt.report import resolve_runs, write_report
+
+    run_path, baseline = resolve_runs(args.run, args.baseline)
+    out = args.out or (Path(args.run) / "report" if Path(args.run).is_dir() else None)
+    report = write_report(run_path, baseline, out, metric=args.metric)
     print(report)
     return 0
