@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from compt.families import Member, get_member
+from compt.families import Member, check_ascending, get_member
 
 __all__ = [
     "MemberCost",
@@ -59,7 +59,7 @@ DEFAULT_END_FRACTION = 0.5
 PAPER_BATCH_SIZE = 1024
 
 
-# --- counting --------------------------------------------------------------------------------------
+# --- counting ----------------------------------------------------------------------------------
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -121,7 +121,8 @@ def _numel(module: nn.Module | nn.Parameter | torch.Tensor | None) -> int:
 def _model_params(model: nn.Module) -> dict[str, int]:
     total = _numel(model)
     vision = _numel(getattr(model, "visual", None))
-    text_root = getattr(model, "text", None) or model  # CustomTextCLIP keeps its text tower in .text
+    text_root = getattr(model, "text", None)  # CustomTextCLIP keeps its text tower in .text
+    text_root = model if text_root is None else text_root
     token_embedding = _numel(getattr(text_root, "token_embedding", None))
     transformer = _numel(getattr(text_root, "transformer", None))
     # Everything but the image tower and the logit temperature/bias belongs to the text tower.
@@ -240,12 +241,9 @@ def _member_cost(name: str, cfg_key: str, num_captions: int) -> MemberCost:
 def member_cost(member: Member | str, num_captions: int = 4) -> MemberCost:
     """Per-sample forward/training MACs and per-step update MACs of ``member`` (cached, meta device).
 
-    >>> member_cost("ViT-T/16").forward_macs  # 1 image at 224 px + 4 captions of 77 tokens
+    E.g. ``member_cost("ViT-T/16").forward_macs``: one 224 px image plus 4 captions of 77 tokens.
     """
-    if not isinstance(num_captions, int) or num_captions < 1:
-        raise ValueError(
-            f"num_captions must be a positive integer (captions per image), got {num_captions!r}"
-        )
+    _check_positive_int(num_captions, "num_captions (captions per image)")
     member = get_member(member)
     return _member_cost(member.name, _cfg_key(member), num_captions)
 
@@ -389,8 +387,6 @@ def plan_chain(
     ``samples`` are images per epoch. Without ``epochs``, they come from :func:`allocate_epochs`.
     Member i > 0 is a chain link whose teacher is member i - 1.
     """
-    from compt.families import check_ascending
-
     members = [get_member(m) for m in members]
     if not members:
         raise ValueError("a chain needs at least one member")
