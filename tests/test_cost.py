@@ -198,6 +198,9 @@ def test_allocate_epochs_limits():
     assert allocate_epochs(members, 10, target_ratio=1000.0)[1:] == [1, 1, 1]  # unreachable: 1 epoch per link
     assert allocate_epochs(members, 10, target_ratio=1.0)[1] == 10  # never above the baseline
     assert allocate_epochs(members[:1], 10) == [10]
+    assert allocate_epochs(members, 10, target_ratio=None) == allocate_epochs(members, 10)
+    with pytest.raises(TypeError, match="members"):
+        allocate_epochs(4, 10)
     with pytest.raises(ValueError, match="target_ratio"):
         allocate_epochs(members, 10, target_ratio=0.5)
     with pytest.raises(ValueError, match="end_fraction"):

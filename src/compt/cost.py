@@ -277,7 +277,7 @@ def _check_positive_int(value: Any, what: str) -> int:
 def allocate_epochs(
     members: Sequence[Member | str],
     baseline_epochs: int,
-    target_ratio: float = DEFAULT_TARGET_RATIO,
+    target_ratio: float | None = DEFAULT_TARGET_RATIO,
     *,
     num_captions: int = 4,
     end_fraction: float = DEFAULT_END_FRACTION,
@@ -292,9 +292,13 @@ def allocate_epochs(
     the AdamW update is under 0.1% and ignored here). Epochs are rounded to integers in
     ``[1, baseline_epochs]``, so the achieved ratio is close to, not exactly, the target; an
     unreachable target gives 1 epoch per link. The paper then validates the first link and relaxes
-    the ratio if it is not lossless; that is the chain runner's job.
+    the ratio if it is not lossless; that is the chain runner's job. ``target_ratio=None`` means
+    ``DEFAULT_TARGET_RATIO``.
     """
+    if isinstance(members, int):
+        raise TypeError("allocate_epochs needs the chain's members (Member objects or names), not their count")
     _check_positive_int(baseline_epochs, "baseline_epochs")
+    target_ratio = DEFAULT_TARGET_RATIO if target_ratio is None else target_ratio
     if not target_ratio >= 1.0:
         raise ValueError(f"target_ratio must be >= 1 (chain cost / baseline cost <= 1), got {target_ratio!r}")
     if not 0.0 < end_fraction <= 1.0:
