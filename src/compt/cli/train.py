@@ -1,0 +1,161 @@
+"""``compt train``: train one member, individually or as a chain link (paper §3.1-3.2, App. B.1).
+
+    compt train --member tiny-S --data synthetic --epochs 2 --batch-size 256 --out runs/tiny-S
+    compt train --member tiny-M --data synthetic --epochs 1 --batch-size 256 --out runs/tiny-M \\
+        --teacher runs/tiny-S/final.pt --alpha auto
+    torchrun --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.tsv --epochs 128
+
+``--data`` is a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
+(``'shards/{00000..00331}.tar'``). Every TrainConfig field can also come from ``--config run.yaml``
+or ``--set key=value`` (e.g. ``--set data.num_samples=20000 --set grad_clip=1.0``); flags win over
+the YAML file and ``--set`` wins over both. Rerunning the same command resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compt import dist
+from compt.config import ConfigError, from_dict, parse_value
+
+# flag -> TrainConfig field, for the flags that map one to one.
+_FLAGS = {
+    "member": "member", "family": "family", "epochs": "epochs", "steps": "steps", "batch_size": "global_batch_size",
+    "accum_steps": "accum_steps", "lr": "lr", "warmup_steps": "warmup_steps", "grad_clip": "grad_clip",
+    "precision": "precision", "compile": "compile", "device": "device", "seed": "seed", "out": "out_dir",
+    "save_every": "save_every_steps", "keep_last": "keep_last", "log_every": "log_every_steps",
+    "teacher": "teacher", "width": "width", "depth": "depth", "alpha": "alpha", "alpha_ratio": "alpha_ratio",
+    "deterministic": "deterministic",
+}  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one member (baseline, or a chain link with --teacher)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--member", help="member to train, e.g. ViT-B/16, tiny-S (compt plan lists families)")
+    p.add_argument("--family", help="family name or YAML file holding --member (default: any registered)")
+    p.add_argument("--data", help="synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar' | a registered kind")
+    p.add_argument("--epochs", type=float, help="passes over the data (fractions allowed; default 1)")
+    p.add_argument("--steps", type=int, help="optimizer steps instead of --epochs")
+    p.add_argument("--batch-size", type=int, help="global batch size over all ranks (default 1024, Table C)")
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, Table C)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 8000, or 1000 for a link)")
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm (default 0 = off)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="default auto: bf16 on CUDA")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:K (default auto)")
+    p.add_argument("--seed", type=int, help="model init / growth seed (default 0)")
+    p.add_argument("--out", help="output folder (default runs/<member>)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 1000)")
+    p.add_argument("--keep-last", type=int, help="step checkpoints kept (default 2)")
+    p.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 10)")
+    p.add_argument("--eval-every", type=int, default=-1,
+                   help="zero-shot eval on the embedded sets every N steps; 0 = only at the end; default: none")
+    p.add_argument("--teacher", help="teacher checkpoint (final.pt of the previous member): train a chain link")
+    p.add_argument("--width", help="growth strategy in width (default insert, App. D.1)")
+    p.add_argument("--depth", help="growth strategy in depth (default duplicate, App. D.1)")
+    p.add_argument("--alpha", help="IFD weight: a number (default 500, App. B.1) or 'auto'")
+    p.add_argument("--alpha-ratio", type=float, help="target L_IFD/L_task for --alpha auto (default 0.1)")
+    p.add_argument("--config", help="YAML file with TrainConfig fields (data: as a mapping)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (dotted)")
+    p.set_defaults(func=run)
+
+
+def _data_spec(spec: str) -> dict[str, Any]:
+    """``--data`` as DataConfig fields: a kind name, a table file or a shard pattern."""
+    from compt.data import list_datasets
+
+    if spec in list_datasets():
+        return {"kind": spec}
+    low = spec.lower()
+    if low.endswith((".csv", ".tsv")):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"--data {spec}: no such file")
+        return {"kind": low[-3:], "path": spec, **({"csv_separator": ","} if low.endswith(".csv") else {})}
+    if ".tar" in low:
+        return {"kind": "wds", "path": spec}
+    raise ValueError(
+        f"--data {spec!r}: expected one of {', '.join(list_datasets())}, a .csv/.tsv table or .tar shards"
+    )
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a mapping")
+    tree[leaf] = value
+
+
+def build_config(args: argparse.Namespace):
+    """The TrainConfig of the command line: YAML file, then flags, then ``--set`` overrides."""
+    from compt.train import TrainConfig
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of TrainConfig fields")
+    for flag, field in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            raw[field] = parse_value(value) if flag == "alpha" else value
+    if args.data:
+        raw["data"] = {**(raw.get("data") or {}), **_data_spec(args.data)}
+    raw.setdefault("data", {})
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key=value (dotted keys for nested fields)")
+        key, text = item.split("=", 1)
+        _set(raw, key.strip(), parse_value(text))
+    if not raw.get("member"):
+        raise ConfigError("say which member to train: --member NAME (e.g. tiny-S, ViT-B/16)")
+    raw.setdefault("out_dir", str(Path("runs") / str(raw["member"]).replace("/", "-")))
+    return from_dict(TrainConfig, raw, where=args.config or "compt train")
+
+
+def run(args: argparse.Namespace) -> int:
+    from compt.train import NonFiniteLossError, TrainingInterrupted, train_member
+
+    if not logging.getLogger().handlers:
+        level = logging.INFO if dist.launch_rank() == 0 else logging.WARNING
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = build_config(args)
+    evaluate = None
+    if args.eval_every >= 0:
+        from compt.evaluate import build_evaluator
+        from compt.families import get_member
+
+        member = get_member(cfg.member, cfg.family)
+        evaluate = build_evaluator(member.image_size, member.context_length)
+        from dataclasses import replace
+
+        cfg = replace(cfg, eval_every_steps=args.eval_every)
+    try:
+        result = train_member(cfg, evaluate=evaluate)
+    except NonFiniteLossError as e:
+        print(f"compt train: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"compt train: {e}", file=sys.stderr)
+        return 143
+    if dist.launch_rank() == 0:
+        print(
+            f"{cfg.member}: {result.steps} steps, {result.samples_seen:,} samples, "
+            f"{result.train_macs / 1e12:.4g} TMACs, {result.wall_s:.1f} s -> {result.final_checkpoint}"
+        )
+        for key, value in sorted(result.metrics.items()):
+            print(f"  {key}: {value:.2f}")
+    return 0

@@ -1,0 +1,182 @@
+"""Inverse feature distillation (§3.1.1 Eq. 1, §3.2 Eq. 4, App. D.2): a small teacher guides a larger student.
+
+A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with::
+
+    L_IFD = alpha * ( MSE(v_t, T(v_s)) + MSE(t_t, T(t_s)) ) / 2        (Eq. 1, averaged over modalities)
+
+- ``v``/``t`` are the final image/text embeddings (open_clip ``encode_image``/``encode_text`` with
+  ``normalize=False``), of the same images and the same M captions for teacher and student.
+- Normalization: both sides are **L2-normalized** before the MSE. The task loss (Eq. 2) only ever
+  sees normalized embeddings, so the knowledge worth transferring is their direction; the raw norm
+  is a free degree of freedom of each model and matching it would only fight the task loss. It is
+  also what the official code does (it compares ``F.normalize(student)`` with the teacher's
+  normalized output), so alpha=500 keeps its meaning: per element, MSE = (2 - 2 cos) / D.
+- MSE is the mean over batch (and caption) rows and embedding dims, i.e. Eq. 1's squared L2 norm
+  divided by N*D. The official code *sums* the two modality terms; Eq. 4 (and compt) average them,
+  so compt's L_IFD is half the official one for the same alpha (App. B.1 reports alpha=500 with r=0.1).
+- ``T`` (:func:`make_projection`) maps the student's embedding dim to the teacher's when they differ
+  (a learnable linear layer, trained with the student; the official code builds it but never applies
+  it in the multi-caption path). With equal dims it is the identity, as in the paper's families.
+- The teacher is frozen: eval mode, no gradients, never in the optimizer, never wrapped in DDP. It
+  runs under the student's autocast on the same batch (:meth:`Distiller.teacher_features`).
+- ``alpha="auto"`` (:class:`AutoAlpha`) sets alpha each step so that L_IFD / L_task stays near r
+  (default 0.1, the optimum of App. D.2 / Fig. D).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compt import dist
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_RATIO", "make_projection", "feature_mse", "AutoAlpha", "Distiller"]
+
+DEFAULT_ALPHA = 500.0  # App. B.1: alpha = 500 for all experiments
+DEFAULT_RATIO = 0.1  # App. D.2: L_IFD ~ 10% of L_task is the optimum
+
+
+def make_projection(student_dim: int, teacher_dim: int) -> nn.Module:
+    """The feature transform T of Eq. 1: identity for equal dims, else a learnable ``Linear``.
+
+    The linear map starts as a truncated identity (``W = I[:teacher_dim, :student_dim]``, zero bias):
+    with "insert" width growth the student's first ``teacher_dim`` embedding coordinates are the
+    ones initialized from the teacher, so T starts by reading exactly those.
+    """
+    if student_dim == teacher_dim:
+        return nn.Identity()
+    proj = nn.Linear(student_dim, teacher_dim)
+    with torch.no_grad():
+        proj.weight.copy_(torch.eye(teacher_dim, student_dim))
+        proj.bias.zero_()
+    return proj
+
+
+def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between L2-normalized embeddings (float32), ``[..., D]`` each."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} differ; "
+            "the projection T must map the student's embedding dim to the teacher's"
+        )
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    return F.mse_loss(s, t)
+
+
+class AutoAlpha:
+    """alpha_t = r * L_task / D, so that L_IFD / L_task = alpha * D / L_task equals r at every step.
+
+    D is the unweighted distance ``(MSE_image + MSE_text) / 2``, averaged over ranks so that every
+    rank uses the same alpha; both are detached (alpha is a weight, not a path for gradients). With
+    ``decay > 0``, exponential moving averages of L_task and D replace the step's values (smoother
+    alpha, but the ratio then lags behind a fast-shrinking D). alpha stays a tensor (no host sync per
+    step) and is capped so that a student almost equal to its teacher (D ~ 0) cannot get an absurd weight.
+    """
+
+    MAX_ALPHA = 1e6
+
+    def __init__(self, ratio: float = DEFAULT_RATIO, decay: float = 0.0):
+        if ratio <= 0:
+            raise ValueError(f"alpha ratio r must be > 0, got {ratio}")
+        if not 0 <= decay < 1:
+            raise ValueError(f"auto-alpha decay must be in [0, 1), got {decay}")
+        self.ratio = float(ratio)
+        self.decay = float(decay)
+        self.count = 0
+        self.task_ema: torch.Tensor | None = None
+        self.distance_ema: torch.Tensor | None = None
+
+    def __call__(self, task_loss: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """Update the averages with this step's values and return the alpha to use for this step."""
+        task = task_loss.detach().float()
+        d = dist.all_reduce_mean(distance.detach().float())
+        if self.task_ema is None:
+            self.task_ema, self.distance_ema = torch.zeros_like(task), torch.zeros_like(d)
+        self.task_ema = self.task_ema.to(task.device) * self.decay + task * (1 - self.decay)
+        self.distance_ema = self.distance_ema.to(task.device) * self.decay + d * (1 - self.decay)
+        self.count += 1
+        # Both EMAs start at 0 with the same weights, so their bias corrections cancel in the ratio.
+        alpha = self.ratio * self.task_ema / self.distance_ema.clamp_min(1e-12)
+        return alpha.clamp(max=self.MAX_ALPHA)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio,
+            "decay": self.decay,
+            "count": self.count,
+            "task_ema": None if self.task_ema is None else self.task_ema.detach().cpu(),
+            "distance_ema": None if self.distance_ema is None else self.distance_ema.detach().cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ratio, self.decay, self.count = float(state["ratio"]), float(state["decay"]), int(state["count"])
+        self.task_ema, self.distance_ema = state["task_ema"], state["distance_ema"]
+
+
+class Distiller:
+    """The frozen teacher of a chain link and the weight of its distillation loss (Eq. 1, 4).
+
+    ``alpha``: a number (fixed weight, default 500) or ``"auto"`` (hold L_IFD / L_task near
+    ``ratio``). The projection T is *not* kept here: it is trained with the student (in the
+    optimizer, synchronized by DDP), so the trainer owns it (see :func:`make_projection`).
+    """
+
+    def __init__(self, teacher: nn.Module, alpha: float | str = DEFAULT_ALPHA, ratio: float = DEFAULT_RATIO):
+        if isinstance(alpha, str):
+            if alpha != "auto":
+                raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}")
+            self.auto: AutoAlpha | None = AutoAlpha(ratio)
+            self.alpha: float | None = None
+        else:
+            if not math.isfinite(alpha) or alpha < 0:
+                raise ValueError(f"alpha must be a finite number >= 0 (or 'auto'), got {alpha}")
+            self.auto, self.alpha = None, float(alpha)
+        # Frozen for good: eval mode (no dropout / drop-path noise) and no parameter wants a gradient.
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher embeddings of the student's batch: images ``[B, D_t]`` and texts ``[B, M, D_t]``.
+
+        Call it inside the student's autocast context so both run at the same precision.
+        """
+        b, m, length = texts.shape
+        image = self.teacher.encode_image(images)
+        text = self.teacher.encode_text(texts.reshape(b * m, length)).reshape(b, m, -1)
+        return image, text
+
+    def loss(
+        self,
+        student_image: torch.Tensor,
+        student_text: torch.Tensor,
+        teacher_image: torch.Tensor,
+        teacher_text: torch.Tensor,
+        task_loss: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """L_IFD of Eq. 1/4 from projected student and teacher embeddings.
+
+        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_image``, ``mse_text``, ``alpha``
+        (all tensors; ``alpha`` detached). ``task_loss`` is only read by the ``auto`` mode.
+        """
+        mse_image = feature_mse(student_image, teacher_image)
+        mse_text = feature_mse(student_text, teacher_text)
+        distance = (mse_image + mse_text) / 2
+        if self.auto is not None:
+            alpha = self.auto(task_loss, distance)
+        else:
+            alpha = torch.tensor(self.alpha, device=distance.device)
+        return {"loss": alpha * distance, "mse_image": mse_image.detach(), "mse_text": mse_text.detach(),
+                "alpha": alpha.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": "auto" if self.auto is not None else self.alpha,
+                "auto_alpha": None if self.auto is None else self.auto.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.auto is not None and state.get("auto_alpha") is not None:
+            self.auto.load_state_dict(state["auto_alpha"])

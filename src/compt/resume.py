@@ -1,0 +1,203 @@
+"""Exact resume: what a training checkpoint holds, and how a run picks up where it stopped.
+
+A run interrupted and resumed must end with the weights of an uninterrupted run (the issue's
+"resume identity"). A step checkpoint ``step_<N>.pt`` therefore holds, besides the model payload
+every compt checkpoint has (``model``, ``model_cfg``, ``member``):
+
+- ``optimizer`` (AdamW moments), ``scheduler`` (the cosine schedule; the lr is a function of the
+  step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages);
+- ``rng``: the Python/NumPy/torch/CUDA generator states of *every* rank;
+- ``step``, ``epoch``, ``step_in_epoch``: the data position (``compt.data`` batches are a function of
+  seed, epoch and index, so the loader restarts mid-epoch exactly);
+- ``samples_seen``, ``train_macs``, ``wall_s``: the live cost counters (App. C.2);
+- ``config`` (the TrainConfig as a dict) and ``teacher`` (checkpoint path and member of a link).
+
+Resuming checks that the folder holds the same run (:func:`check_same_run`). The functions here
+take the trainer's run object (``compt.train._Run``); this module never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compt import dist
+from compt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from compt.config import to_dict
+from compt.data import build_loader
+
+__all__ = [
+    "SAME_RUN_FIELDS",
+    "DataStream",
+    "seed_all",
+    "capture_rng",
+    "restore_rng",
+    "check_same_run",
+    "model_payload",
+    "save_run",
+    "restore_run",
+]
+
+# TrainConfig fields that define the run: resuming with other values would silently train another model.
+SAME_RUN_FIELDS = ("member", "family", "teacher", "data", "global_batch_size", "accum_steps", "epochs", "steps",
+                   "seed", "width", "depth")
+# Fields that may change between an interruption and its resume without a warning.
+_FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
+_DATA_FREE_FIELDS = ("workers",)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states (CUDA: the state of ``device`` only)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng(states: list[dict[str, Any]], rank: int, device: torch.device, fallback_seed: int) -> None:
+    """Restore rank ``rank``'s states from a checkpoint's per-rank list.
+
+    When the world size changed since the checkpoint, there is no state for this rank: it is seeded
+    with ``fallback_seed`` instead (with a warning; the run then differs from an uninterrupted one
+    only in random choices made by the training process itself, not in its data).
+    """
+    if not isinstance(states, list) or rank >= len(states):
+        warnings.warn(
+            f"the checkpoint holds RNG states for {len(states) if isinstance(states, list) else 0} rank(s), "
+            f"none for rank {rank}; seeding it afresh (the world size changed since the checkpoint)",
+            stacklevel=2,
+        )
+        seed_all(fallback_seed)
+        return
+    state = states[rank]
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path) -> None:
+    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes."""
+    def strip(data: Any) -> Any:
+        return {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
+
+    for key in SAME_RUN_FIELDS:
+        a, b = now.get(key), saved.get(key)
+        if key == "data":
+            a, b = strip(a), strip(b)
+        if a != b:
+            raise ValueError(
+                f"{path} belongs to a different run: train.{key} is {b!r} there but {a!r} now. Use a new "
+                f"out_dir for the new settings, or the old settings to resume."
+            )
+    changed = [k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)]
+    if changed:
+        warnings.warn(
+            f"resuming {path} with changed settings: "
+            + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed),
+            stacklevel=2,
+        )
+
+
+class DataStream:
+    """The micro-batches of each optimizer step, epoch after epoch, from the run's data position."""
+
+    def __init__(self, cfg: Any, member: Any, info: dist.DistInfo, state: Any):
+        self.cfg, self.member, self.info, self.state = cfg, member, info, state
+        self.micro_batch = cfg.global_batch_size // cfg.accum_steps  # samples per micro-batch, all ranks
+        if self.micro_batch % info.world_size:
+            raise ValueError(
+                f"train.global_batch_size={cfg.global_batch_size} / accum_steps={cfg.accum_steps} = "
+                f"{self.micro_batch} samples per micro-batch cannot be split over {info.world_size} ranks; "
+                "use a multiple of the number of processes"
+            )
+        self._it, self._at, self.skips = None, None, 0
+        self.steps_per_epoch = len(self._open()) // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"one epoch of data.kind={cfg.data.kind} has fewer than accum_steps={cfg.accum_steps} batches of "
+                f"{self.micro_batch}; use more data or a smaller train.global_batch_size"
+            )
+
+    def _open(self):
+        st = self.state
+        self._loader = build_loader(
+            self.cfg.data, image_size=self.member.image_size, context_length=self.member.context_length,
+            global_batch_size=self.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
+            epoch=st.epoch, start_step=st.step_in_epoch * self.cfg.accum_steps,
+        )  # fmt: skip
+        self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
+        return self._loader
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``accum_steps`` micro-batches of the step at the current data position."""
+        if self._at != (self.state.epoch, self.state.step_in_epoch):  # a new epoch, or resumed elsewhere
+            self._open()
+        batches = [next(self._it) for _ in range(self.cfg.accum_steps)]
+        self._at = (self.state.epoch, self.state.step_in_epoch + 1)
+        self.skips = sum(getattr(self._loader, "skips", {}).values())
+        return batches
+
+
+def model_payload(run: Any) -> dict[str, Any]:
+    """The part of a checkpoint that final.pt shares: model, config and cost counters."""
+    st = run.state
+    return {
+        "model": run.model.state_dict(), "model_cfg": run.member.open_clip_config(), "member": run.member.name,
+        "steps": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen, "train_macs": st.train_macs,
+        "wall_s": st.wall_s, "eval_s": st.eval_s, "config": to_dict(run.cfg), "teacher": run.teacher_info,
+        "macs_per_step": run.macs_per_step,
+    }  # fmt: skip
+
+
+def save_run(run: Any, path: Path) -> Path:
+    """A resumable checkpoint at a step boundary (a collective: every rank sends its RNG state)."""
+    run.tick()
+    rng = dist.all_gather_object(capture_rng(run.info.device))
+    if run.info.is_main:
+        payload = model_payload(run) | {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.schedule.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "rng": rng,
+            "step": run.state.step,
+            "step_in_epoch": run.state.step_in_epoch,
+            "state": run.state.state_dict(),
+            "distill": {"projection": run.projection.state_dict(),
+                        **(run.distiller.state_dict() if run.distiller is not None else {})},
+            "world_size": run.info.world_size,
+        }  # fmt: skip
+        save_checkpoint(path, payload)
+        prune_checkpoints(run.out_dir, run.cfg.keep_last)
+    dist.barrier()
+    return path
+
+
+def restore_run(run: Any, path: Path) -> None:
+    """Load everything a checkpoint holds, so the run continues as if never interrupted."""
+    payload = load_checkpoint(path)
+    check_same_run(to_dict(run.cfg), payload.get("config", {}), path)
+    run.model.load_state_dict(payload["model"])
+    run.projection.load_state_dict(payload["distill"]["projection"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.scaler is not None and payload.get("scaler"):
+        run.scaler.load_state_dict(payload["scaler"])
+    if run.distiller is not None:
+        run.distiller.load_state_dict(payload["distill"])
+    run.state.load_state_dict(payload["state"])
+    restore_rng(payload["rng"], run.info.rank, run.info.device, run.cfg.seed + run.info.rank + run.state.step)

@@ -1,0 +1,142 @@
+"""The log of a training run: ``metrics.jsonl``, TensorBoard when installed, a progress bar.
+
+``metrics.jsonl`` is the run's structured record, one JSON object per line, each with a ``kind``:
+
+- ``start``: the run's settings (member, teacher, world size, precision, steps, MACs per step, config);
+- ``train``: every ``log_every_steps`` steps: ``loss`` (= ``loss_task`` + ``loss_ifd``), ``loss_task``
+  (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted),
+  ``alpha`` and ``ifd_ratio`` (= loss_ifd / loss_task, App. D.2's r); ``lr``, ``logit_scale``,
+  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``;
+- ``eval``: the metrics returned by the ``evaluate`` callback;
+- ``final`` / ``error``: the end of the run.
+
+Losses of a step are those of the batch consumed by that step (before its update). On resume the
+lines past the checkpoint's step are dropped, so a resumed run's file reads like an uninterrupted one.
+``report`` and the tests read this file; nothing scrapes the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLog", "read_metrics"]
+
+_LOG = logging.getLogger("compt.train")
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (only those of ``kind`` if given)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                if kind is None or rec.get("kind") == kind:
+                    records.append(rec)
+    return records
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: write null so that strict readers still parse the file.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    """Writes the run's records on rank 0 (a no-op elsewhere) and drives the progress display.
+
+    The bar (tqdm) shows only on a terminal; otherwise each ``train`` record also becomes one plain
+    ``logging`` line, which is cheap and readable in a batch job's log file.
+    """
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int, start_wall_s: float):
+        self.enabled = enabled
+        self.last_step, self.last_wall_s = start_step, start_wall_s  # the previous train record's step/time
+        self._file = self._tb = self._bar = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.jsonl"
+        _drop_after(path, start_step)
+        self._file = open(path, "a", encoding="utf-8")
+        try:  # TensorBoard is optional
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            pass
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record to metrics.jsonl (and its numbers to TensorBoard)."""
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in record:
+            kind = record.get("kind", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def progress(self, step: int, total: int, values: dict[str, float], speed: float, eta_s: float, wall_s: float) -> None:
+        """Show loss, lr, samples/s and ETA (bar on a terminal, a log line otherwise)."""
+        self.last_step, self.last_wall_s = step, wall_s
+        if not self.enabled:
+            return
+        loss = values.get("loss", float("nan"))
+        text = f"loss {loss:.4f}"
+        if "loss_ifd" in values:
+            text += f" (task {values['loss_task']:.4f} + ifd {values['loss_ifd']:.4f})"
+        text += f" lr {values.get('lr', 0):.2e} {speed:.1f} samples/s"
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(text)
+        else:
+            _LOG.info("step %d/%d %s eta %s", step, total, text, _hms(eta_s))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+        self._file = self._tb = self._bar = None
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Remove records past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)

@@ -1,0 +1,598 @@
+"""The training engine: one member, trained individually or as a chain link (§3.1-3.2, App. B.1, Table C).
+
+A baseline member is a chain link with ``teacher=None``: one loop, not two. A link grows its student
+from the teacher (:func:`compt.grow.grow`, inverse weight initialization) and adds the inverse
+feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss (:mod:`compt.loss`).
+
+Launch (docs/train.md)::
+
+    compt train --member tiny-S --data synthetic --epochs 2                         # one process, CPU or 1 GPU
+    torchrun --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.csv    # 8 GPUs, one node
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m compt train --member ViT-L/16 --data 'shards/{000000..003000}.tar'        # 2 nodes x 8 GPUs
+
+From Python: ``train_member(TrainConfig(member="tiny-S", data=DataConfig(kind="synthetic")))``.
+The run writes ``out_dir/step_<N>.pt`` (resumable), ``out_dir/final.pt`` and ``out_dir/metrics.jsonl``;
+rerunning with the same ``out_dir`` resumes exactly where it stopped, and a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from compt import dist
+from compt.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from compt.config import to_dict
+from compt.cost import member_cost
+from compt.data import DataConfig
+from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, make_projection
+from compt.families import Member, get_member
+from compt.grow import grow
+from compt.loss import multi_caption_clip_loss
+from compt.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, default_eps
+from compt.resume import DataStream, model_payload, restore_run, save_run, seed_all
+from compt.runlog import RunLog
+
+__all__ = ["TrainConfig", "TrainState", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "train_member"]
+
+_LOG = logging.getLogger("compt.train")
+
+LOGIT_SCALE_MAX = math.log(100)  # CLIP clamps the learnable temperature at 1/100
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run of one member (baseline or chain link)."""
+
+    member: str  # member name in the family registry, e.g. "ViT-B/16", "tiny-S"
+    data: DataConfig  # training data (compt.data): kind, path, num_captions (M), ...
+    out_dir: str = "runs/train"  # folder of step_<N>.pt, final.pt and metrics.jsonl; resumed if present
+    family: str | None = None  # family (name or YAML path) holding `member`; None: any registered family
+    epochs: float = 1.0  # passes over the data (fractions allowed); ignored when `steps` is set
+    steps: int | None = None  # optimizer steps of the whole run; overrides `epochs`
+    global_batch_size: int = 1024  # samples per optimizer step, summed over ranks (Table C: 1024)
+    accum_steps: int = 1  # micro-batches per optimizer step; contrastive negatives come from one micro-batch
+    lr: float = 1e-3  # peak learning rate (Table C: 1e-3)
+    min_lr_ratio: float = 0.0  # learning rate at the end of the cosine, as a fraction of `lr`
+    warmup_steps: int | None = None  # linear warmup, optimizer steps; None: Table C (8000 / 1000 for a link), <= 10% of the run
+    weight_decay: float = 0.1  # AdamW decoupled decay, not on norms, biases, embeddings, logit scale
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Table C)
+    eps: float | None = None  # AdamW eps; None: 1e-6 for ViT members, 1e-8 otherwise (official code)
+    grad_clip: float = 0.0  # max global gradient L2 norm; 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a grad scaler)
+    compile: bool = False  # torch.compile the student's forward
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise reproducible, slower
+    seed: int = 0  # model init and growth seed; rank r seeds its own RNGs with seed + r
+    save_every_steps: int = 1000  # write step_<N>.pt every this many optimizer steps (0: only final.pt)
+    keep_last: int = 2  # step_*.pt files kept (0: keep all)
+    log_every_steps: int = 10  # metrics.jsonl line and progress update every this many steps
+    eval_every_steps: int = 0  # call `evaluate` every this many steps (0: only at the end)
+    teacher: str | None = None  # teacher checkpoint (.pt): a chain link; None: a baseline member
+    width: str = "insert"  # compt.grow width strategy (chain links only, App. D.1)
+    depth: str = "duplicate"  # compt.grow depth strategy (chain links only, App. D.1)
+    alpha: float | str = DEFAULT_ALPHA  # IFD weight of Eq. 1 (App. B.1: 500) or "auto" (hold L_IFD/L_task at alpha_ratio)
+    alpha_ratio: float = DEFAULT_RATIO  # target L_IFD / L_task of alpha="auto" (App. D.2: r = 0.1)
+    device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"train.data must be a compt.data.DataConfig, got {type(self.data).__name__}")
+        get_member(self.member, self.family)  # an unknown member fails here, naming the nearest one
+        alpha_ok = self.alpha == "auto" or (
+            not isinstance(self.alpha, str) and math.isfinite(self.alpha) and self.alpha >= 0
+        )
+        checks = [
+            ("epochs", self.steps is not None or self.epochs > 0, "must be > 0 (or set `steps`)"),
+            ("steps", self.steps is None or self.steps > 0, "must be > 0, or None to use `epochs`"),
+            ("global_batch_size", self.global_batch_size >= 1, "must be >= 1"),
+            ("accum_steps", self.accum_steps >= 1 and self.global_batch_size % self.accum_steps == 0,
+             f"must be >= 1 and divide global_batch_size={self.global_batch_size}"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0 or None"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)"),
+            ("eps", self.eps is None or self.eps > 0, "must be > 0, or None for the per-model default"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+            ("save_every_steps", self.save_every_steps >= 0, "must be >= 0"),
+            ("keep_last", self.keep_last >= 0, "must be >= 0"),
+            ("log_every_steps", self.log_every_steps >= 1, "must be >= 1"),
+            ("eval_every_steps", self.eval_every_steps >= 0, "must be >= 0"),
+            ("alpha", alpha_ok, "must be a finite number >= 0 or 'auto'"),
+            ("alpha_ratio", self.alpha_ratio > 0, "must be > 0"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"train.{name} {why} (got {getattr(self, name)!r})")
+        if not isinstance(self.alpha, str):
+            object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+@dataclass
+class TrainState:
+    """Where the run is: the counters a checkpoint restores (torchtitan-style ``state_dict``)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position)
+    samples_seen: int = 0  # training samples consumed, all ranks together
+    train_macs: int = 0  # cumulative training MACs (App. C.2), teacher forward included for a link
+    wall_s: float = 0.0  # training wall time, seconds, across resumes (evaluation excluded)
+    eval_s: float = 0.0  # wall time spent in `evaluate`, seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run hands to its caller (e.g. the chain orchestrator)."""
+
+    final_checkpoint: Path  # out_dir/final.pt
+    train_macs: int  # cumulative training MACs of the run
+    wall_s: float  # training wall time, seconds
+    steps: int  # optimizer steps done
+    samples_seen: int  # training samples consumed
+    metrics: dict[str, float] = field(default_factory=dict)  # the last `evaluate` result ({} if none)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; no checkpoint was written after it, the last good one is intact."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM arrived: a checkpoint was written at the step boundary; rerun the same command to resume."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(143)  # 128 + SIGTERM, the exit status schedulers expect from a terminated job
+        self.message, self.checkpoint = message, checkpoint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _StudentForward(nn.Module):
+    """The student and the IFD projection T as one module, so DDP synchronizes T's gradients too."""
+
+    def __init__(self, model: nn.Module, projection: nn.Module):
+        super().__init__()
+        self.model, self.projection = model, projection
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, m, length = texts.shape  # M captions per image are encoded as one [B*M, L] batch
+        image = self.model.encode_image(images)
+        text = self.model.encode_text(texts.reshape(b * m, length)).reshape(b, m, -1)
+        return image, text, self.model.logit_scale.exp(), self.projection(image), self.projection(text)
+
+
+@dataclass
+class _Run:
+    """Everything one run holds while it trains (built by :func:`_setup`)."""
+
+    cfg: TrainConfig
+    info: dist.DistInfo
+    member: Member
+    model: nn.Module  # the plain student (what checkpoints store)
+    projection: nn.Module  # T of Eq. 1 (identity for a baseline or equal embedding dims)
+    forward: nn.Module  # _StudentForward, maybe compiled and DDP-wrapped
+    distiller: Distiller | None
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    data: DataStream
+    log: RunLog
+    total_steps: int
+    state: TrainState
+    macs_per_step: int
+    teacher_info: dict[str, Any] | None
+    stop_requested: bool = False
+    clock: float = field(default_factory=time.perf_counter)
+    first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Nominal samples per rank per micro-batch."""
+        return self.cfg.global_batch_size // (self.cfg.accum_steps * self.info.world_size)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def tick(self) -> None:
+        """Advance the training wall clock to now."""
+        now = time.perf_counter()
+        self.state.wall_s += now - self.clock
+        self.clock = now
+
+
+# --- the training step ---------------------------------------------------------------------------
+
+
+def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One optimizer step of Eq. 4 over ``accum_steps`` micro-batches; returns detached stats."""
+    device, world, n = run.info.device, run.info.world_size, len(micro_batches)
+    lr = run.schedule.apply(run.optimizer, run.state.step)  # cosine with warmup, per iteration
+    stats: dict[str, torch.Tensor] = {}
+    for i, (images, texts) in enumerate(micro_batches):
+        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+        # DDP all-reduces gradients only on the last micro-batch of the step.
+        sync = run.forward.no_sync() if world > 1 and i < n - 1 else nullcontext()
+        with sync:
+            with run.autocast():
+                image, text, logit_scale, image_t, text_t = run.forward(images, texts)
+                task = multi_caption_clip_loss(image, text, logit_scale, local_batch_size=run.local_batch_size)  # Eq. 2-3
+                parts = {"loss_task": task}
+                if run.distiller is not None:
+                    # The frozen teacher sees the same images and captions, at the same precision.
+                    teacher_image, teacher_text = run.distiller.teacher_features(images, texts)
+                    ifd = run.distiller.loss(image_t, text_t, teacher_image, teacher_text, task)  # Eq. 1
+                    parts.update(loss_ifd=ifd["loss"], mse_image=ifd["mse_image"], mse_text=ifd["mse_text"])
+                    stats["alpha"] = ifd["alpha"]
+            # Every rank holds the same global task loss, but its graph reaches only its own features
+            # (compt.dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
+            # is scaled by the world size to make that average the true gradient. L_IFD is a per-rank mean.
+            objective = (task * world + parts.get("loss_ifd", 0.0)) / n  # Eq. 4
+            if run.scaler is not None:
+                run.scaler.scale(objective).backward()
+            else:
+                objective.backward()
+        for key, value in parts.items():
+            stats[key] = stats.get(key, 0.0) + value.detach() / n
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    if run.cfg.grad_clip > 0:
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip).detach()
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        run.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)  # temperature >= 1/100, as CLIP
+    stats["loss"] = stats["loss_task"] + stats.get("loss_ifd", 0.0)
+    stats["lr"] = torch.tensor(lr)
+    stats["logit_scale"] = run.model.logit_scale.detach().exp()
+    # Remember the first step whose loss was not finite, without a host sync (read at log/save time).
+    bad = ~torch.isfinite(stats["loss"])
+    run.first_bad_step = torch.where(bad & (run.first_bad_step < 0), run.state.step, run.first_bad_step)
+    return stats
+
+
+def _advance(run: _Run) -> None:
+    """Count the step just taken: data position, samples and training MACs (App. C.2)."""
+    st = run.state
+    st.step += 1
+    st.samples_seen += run.cfg.global_batch_size
+    st.train_macs += run.macs_per_step
+    st.step_in_epoch += 1
+    if st.step_in_epoch >= run.data.steps_per_epoch:
+        st.epoch, st.step_in_epoch = st.epoch + 1, 0
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def train_member(
+    cfg: TrainConfig,
+    *,
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    should_stop: Callable[[dict[str, float]], bool] | None = None,
+) -> TrainResult:
+    """Train one member (a baseline, or a chain link when ``cfg.teacher`` is set) and return its result.
+
+    ``evaluate(model, step)`` runs on rank 0 with the plain student in eval mode every
+    ``cfg.eval_every_steps`` and after the last step; its metrics go to ``metrics.jsonl`` and
+    :attr:`TrainResult.metrics`. ``should_stop(metrics) -> True`` ends the run early (``final.pt`` is
+    written as usual). Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
+    resumes from the newest valid ``step_*.pt``; a run whose ``final.pt`` exists returns at once.
+
+    Raises :class:`NonFiniteLossError` when the loss turns NaN/inf (no checkpoint is written after
+    it) and :class:`TrainingInterrupted` (a ``SystemExit``) after saving on SIGTERM.
+    """
+    final = Path(cfg.out_dir) / "final.pt"
+    if final.is_file() and verify_checkpoint(final):
+        return _result_from_final(final)
+    info = dist.init_distributed(cfg.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    run = None
+    try:
+        run = _setup(cfg, info)
+        with _save_on_sigterm(run):
+            return _loop(run, evaluate, should_stop)
+    finally:
+        if run is not None:
+            run.log.close()
+        torch.use_deterministic_algorithms(was_deterministic)
+        dist.teardown(info)
+
+
+def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
+    """nanoGPT-style: boundary work (log, eval, save) then one step, until the step after the last."""
+    cfg, st = run.cfg, run.state
+    has_eval = dist.broadcast_object(evaluate is not None)  # every rank must join the same collectives
+    start, stats, metrics = st.step, None, {}
+    while True:
+        fresh = st.step > start  # the resume point's boundary work was done before the interruption
+        last = st.step >= run.total_steps
+        at_log = fresh and (st.step % cfg.log_every_steps == 0 or last)
+        if at_log:
+            _log(run, stats)
+        at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
+        if has_eval and (last or at_eval):
+            metrics, stop_early = _evaluate(run, evaluate, should_stop)
+            if stop_early and not last:
+                last = True
+                if not at_log:
+                    _log(run, stats)
+        if last:
+            return _finish(run, metrics)
+        at_save = fresh and cfg.save_every_steps > 0 and st.step % cfg.save_every_steps == 0
+        stop = _stop_agreed(run, sync_point=at_log or at_save)
+        if at_save or stop:
+            _check_finite(run)  # never save weights that a NaN step has touched
+            path = save_run(run, run.out_dir / f"step_{st.step}.pt")
+        if stop:
+            msg = f"stopped by SIGTERM at step {st.step}; saved {path}; rerun the same command to resume"
+            _LOG.warning(msg)
+            raise TrainingInterrupted(msg, path)
+        stats = _train_step(run, run.data.next())
+        _advance(run)
+
+
+def _stop_agreed(run: _Run, sync_point: bool) -> bool:
+    """Whether SIGTERM arrived; ranks agree at log/save steps (a collective), a lone process every step."""
+    if run.info.world_size == 1:
+        return run.stop_requested
+    if not sync_point:
+        return False
+    flag = torch.tensor(float(run.stop_requested), device=run.info.device)
+    return bool(dist.all_reduce_max(flag).item())
+
+
+@contextmanager
+def _save_on_sigterm(run: _Run):
+    """SIGTERM sets a flag; the loop saves at the next step boundary and exits (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        run.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _evaluate(run: _Run, evaluate, should_stop) -> tuple[dict[str, float], bool]:
+    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time."""
+    run.tick()
+    metrics: dict[str, float] = {}
+    stop = False
+    if run.info.is_main:
+        model, was_training = run.model, run.model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in evaluate(model, run.state.step).items()}
+        finally:
+            model.train(was_training)
+        stop = bool(should_stop(metrics)) if should_stop is not None else False
+    metrics, stop = dist.broadcast_object((metrics, stop))
+    now = time.perf_counter()
+    run.state.eval_s += now - run.clock
+    run.clock = now
+    run.log.write({"kind": "eval", "step": run.state.step, "eval_s": run.state.eval_s, **metrics,
+                   **({"should_stop": True} if stop else {})})
+    return metrics, stop
+
+
+def _log(run: _Run, stats: dict[str, torch.Tensor]) -> None:
+    """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
+    local = [k for k in ("loss_ifd", "mse_image", "mse_text") if k in stats]
+    if local and run.info.world_size > 1:
+        stats = {**stats, **dict(zip(local, dist.all_reduce_mean(torch.stack([stats[k] for k in local]))))}
+        stats["loss"] = stats["loss_task"] + stats["loss_ifd"]
+    values = {k: float(v) for k, v in stats.items()}  # the one host sync of a log step
+    run.tick()
+    st = run.state
+    window_s = max(st.wall_s - run.log.last_wall_s, 1e-9)
+    window_steps = st.step - run.log.last_step
+    speed = window_steps * run.cfg.global_batch_size / window_s
+    record = {"kind": "train", "step": st.step, "epoch": st.epoch, **values}
+    if "loss_ifd" in values and values["loss_task"]:
+        record["ifd_ratio"] = values["loss_ifd"] / values["loss_task"]  # App. D.2's r
+    record.update(samples_seen=st.samples_seen, train_macs=st.train_macs, wall_s=st.wall_s, samples_per_s=speed,
+                  data_skips=run.data.skips)
+    run.log.write(record)
+    eta_s = (run.total_steps - st.step) * window_s / max(window_steps, 1)
+    run.log.progress(st.step, run.total_steps, values, speed, eta_s, st.wall_s)
+    _check_finite(run)
+
+
+def _check_finite(run: _Run) -> None:
+    """Raise :class:`NonFiniteLossError` if any step since the start had a NaN/inf loss (all ranks agree)."""
+    bad_step = int(dist.all_reduce_max(run.first_bad_step.float()).item())
+    if bad_step < 0:
+        return
+    good = latest_checkpoint(run.out_dir)
+    msg = (
+        f"the training loss became NaN/inf at step {bad_step + 1} of {run.cfg.member}; stopped without "
+        f"writing any checkpoint after it. Last good checkpoint: {good or 'none (the run had not saved yet)'}. "
+        "Lower train.lr, set train.grad_clip (e.g. 1.0), use precision=bf16 or fp32 instead of fp16, "
+        "or check the data; then rerun to resume from that checkpoint."
+    )
+    run.log.write({"kind": "error", "step": run.state.step, "message": msg})
+    raise NonFiniteLossError(msg)
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether to use a grad scaler)."""
+    name = cfg.precision
+    if name == "auto":
+        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA device (and its grad scaler); use fp32 or bf16 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], name == "fp16"
+
+
+def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Table C's warmup (8000 steps, 1000 for a link), at most a tenth of a shorter run."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    paper = PAPER_WARMUP_STEPS["link" if cfg.teacher else "baseline"]
+    if paper > total_steps // 10:
+        _LOG.info("warmup: the paper's %d steps exceed 10%% of this %d-step run; using %d", paper, total_steps,
+                  max(1, total_steps // 10))
+    return min(paper, max(1, total_steps // 10))
+
+
+def _teacher_member(payload: dict[str, Any]) -> Member:
+    """The teacher's member: the registered one when its config matches, else one built from the checkpoint."""
+    try:
+        member = get_member(payload["member"])
+        if member.model_cfg == payload["model_cfg"]:
+            return member
+    except KeyError:
+        pass
+    return Member(name=str(payload["member"]), family="checkpoint", model_cfg=payload["model_cfg"])
+
+
+def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: bool, device: torch.device):
+    """Teacher, projection T and cost of a chain link; grows the student from the teacher at step 0."""
+    teacher, payload = model_from_checkpoint(cfg.teacher)
+    t_member = _teacher_member(payload)
+    for what in ("image_size", "context_length"):
+        if getattr(t_member, what) != getattr(member, what):
+            raise ValueError(
+                f"teacher {cfg.teacher} ({t_member.name}) has {what} {getattr(t_member, what)} but the student "
+                f"{member.name} has {getattr(member, what)}; a link feeds both the same batch, so they must match"
+            )
+    if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
+        report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+        _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
+    projection = make_projection(member.model_cfg["embed_dim"], t_member.model_cfg["embed_dim"])
+    distiller = Distiller(teacher.to(device), cfg.alpha, cfg.alpha_ratio)
+    teacher_macs = member_cost(t_member, cfg.data.num_captions).forward_macs
+    return distiller, projection, {"checkpoint": str(cfg.teacher), "member": t_member.name}, teacher_macs
+
+
+def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
+    """Build the student (grown for a link), teacher, optimizer, data and log; restore a checkpoint."""
+    member = get_member(cfg.member, cfg.family)
+    device = info.device
+    amp_dtype, use_scaler = _precision(cfg, device)
+    if device.type == "cuda":  # TF32 matmuls: the A100 protocol's default speed, ample precision for CLIP
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    state = TrainState()
+    data = DataStream(cfg, member, info, state)
+    total_steps = cfg.steps or max(1, round(cfg.epochs * data.steps_per_epoch))
+    resume_from = latest_checkpoint(cfg.out_dir)
+    seed_all(cfg.seed)  # the same initial student (and growth) on every rank
+    model = member.create()
+    distiller, projection, teacher_info, teacher_macs = None, nn.Identity(), None, 0
+    if cfg.teacher is not None:
+        distiller, projection, teacher_info, teacher_macs = _build_link(cfg, member, model, resume_from is None, device)
+    model.to(device).train()
+    projection.to(device)
+    optimizer = build_optimizer([model, projection], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                eps=cfg.eps or default_eps(member.vision_kind), device=device)  # fmt: skip
+    schedule = CosineSchedule(cfg.lr, total_steps, _warmup_steps(cfg, total_steps), cfg.min_lr_ratio)
+    cost = member_cost(member, cfg.data.num_captions)
+    run = _Run(
+        cfg=cfg, info=info, member=member, model=model, projection=projection, forward=None, distiller=distiller,
+        optimizer=optimizer, schedule=schedule, scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+        amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
+        macs_per_step=cfg.global_batch_size * (cost.train_macs + teacher_macs) + cost.update_macs,
+        teacher_info=teacher_info,
+    )  # fmt: skip
+    if resume_from is not None:
+        restore_run(run, resume_from)
+        _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
+    else:
+        seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
+    forward = _StudentForward(model, projection)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    if info.world_size > 1:
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
+    run.forward = forward
+    run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
+                     start_wall_s=state.wall_s)  # fmt: skip
+    run.log.write({"kind": "start", "step": state.step, "member": member.name, "teacher": teacher_info,
+                   "world_size": info.world_size, "device": str(device), "precision": str(amp_dtype or "fp32"),
+                   "total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch,
+                   "warmup_steps": schedule.warmup_steps, "macs_per_step": run.macs_per_step,
+                   "resumed_from": str(resume_from) if resume_from else None, "config": to_dict(cfg)})  # fmt: skip
+    run.clock = time.perf_counter()
+    return run
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
+    """Write final.pt (the trained student, its cost and config) and return the result."""
+    _check_finite(run)
+    run.tick()
+    final = run.out_dir / "final.pt"
+    if run.info.is_main:
+        save_checkpoint(final, model_payload(run) | {"metrics": metrics})
+        st = run.state
+        run.log.write({"kind": "final", "step": st.step, "samples_seen": st.samples_seen,
+                       "train_macs": st.train_macs, "wall_s": st.wall_s, "checkpoint": str(final)})  # fmt: skip
+    dist.barrier()
+    st = run.state
+    return TrainResult(final, st.train_macs, st.wall_s, st.step, st.samples_seen, dict(metrics))
+
+
+def _result_from_final(path: Path) -> TrainResult:
+    payload = load_checkpoint(path)
+    return TrainResult(path, int(payload["train_macs"]), float(payload["wall_s"]), int(payload["steps"]),
+                       int(payload["samples_seen"]), dict(payload.get("metrics") or {}))  # fmt: skip
