@@ -1,0 +1,428 @@
+"""Inverse weight initialization (IWI, paper §3.1.1, App. D.1, Fig. A, Table H): grow a trained small CLIP
+into the initialization of the next, larger member of its chain.
+
+::
+
+    from compt.families import create
+    from compt.grow import grow
+
+    teacher, student = create("tiny-XS"), create("tiny-S")   # teacher: a trained checkpoint in practice
+    report = grow(teacher, student)                          # width="insert", depth="duplicate"
+    print(report.format())
+
+Width strategies (Fig. A a-c, Table H) map each :class:`~compt.grow_layout.Space` (a residual width,
+one layer's heads, one layer's MLP units) from teacher size to student size; depth strategies
+(Fig. A d-f) say which teacher layer each student layer starts from, per tower and per Swin stage.
+Both are registries (:mod:`compt.grow_strategies`): a new strategy is one decorated function::
+
+    @register_width("zeros")           # fn(n_teacher, n_student, ctx) -> Map1D
+    def zeros(n_t, n_s, ctx): ...
+
+    @register_depth("last")            # fn(n_teacher, n_student) -> [teacher layer or None] * n_student
+    def last(n_t, n_s): ...
+
+``logit_scale`` (and ``logit_bias``, if present) is copied from the teacher, as the official code does.
+Everything works on state dicts (:func:`grow_state_dict`, a pure function); :func:`grow` is the thin
+wrapper for models and checkpoint payloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compt.grow_layout import GrowError, ModelSpec, Rule, check_growable, describe, plan
+from compt.grow_strategies import (
+    AxisContext,
+    Map1D,
+    WidthStrategy,
+    axis_map,
+    depth_map,
+    grow_tensor,
+    list_depth_strategies,
+    list_width_strategies,
+    register_depth,
+    register_width,
+    width_strategy,
+)
+
+__all__ = [
+    "GrowError",
+    "GrowReport",
+    "TensorGrowth",
+    "Map1D",
+    "AxisContext",
+    "grow",
+    "grow_state_dict",
+    "register_width",
+    "register_depth",
+    "list_width_strategies",
+    "list_depth_strategies",
+    "depth_map",
+    "strip_prefixes",
+]
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorGrowth:
+    """How much of one student tensor came from the teacher."""
+
+    source: str | None  # the teacher tensor (None: fresh)
+    numel: int
+    inherited: int  # entries computed from the teacher
+
+    @property
+    def status(self) -> str:
+        return "fresh" if self.inherited == 0 else "full" if self.inherited == self.numel else "partial"
+
+    @property
+    def fraction(self) -> float:
+        return self.inherited / self.numel if self.numel else 1.0
+
+
+@dataclass
+class GrowReport:
+    """Per student tensor: fully inherited, partly inherited (with the fraction) or fresh."""
+
+    width: str
+    depth: str
+    seed: int
+    tensors: dict[str, TensorGrowth] = field(default_factory=dict)
+    depth_maps: dict[str, list[int | None]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts of full/partial/fresh tensors and the fraction of parameters inherited."""
+        counts = {"full": 0, "partial": 0, "fresh": 0}
+        for t in self.tensors.values():
+            counts[t.status] += 1
+        params = sum(t.numel for t in self.tensors.values())
+        inherited = sum(t.inherited for t in self.tensors.values())
+        return {
+            "width": self.width,
+            "depth": self.depth,
+            "seed": self.seed,
+            "tensors": len(self.tensors),
+            **counts,
+            "params": params,
+            "params_inherited": inherited,
+            "fraction_inherited": inherited / params if params else 0.0,
+            "depth_maps": self.depth_maps,
+            "notes": list(self.notes),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary plus every tensor (source, numel, inherited, status), JSON-ready."""
+        per = {
+            k: {"source": t.source, "numel": t.numel, "inherited": t.inherited, "status": t.status}
+            for k, t in self.tensors.items()
+        }
+        return {**self.summary(), "per_tensor": per}
+
+    def format(self) -> str:
+        """A compact human-readable summary."""
+        s = self.summary()
+        lines = [
+            f"width={s['width']} depth={s['depth']}: {s['tensors']} tensors: {s['full']} full, "
+            f"{s['partial']} partial, {s['fresh']} fresh; {100 * s['fraction_inherited']:.1f}% of "
+            f"{s['params'] / 1e6:.2f}M parameters inherited"
+        ]
+        for name, layers in self.depth_maps.items():
+            n_t = 1 + max((i for i in layers if i is not None), default=-1)
+            if len(layers) != n_t or layers != list(range(n_t)):
+                lines.append(f"  depth {name}: {n_t} -> {len(layers)} layers {_short(layers)}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _short(layers: list[int | None]) -> str:
+    text = ",".join("-" if i is None else str(i) for i in layers)
+    return f"[{text}]" if len(text) <= 80 else f"[{text[:77]}...]"
+
+
+def _resample_pos(pos: torch.Tensor, grid_s: int) -> torch.Tensor:
+    """A ViT positional embedding on a new patch grid (bicubic), class-token row kept."""
+    grid_t = round((pos.shape[0] - 1) ** 0.5)
+    grid = pos[1:].float().reshape(1, grid_t, grid_t, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(grid_s, grid_s), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1].float(), grid.permute(0, 2, 3, 1).reshape(grid_s * grid_s, -1)]).to(pos.dtype)
+
+
+# --- the pure function on state dicts ------------------------------------------------------------
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP (``module.``) and torch.compile (``_orig_mod.``) key prefixes, in any combination."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class _Hints:
+    """What a state dict's shapes do not tell: the tower kind, head counts, the (Swin) image size."""
+
+    vision_kind: str
+    vision_heads: int | None
+    text_heads: int
+    image_size: int
+
+
+def _hints_from_cfg(cfg: Mapping[str, Any], who: str) -> _Hints:
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    try:
+        v, t = CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"])
+    except (KeyError, TypeError) as e:
+        raise GrowError(f"the {who} model config is not an open_clip CLIP config ({e})") from e
+    kind = "vit" if not v.timm_model_name else "swin" if "swin" in v.timm_model_name else v.timm_model_name
+    size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
+    return _Hints(kind, v.width // v.head_width, t.heads, int(size))
+
+
+def _hints_from_model(model: nn.Module, who: str) -> _Hints:
+    from open_clip.model import CLIP
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(model, CLIP):
+        raise GrowError(f"the {who} is a {type(model).__name__}; compt.grow grows open_clip CLIP models")
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        kind, heads = "vit", visual.transformer.resblocks[0].attn.num_heads
+    elif isinstance(visual, TimmModel):
+        name = type(visual.trunk).__name__
+        kind, heads = ("swin" if name == "SwinTransformer" else name), None
+    else:
+        raise GrowError(
+            f"the {who}'s vision tower is a {type(visual).__name__}; compt.grow handles ViT and Swin"
+        )
+    return _Hints(kind, heads, model.transformer.resblocks[0].attn.num_heads, int(visual.image_size[0]))
+
+
+def grow_state_dict(
+    teacher_sd: Mapping[str, torch.Tensor],
+    teacher_cfg: Mapping[str, Any],
+    student_sd: Mapping[str, torch.Tensor],
+    student_cfg: Mapping[str, Any],
+    *,
+    width: str = "insert",
+    depth: str = "duplicate",
+    seed: int = 0,
+    interpolate_pos: bool = False,
+    in_place: bool = False,
+) -> tuple[dict[str, torch.Tensor], GrowReport]:
+    """Grow ``teacher_sd`` into a new student state dict; returns ``(new_student_sd, report)``.
+
+    ``*_cfg`` are open_clip model configs (``embed_dim``, ``vision_cfg``, ``text_cfg``), as stored in a
+    compt checkpoint's ``model_cfg``. ``student_sd`` supplies the random init of every entry not
+    inherited. A pure function unless ``in_place=True``, which writes into ``student_sd``'s tensors
+    (saving a copy of the student; nothing is written unless every check passes).
+    """
+    return _grow(
+        teacher_sd,
+        _hints_from_cfg(teacher_cfg, "teacher"),
+        student_sd,
+        _hints_from_cfg(student_cfg, "student"),
+        width,
+        depth,
+        seed,
+        interpolate_pos,
+        in_place,
+    )
+
+
+def _grow(
+    t_sd,
+    t_hints: _Hints,
+    s_sd,
+    s_hints: _Hints,
+    width: str,
+    depth: str,
+    seed: int,
+    interpolate_pos: bool,
+    in_place: bool,
+) -> tuple[dict[str, torch.Tensor], GrowReport]:
+    strategy = width_strategy(width)
+    depth_map(depth, 1, 1)  # an unknown name fails here, before any work
+    t_sd, s_sd = strip_prefixes(t_sd), strip_prefixes(s_sd)
+    t = _describe(t_sd, t_hints, "teacher")
+    s = _describe(s_sd, s_hints, "student")
+    check_growable(t, s, interpolate_pos=interpolate_pos)
+    report = GrowReport(width, depth, seed)
+    if t.grid != s.grid:
+        t_sd = {
+            **t_sd,
+            "visual.positional_embedding": _resample_pos(t_sd["visual.positional_embedding"], s.grid),
+        }
+        report.notes.append(
+            f"visual.positional_embedding resampled from a {t.grid}x{t.grid} to a "
+            f"{s.grid}x{s.grid} grid (bicubic)"
+        )
+    rules, report.depth_maps = plan(t, s, lambda a, b: depth_map(depth, a, b))
+    cache: dict = {}
+    # Plan every tensor first (this is where bad input raises), then write: an error leaves the
+    # student as it was.
+    jobs = []
+    for key, s_val in s_sd.items():
+        if key not in rules:
+            raise GrowError(
+                f"no grow rule for student tensor {key!r} {tuple(s_val.shape)}; compt.grow knows "
+                "open_clip ViT/text towers and timm Swin (see compt/grow_layout.py)"
+            )
+        jobs.append((key, s_val, rules[key], _maps(rules[key], t_sd, s_val, strategy, seed, cache)))
+    out: dict[str, torch.Tensor] = {}
+    for key, s_val, rule, maps in jobs:
+        if maps is None:  # fresh: the student's own init
+            out[key], inherited = (s_val if in_place else s_val.detach().clone()), 0
+        else:
+            out[key], inherited = grow_tensor(t_sd[rule.source], s_val, maps, in_place)
+        report.tensors[key] = TensorGrowth(rule.source if inherited else None, s_val.numel(), inherited)
+    report.notes += _net2net_notes(t, s) if width == "net2net" else []
+    return out, report
+
+
+def _describe(sd, hints: _Hints, who: str) -> ModelSpec:
+    return describe(
+        sd,
+        vision_kind=hints.vision_kind,
+        vision_heads=hints.vision_heads,
+        text_heads=hints.text_heads,
+        image_size=hints.image_size,
+        who=who,
+    )
+
+
+def _maps(
+    rule: Rule, t_sd, s_val: torch.Tensor, strategy: WidthStrategy, seed: int, cache: dict
+) -> list[Map1D | None] | None:
+    """The per-axis maps of one student tensor (``None``: the tensor stays fresh)."""
+    if rule.source is None:
+        return None
+    if rule.source not in t_sd:
+        raise GrowError(
+            f"the teacher has no tensor {rule.source!r} for the student's; towers differ in structure"
+        )
+    t_val = t_sd[rule.source]
+    if t_val.dim() != s_val.dim() or t_val.dim() != len(rule.axes):
+        raise GrowError(
+            f"{rule.source}: teacher shape {tuple(t_val.shape)} / student shape "
+            f"{tuple(s_val.shape)} do not fit its layout ({len(rule.axes)} axes)"
+        )
+    if not strategy.structured and t_val.dim() == 3:
+        return None  # bug for bug: the official code skips 3-D tensors
+    return [
+        axis_map(a, nt, ns, strategy, seed, cache, f"{rule.source} axis {d}")
+        for d, (a, nt, ns) in enumerate(zip(rule.axes, t_val.shape, s_val.shape, strict=True))
+    ]
+
+
+def _net2net_notes(t: ModelSpec, s: ModelSpec) -> list[str]:
+    """Where Net2Net widening is not exactly function-preserving."""
+    notes = []
+    for ts, ss in zip((*t.vision, t.text), (*s.vision, s.text), strict=True):
+        if ss.width % ts.width:
+            notes.append(
+                f"net2net: {ss.name} width {ts.width} -> {ss.width} is not an integer ratio, so its "
+                "LayerNorms see uneven copies; the function changes slightly"
+            )
+        if ss.head_width != ts.head_width:
+            notes.append(
+                f"net2net: {ss.name} head width {ts.head_width} -> {ss.head_width} changes the "
+                "attention scale; the function changes"
+            )
+        if ss.layers != ts.layers:
+            notes.append(
+                f"net2net: {ss.name} depth {ts.layers} -> {ss.layers}: duplicated layers are not "
+                "identities, so the function changes"
+            )
+    if s.embed_dim % t.embed_dim:
+        notes.append(
+            f"net2net: embed_dim {t.embed_dim} -> {s.embed_dim} is not an integer ratio; "
+            "the cosine similarities change slightly"
+        )
+    return notes
+
+
+# --- models and checkpoints ----------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _source(obj: Any, who: str) -> tuple[Mapping[str, torch.Tensor], _Hints]:
+    if isinstance(obj, (str, Path)):
+        from compt.checkpoint import load_checkpoint
+
+        obj = load_checkpoint(obj)
+    if isinstance(obj, nn.Module):
+        model = _unwrap(obj)
+        return model.state_dict(), _hints_from_model(model, who)
+    if isinstance(obj, Mapping) and "model" in obj and "model_cfg" in obj:
+        return obj["model"], _hints_from_cfg(obj["model_cfg"], who)
+    raise GrowError(
+        f"the {who} must be an open_clip CLIP, a checkpoint payload with 'model' and "
+        f"'model_cfg', or a checkpoint path; got {type(obj).__name__}"
+    )
+
+
+def grow(
+    teacher: Any,
+    student: Any,
+    width: str = "insert",
+    depth: str = "duplicate",
+    seed: int = 0,
+    *,
+    interpolate_pos: bool = False,
+) -> GrowReport:
+    """Initialize ``student`` in place from ``teacher`` by inverse weight initialization (§3.1.1).
+
+    ``teacher``: an open_clip ``CLIP``, a compt checkpoint payload (``model`` + ``model_cfg``) or a
+    checkpoint path. ``student``: a ``CLIP`` (its parameters are overwritten) or a payload (its
+    ``model`` entry is replaced). ``width``/``depth``: registered strategies (:func:`list_width_strategies`,
+    :func:`list_depth_strategies`); ``seed`` drives Net2Net's random unit choices; ``interpolate_pos``
+    resamples the teacher's positional-embedding grid when image sizes differ.
+    """
+    if isinstance(student, (str, Path)):
+        raise GrowError(
+            "the student must be a CLIP or a checkpoint payload (it is initialized in place), "
+            "not a path; load it first, or use `compt grow --out`"
+        )
+    t_sd, t_hints = _source(teacher, "teacher")
+    s_sd, s_hints = _source(student, "student")
+    # A module's state-dict tensors share storage with its parameters: writing them in place is the init.
+    new_sd, report = _grow(
+        t_sd,
+        t_hints,
+        s_sd,
+        s_hints,
+        width,
+        depth,
+        seed,
+        interpolate_pos,
+        in_place=isinstance(student, nn.Module),
+    )
+    if not isinstance(student, nn.Module):
+        student["model"] = new_sd
+    return report
