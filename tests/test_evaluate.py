@@ -13,7 +13,13 @@ from PIL import Image
 from compt.checkpoint import save_checkpoint
 from compt.cli import main as cli_main
 from compt.data import tokenizer as make_tokenizer
-from compt.evaluate import build_evaluator, evaluate_checkpoint, evaluate_model, retrieval_recall, zeroshot_top1
+from compt.evaluate import (
+    build_evaluator,
+    evaluate_checkpoint,
+    evaluate_model,
+    retrieval_recall,
+    zeroshot_top1,
+)
 from compt.export import export_member
 from compt.families import get_member
 
@@ -49,13 +55,20 @@ def tok():
 
 def _task(n=23, classes=("circle", "square", "star", "ring", "cross"), seed=0, name="shapes"):
     g = torch.Generator().manual_seed(seed)
-    return Task(name, list(classes), ["a photo of a {}.", "a {} shape"], torch.randn(n, 3, 32, 32, generator=g),
-                torch.randint(0, len(classes), (n,), generator=g))
+    return Task(
+        name,
+        list(classes),
+        ["a photo of a {}.", "a {} shape"],
+        torch.randn(n, 3, 32, 32, generator=g),
+        torch.randint(0, len(classes), (n,), generator=g),
+    )
 
 
 def _rset(n=11, seed=1, name="captions"):
     g = torch.Generator().manual_seed(seed)
-    caps = [[f"object number {i}", f"a picture of thing {i}", f"item {i} in red"][: 1 + i % 3] for i in range(n)]
+    caps = [
+        [f"object number {i}", f"a picture of thing {i}", f"item {i} in red"][: 1 + i % 3] for i in range(n)
+    ]
     return RSet(name, torch.randn(n, 3, 32, 32, generator=g), caps)
 
 
@@ -68,7 +81,7 @@ def _reference_top1(model, task, tok):
             w.append(e / e.norm())
         w = torch.stack(w)
         pred = [int((model.encode_image(x[None], normalize=True) @ w.T).argmax()) for x in task.images]
-    return 100.0 * sum(p == int(y) for p, y in zip(pred, task.labels)) / len(pred)
+    return 100.0 * sum(p == int(y) for p, y in zip(pred, task.labels, strict=True)) / len(pred)
 
 
 def _reference_recall(model, rset, tok, k):
@@ -79,7 +92,9 @@ def _reference_recall(model, rset, tok, k):
         img = model.encode_image(rset.images, normalize=True)
         txt = model.encode_text(tok(texts), normalize=True)
     sim = img @ txt.T
-    i2t = sum(any(owner[j] == i for j in sim[i].argsort(descending=True)[:k].tolist()) for i in range(len(img)))
+    i2t = sum(
+        any(owner[j] == i for j in sim[i].argsort(descending=True)[:k].tolist()) for i in range(len(img))
+    )
     t2i = sum(owner[j] in sim[:, j].argsort(descending=True)[:k].tolist() for j in range(len(texts)))
     return 100.0 * i2t / len(img), 100.0 * t2i / len(texts)
 
@@ -100,7 +115,9 @@ def test_retrieval_matches_a_plain_loop_for_any_batch_size(model, tok):
         for k in (1, 5, 10):
             i2t, t2i = _reference_recall(model, rset, tok, k)
             assert rec[f"i2t_r{k}"] == pytest.approx(i2t) and rec[f"t2i_r{k}"] == pytest.approx(t2i)
-    assert rec["i2t_r1"] <= rec["i2t_r5"] <= rec["i2t_r10"] and rec["t2i_r1"] <= rec["t2i_r5"] <= rec["t2i_r10"]
+    assert (
+        rec["i2t_r1"] <= rec["i2t_r5"] <= rec["i2t_r10"] and rec["t2i_r1"] <= rec["t2i_r5"] <= rec["t2i_r10"]
+    )
     assert retrieval_recall(model, _rset(n=8), tok)["t2i_r10"] == 100.0  # 10 >= 8 candidate images
 
 
@@ -111,9 +128,13 @@ def test_evaluate_model_keys_means_mode_and_no_grad(model, tok):
     assert model.training, "train/eval mode must be restored for the training loop"
     assert all(p.grad is None for p in model.parameters())
     expected = {"zeroshot/shapes/top1", "zeroshot/other/top1", "mean_zeroshot_top1", "mean_retrieval_r1"}
-    expected |= {f"retrieval/{s}/{d}_r{k}" for s in ("captions", "second") for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    expected |= {
+        f"retrieval/{s}/{d}_r{k}" for s in ("captions", "second") for d in ("i2t", "t2i") for k in (1, 5, 10)
+    }
     assert set(m) == expected
-    assert m["mean_zeroshot_top1"] == pytest.approx((m["zeroshot/shapes/top1"] + m["zeroshot/other/top1"]) / 2)
+    assert m["mean_zeroshot_top1"] == pytest.approx(
+        (m["zeroshot/shapes/top1"] + m["zeroshot/other/top1"]) / 2
+    )
     r1 = [(m[f"retrieval/{s}/i2t_r1"] + m[f"retrieval/{s}/t2i_r1"]) / 2 for s in ("captions", "second")]
     assert m["mean_retrieval_r1"] == pytest.approx(sum(r1) / 2)
     assert all(0.0 <= v <= 100.0 for v in m.values())
@@ -182,7 +203,10 @@ def test_cli_eval_json_and_table(tmp_path, capsys):
     folder = _write_imagefolder(tmp_path / "colours")
     assert cli_main(["eval", str(ckpt.parent), "--no-embedded", "--imagefolder", str(folder), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == {"zeroshot/colours/top1", "mean_zeroshot_top1"}
+    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == {
+        "zeroshot/colours/top1",
+        "mean_zeroshot_top1",
+    }
     assert cli_main(["eval", str(ckpt), "--no-embedded", "--imagefolder", str(folder)]) == 0
     assert "zeroshot/colours/top1" in capsys.readouterr().out
     assert cli_main(["eval", str(ckpt), "--no-embedded"]) == 2

@@ -28,7 +28,8 @@ def _checkpoint(tmp_path, name: str, seed: int = 0):
     with torch.no_grad():  # move logit_scale off its init value so a dropped tensor would show
         model.logit_scale.fill_(3.21)
     path = save_checkpoint(
-        tmp_path / "run" / "final.pt", {"model": model.state_dict(), "model_cfg": member.model_cfg, "member": member.name}
+        tmp_path / "run" / "final.pt",
+        {"model": model.state_dict(), "model_cfg": member.model_cfg, "member": member.name},
     )
     return member, path
 
@@ -62,7 +63,9 @@ def test_exported_preprocess_matches_compt_eval_transform(tmp_path):
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     cfg = json.loads((out / CONFIG_NAME).read_text())["preprocess_cfg"]
     assert cfg["size"] == member.image_size
-    assert cfg["mean"] == pytest.approx(MEAN.flatten().tolist()) and cfg["std"] == pytest.approx(STD.flatten().tolist())
+    assert cfg["mean"] == pytest.approx(MEAN.flatten().tolist()) and cfg["std"] == pytest.approx(
+        STD.flatten().tolist()
+    )
     rng = np.random.default_rng(0)
     # Shapes whose resize and center crop land on whole pixels in both implementations.
     for h, w in [(32, 32), (64, 64), (48, 96), (67, 101)]:

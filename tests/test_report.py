@@ -13,7 +13,9 @@ from compt.report import load_run, member_curve, read_metrics, render_markdown, 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(root: Path, kind: str, members: list[tuple[str, float, float, float, float]], evals: int = 3) -> Path:
+def _write_run(
+    root: Path, kind: str, members: list[tuple[str, float, float, float, float]], evals: int = 3
+) -> Path:
     """A run folder: summary.json plus one metrics.jsonl per member (train lines and eval lines).
 
     members: (name, epochs, train_macs, wall_s, final top-1); the first member of a chain has no teacher.
@@ -29,21 +31,53 @@ def _write_run(root: Path, kind: str, members: list[tuple[str, float, float, flo
         steps = 10 * evals
         for step in range(1, steps + 1):
             frac = step / steps
-            lines.append({"step": step, "epoch": epochs * frac, "samples_seen": 8 * step, "train_macs": macs * frac,
-                          "wall_s": wall * frac, "loss": 2.0 - frac, "task_loss": 1.5, "distill_loss": 0.5, "lr": 1e-3})
+            lines.append(
+                {
+                    "step": step,
+                    "epoch": epochs * frac,
+                    "samples_seen": 8 * step,
+                    "train_macs": macs * frac,
+                    "wall_s": wall * frac,
+                    "loss": 2.0 - frac,
+                    "task_loss": 1.5,
+                    "distill_loss": 0.5,
+                    "lr": 1e-3,
+                }
+            )
             if step % 10 == 0:  # eval lines without train_macs: report interpolates it from the step
-                lines.append({"step": step, "mean_zeroshot_top1": top1 * frac, "mean_retrieval_r1": top1 / 2 * frac,
-                              "zeroshot/shapes/top1": top1 * frac})
+                lines.append(
+                    {
+                        "step": step,
+                        "mean_zeroshot_top1": top1 * frac,
+                        "mean_retrieval_r1": top1 / 2 * frac,
+                        "zeroshot/shapes/top1": top1 * frac,
+                    }
+                )
         text = "\n".join(json.dumps(x) for x in lines) + "\n"
         (folder / "metrics.jsonl").write_text(text + '{"step": 99, "mean_zero')  # truncated last line (crash)
-        entries.append({
-            "name": name, "teacher": members[i - 1][0] if kind == "chain" and i else None,
-            "epochs": epochs, "steps": steps, "samples_seen": 8 * steps, "train_macs": macs,
-            "accumulated_train_macs": acc_macs, "wall_s": wall, "accumulated_wall_s": acc_wall,
-            "metrics": {"mean_zeroshot_top1": top1, "mean_retrieval_r1": top1 / 2, "zeroshot/shapes/top1": top1},
-            "metrics_file": f"{folder.name}/metrics.jsonl", "export": f"{folder.name}/export",
-            "until_lossless": {"stopped_at_step": steps, "epochs_needed": epochs * 0.8} if kind == "chain" and i else None,
-        })
+        entries.append(
+            {
+                "name": name,
+                "teacher": members[i - 1][0] if kind == "chain" and i else None,
+                "epochs": epochs,
+                "steps": steps,
+                "samples_seen": 8 * steps,
+                "train_macs": macs,
+                "accumulated_train_macs": acc_macs,
+                "wall_s": wall,
+                "accumulated_wall_s": acc_wall,
+                "metrics": {
+                    "mean_zeroshot_top1": top1,
+                    "mean_retrieval_r1": top1 / 2,
+                    "zeroshot/shapes/top1": top1,
+                },
+                "metrics_file": f"{folder.name}/metrics.jsonl",
+                "export": f"{folder.name}/export",
+                "until_lossless": {"stopped_at_step": steps, "epochs_needed": epochs * 0.8}
+                if kind == "chain" and i
+                else None,
+            }
+        )
     summary = {"kind": kind, "family": "tiny", "members": entries, "config": {"seed": 0}}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return root
@@ -51,19 +85,37 @@ def _write_run(root: Path, kind: str, members: list[tuple[str, float, float, flo
 
 @pytest.fixture
 def runs(tmp_path):
-    chain = _write_run(tmp_path / "chain", "chain", [
-        ("tiny-XS", 8, 1.0e12, 60.0, 20.0), ("tiny-S", 4, 1.5e12, 50.0, 26.0), ("tiny-M", 2, 2.0e12, 40.0, 30.0)])
-    base = _write_run(tmp_path / "base", "individual", [
-        ("tiny-XS", 8, 1.0e12, 60.0, 20.0), ("tiny-S", 8, 4.0e12, 150.0, 25.0), ("tiny-M", 8, 9.0e12, 300.0, 30.2)])
+    chain = _write_run(
+        tmp_path / "chain",
+        "chain",
+        [
+            ("tiny-XS", 8, 1.0e12, 60.0, 20.0),
+            ("tiny-S", 4, 1.5e12, 50.0, 26.0),
+            ("tiny-M", 2, 2.0e12, 40.0, 30.0),
+        ],
+    )
+    base = _write_run(
+        tmp_path / "base",
+        "individual",
+        [
+            ("tiny-XS", 8, 1.0e12, 60.0, 20.0),
+            ("tiny-S", 8, 4.0e12, 150.0, 25.0),
+            ("tiny-M", 8, 9.0e12, 300.0, 30.2),
+        ],
+    )
     return chain, base
 
 
 def _table_rows(md: str) -> dict[str, list[str]]:
     """Model name -> cells of the Table 2 rows."""
     section = md.split("## Table 2")[1].split("###")[0].split("##")[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("|")
+    ]
     head, body = rows[0], rows[2:]
-    return {r[0]: dict(zip(head, r)) for r in body}
+    return {r[0]: dict(zip(head, r, strict=True)) for r in body}
 
 
 def test_read_metrics_skips_a_truncated_last_line_but_not_a_bad_middle_line(runs, tmp_path):
@@ -98,15 +150,19 @@ def test_table2_gaps_ratios_and_lossless(runs):
     macs_col = next(k for k in s if k.startswith("MACs indiv."))
     assert s[macs_col] == "1.50 (2.67×)"
     assert s["MACs accum."] == "2.50 (2.00×)"
-    assert s["Wall-clock h indiv."].endswith("(3.00×)")
+    assert s["Wall-clock min indiv."].endswith("(3.00×)")
     assert "×10^12" in macs_col
     assert "Lossless for every member: yes" in md
     assert "`zeroshot/shapes/top1`" in md and "(25.00)" in md
 
 
 def test_lossy_member_is_flagged(tmp_path):
-    chain = _write_run(tmp_path / "c", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 24.0)])
-    base = _write_run(tmp_path / "b", "individual", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, 25.0)])
+    chain = _write_run(
+        tmp_path / "c", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 24.0)]
+    )
+    base = _write_run(
+        tmp_path / "b", "individual", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, 25.0)]
+    )
     md = render_markdown(load_run(chain), load_run(base))
     assert _table_rows(md)["tiny-S"]["Lossless"] == "no"
     assert "Lossless for every member: no" in md
@@ -158,9 +214,14 @@ def test_cli_report(runs, tmp_path, capsys):
 
 def test_cli_report_on_a_chain_output_tree(tmp_path, capsys):
     """`compt report OUT` renders OUT/chain against OUT/individual, the layout `compt chain run` writes."""
-    _write_run(tmp_path / "out" / "chain", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 26.0)])
-    _write_run(tmp_path / "out" / "individual", "individual",
-               [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, 25.0)])
+    _write_run(
+        tmp_path / "out" / "chain", "chain", [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, 26.0)]
+    )
+    _write_run(
+        tmp_path / "out" / "individual",
+        "individual",
+        [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, 25.0)],
+    )
     assert cli_main(["report", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "vs baseline" in md and (tmp_path / "out" / "report" / "acceleration.png").is_file()
@@ -176,3 +237,56 @@ def test_members_without_metrics_still_render(tmp_path):
     assert "tiny-S" in report.read_text()
     assert not (report.parent / "metric_vs_macs.png").exists()
     assert (report.parent / "epochs_per_link.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_reads_a_real_training_run(tmp_path):
+    """metrics.jsonl as compt.train writes it (eval lines without train_macs) places eval points by step."""
+    torch = pytest.importorskip("torch")
+    from compt.data import DataConfig
+    from compt.evaluate import build_evaluator
+    from compt.families import get_member
+    from compt.train import TrainConfig, train_member
+
+    torch.manual_seed(0)
+    member = get_member("debug-S")
+    cfg = TrainConfig(
+        member=member.name,
+        out_dir=str(tmp_path / "run" / "debug-S"),
+        steps=6,
+        global_batch_size=8,
+        warmup_steps=1,
+        log_every_steps=2,
+        eval_every_steps=3,
+        save_every_steps=0,
+        data=DataConfig(kind="synthetic", num_samples=64),
+    )
+    evaluate = build_evaluator(member.image_size, member.context_length, num_images=16)
+    result = train_member(cfg, evaluate=evaluate)
+    summary = {
+        "kind": "individual",
+        "family": "debug",
+        "config": {},
+        "members": [
+            {
+                "name": member.name,
+                "teacher": None,
+                "epochs": result.samples_seen / 64,
+                "steps": result.steps,
+                "samples_seen": result.samples_seen,
+                "train_macs": result.train_macs,
+                "accumulated_train_macs": result.train_macs,
+                "wall_s": result.wall_s,
+                "accumulated_wall_s": result.wall_s,
+                "metrics": result.metrics,
+                "metrics_file": "debug-S/metrics.jsonl",
+                "export": None,
+                "until_lossless": None,
+            }
+        ],
+    }
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    run = load_run(tmp_path / "run")
+    curve = member_curve(run, run.members[0], "mean_zeroshot_top1")
+    assert [round(x / result.train_macs, 6) for x, _ in curve] == [0.5, 1.0]  # evals at steps 3 and 6 of 6
+    assert curve[-1][1] == pytest.approx(result.metrics["mean_zeroshot_top1"])
+    assert write_report(run).is_file()

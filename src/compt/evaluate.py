@@ -80,17 +80,23 @@ def _param(model: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def _encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int, where: str) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{where}: images must be a float tensor [N, 3, H, W], got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"{where}: images must be a float tensor [N, 3, H, W], got shape {tuple(images.shape)}"
+        )
     p = _param(model)
     feats = [
-        model.encode_image(images[i : i + batch_size].to(device=p.device, dtype=p.dtype), normalize=True).float()
+        model.encode_image(
+            images[i : i + batch_size].to(device=p.device, dtype=p.dtype), normalize=True
+        ).float()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(feats)
 
 
 @torch.no_grad()
-def _encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+def _encode_texts(
+    model: torch.nn.Module, tokenizer: Tokenizer, texts: list[str], batch_size: int
+) -> torch.Tensor:
     device = _param(model).device
     feats = [
         model.encode_text(tokenizer(texts[i : i + batch_size]).to(device), normalize=True).float()
@@ -141,7 +147,9 @@ def retrieval_recall(
     where = f"retrieval set {rset.name!r}"
     n = len(rset.images)
     if n == 0 or len(rset.captions) != n:
-        raise ValueError(f"{where}: needs one list of captions per image (got {n} images, {len(rset.captions)} lists)")
+        raise ValueError(
+            f"{where}: needs one list of captions per image (got {n} images, {len(rset.captions)} lists)"
+        )
     texts, owner = [], []
     for i, caps in enumerate(rset.captions):
         if not caps:
@@ -285,8 +293,13 @@ def evaluate_checkpoint(
     image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
     context_length = int(model_cfg["text_cfg"].get("context_length", 77))
     evaluator = build_evaluator(
-        image_size, context_length, imagefolders=imagefolders, embedded=embedded, seed=seed,
-        num_images=num_images, batch_size=batch_size,
+        image_size,
+        context_length,
+        imagefolders=imagefolders,
+        embedded=embedded,
+        seed=seed,
+        num_images=num_images,
+        batch_size=batch_size,
     )
     metrics = evaluator(model.to(device), -1)
     info = {**info, "image_size": image_size, "context_length": context_length}

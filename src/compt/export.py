@@ -1,4 +1,4 @@
-"""Export a trained member in the folder layout open_clip loads with ``local-dir:`` (issue "The chain end to end", part 6).
+"""Export a member in the folder layout open_clip loads with ``local-dir:`` (issue "The chain end to end", 6).
 
 An exported member is a folder holding exactly what open_clip 3.x reads::
 
@@ -105,7 +105,7 @@ def export_member(
     member: str | None = None,
     preprocess_cfg: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir/open_clip_config.json`` and ``out_dir/open_clip_model.safetensors``; return ``out_dir``.
+    """Write ``out_dir/open_clip_config.json`` and ``out_dir/open_clip_model.safetensors``; return out_dir.
 
     ``model_or_ckpt`` is an open_clip ``CLIP`` (then ``model_cfg`` is required: a module does not
     carry its config), a checkpoint payload dict, or a path accepted by :func:`load_model`.
@@ -121,7 +121,9 @@ def export_member(
         where = str(model_or_ckpt)
     elif isinstance(model_or_ckpt, dict):
         if "model" not in model_or_ckpt or ("model_cfg" not in model_or_ckpt and model_cfg is None):
-            raise ValueError("export: a checkpoint payload needs 'model' (state dict) and 'model_cfg' entries")
+            raise ValueError(
+                "export: a checkpoint payload needs 'model' (state dict) and 'model_cfg' entries"
+            )
         state, model_cfg = model_or_ckpt["model"], model_cfg or model_or_ckpt["model_cfg"]
         member = member or model_or_ckpt.get("member")
         where = f"checkpoint payload of {member or 'an unnamed member'}"
@@ -133,10 +135,14 @@ def export_member(
             )
         state, where = _unwrap(model_or_ckpt).state_dict(), "model"
     else:
-        raise TypeError(f"export: expected a CLIP model, a checkpoint payload or a path, got {type(model_or_ckpt)}")
+        raise TypeError(
+            f"export: expected a CLIP model, a checkpoint payload or a path, got {type(model_or_ckpt)}"
+        )
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in model_cfg:
-            raise ValueError(f"export: model_cfg of {where} lacks {key!r}; it is not an open_clip model config")
+            raise ValueError(
+                f"export: model_cfg of {where} lacks {key!r}; it is not an open_clip model config"
+            )
 
     image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
     pp = {**default_preprocess_cfg(image_size), **(preprocess_cfg or {})}
@@ -188,6 +194,12 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[
             )
         path = found
     elif not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file, a run folder or an export folder")
+        raise FileNotFoundError(
+            f"{path} does not exist; pass a checkpoint file, a run folder or an export folder"
+        )
     model, payload = model_from_checkpoint(path)
-    return model, payload["model_cfg"], {"member": payload.get("member"), "source": str(path), "format": "checkpoint"}
+    return (
+        model,
+        payload["model_cfg"],
+        {"member": payload.get("member"), "source": str(path), "format": "checkpoint"},
+    )

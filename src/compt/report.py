@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,14 @@ from typing import Any
 from compt.families import normalize_name
 
 __all__ = [
-    "Run", "load_run", "read_metrics", "member_curve", "render_markdown", "resolve_runs", "write_report", "MAIN_METRICS",
+    "Run",
+    "load_run",
+    "read_metrics",
+    "member_curve",
+    "render_markdown",
+    "resolve_runs",
+    "write_report",
+    "MAIN_METRICS",
 ]
 
 SUMMARY_NAME = "summary.json"
@@ -58,9 +67,16 @@ SUMMARY_NAME = "summary.json"
 MAIN_METRICS = {"mean_zeroshot_top1": "Zero-shot top-1", "mean_retrieval_r1": "Retrieval R@1"}
 LOSSLESS_POINTS = 0.5  # paper §4: lossless = less than 0.5 points below the baseline
 _MEMBER_KEYS = {
-    "name": str, "teacher": (str, type(None)), "epochs": (int, float), "steps": int, "samples_seen": int,
-    "train_macs": (int, float), "accumulated_train_macs": (int, float), "wall_s": (int, float),
-    "accumulated_wall_s": (int, float), "metrics": dict,
+    "name": str,
+    "teacher": (str, type(None)),
+    "epochs": (int, float),
+    "steps": int,
+    "samples_seen": int,
+    "train_macs": (int, float),
+    "accumulated_train_macs": (int, float),
+    "wall_s": (int, float),
+    "accumulated_wall_s": (int, float),
+    "metrics": dict,
 }
 
 
@@ -95,7 +111,7 @@ def load_run(path: str | Path) -> Run:
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("kind") not in ("chain", "individual"):
-        raise ValueError(f"{file}: top-level 'kind' must be \"chain\" or \"individual\"")
+        raise ValueError(f'{file}: top-level \'kind\' must be "chain" or "individual"')
     members = doc.get("members")
     if not isinstance(members, list) or not members:
         raise ValueError(f"{file}: 'members' must be a non-empty list")
@@ -131,8 +147,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def _interp(x: float, xs: list[float], ys: list[float]) -> float:
     if x <= xs[0]:
         return ys[0] * x / xs[0] if xs[0] > 0 else ys[0]
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x <= x1:
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, y0, x1, y1 = xs[i - 1], ys[i - 1], xs[i], ys[i]
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
     return ys[-1]
 
@@ -171,7 +188,7 @@ def member_curve(run: Run, member: dict[str, Any], metric: str) -> list[tuple[fl
 def _macs_unit(values: list[float]) -> tuple[float, str]:
     top = max((v for v in values if v > 0), default=1.0)
     exp = 3 * max(0, int(math.floor(math.log10(top))) // 3)
-    return 10.0**exp, (f"×10^{exp}" if exp else "")
+    return 10.0**exp, (f"×10^{exp}" if exp else "1")
 
 
 def _macs(v: float, scale: float) -> str:
@@ -186,9 +203,18 @@ def _ratio(base: float | None, ours: float | None) -> str:
     return f" ({base / ours:.2f}×)" if base is not None and ours else ""
 
 
-def _hours(v: float) -> str:
-    h = v / 3600
-    return f"{h:#.3g}" if h < 100 else f"{h:.0f}"
+def _time_unit(values: list[float]) -> tuple[float, str]:
+    """Hours as in the paper, unless the whole table is shorter (a CPU demo): then minutes or seconds."""
+    top = max(values, default=0.0)
+    return (3600.0, "h") if top >= 3600 else (60.0, "min") if top >= 60 else (1.0, "s")
+
+
+def _time(v: float, unit: tuple[float, str]) -> str:
+    return f"{v / unit[0]:#.3g}"
+
+
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
 def _metrics_present(runs: list[Run]) -> list[str]:
@@ -196,170 +222,191 @@ def _metrics_present(runs: list[Run]) -> list[str]:
     return [k for k in MAIN_METRICS if k in seen]
 
 
-def render_markdown(run: Run, baseline: Run | None = None, figures: list[str] = ()) -> str:
-    """The Markdown report: Table 2 (metrics, gaps, individual/accumulated MACs and hours with ratios),
-    a baseline cost table, per-task results, and links to ``figures`` (file names next to the report)."""
-    runs = [run] + ([baseline] if baseline else [])
-    mains = _metrics_present(runs)
-    scale, unit = _macs_unit([m[k] for r in runs for m in r.members for k in ("train_macs", "accumulated_train_macs")])
-    title = f"{run.summary.get('family', '?')} family — {run.label}" + (" vs baseline" if baseline else "")
-    out = [f"# {title}", ""]
-    if baseline:
-        out.append(f"Run: `{run.root}`; baseline: `{baseline.root}`. Metrics in %, Δ in points; "
-                   f"ratios are baseline / {run.label} cost. Lossless: Δ ≥ −{LOSSLESS_POINTS} on every metric.")
-    else:
-        out.append(f"Run: `{run.root}`. Metrics in %. No baseline given: no gaps or ratios.")
-    out += ["", "## Table 2", ""]
-
+def _table2(run: Run, baseline: Run | None, mains: list[str], scale: float, unit: str, tu) -> list[str]:
+    """Table 2 rows: per member its metrics (with the baseline's and the gap), cost and ratios."""
     head = ["Model", "Teacher", "Epochs"]
     for k in mains:
-        head += [MAIN_METRICS[k]] + ([f"{MAIN_METRICS[k]} baseline", f"{MAIN_METRICS[k]} Δ"] if baseline else [])
-    head += [f"MACs indiv. ({unit or '1'})", "MACs accum.", "Wall-clock h indiv.", "Wall-clock h accum."]
+        head += [MAIN_METRICS[k]] + (
+            [f"{MAIN_METRICS[k]} baseline", f"{MAIN_METRICS[k]} Δ"] if baseline else []
+        )
+    head += [
+        f"MACs indiv. ({unit})",
+        "MACs accum.",
+        f"Wall-clock {tu[1]} indiv.",
+        f"Wall-clock {tu[1]} accum.",
+    ]
     if baseline and mains:
         head.append("Lossless")
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lossless_all = True
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in run.members:
         b = baseline.member(m["name"]) if baseline else None
         row = [m["name"], m["teacher"] or "—", f"{m['epochs']:.4g}"]
-        ok = b is not None
         for k in mains:
-            ours, base = m["metrics"].get(k), (b["metrics"].get(k) if b else None)
-            row.append(_num(ours))
+            row.append(_num(m["metrics"].get(k)))
             if baseline:
-                gap = ours - base if ours is not None and base is not None else None
-                row += [_num(base), "—" if gap is None else f"{gap:+.2f}"]
-                ok = ok and gap is not None and gap >= -LOSSLESS_POINTS
+                gap = _gap(m, b, k)
+                row += [_num(b["metrics"].get(k) if b else None), "—" if gap is None else f"{gap:+.2f}"]
         for key in ("train_macs", "accumulated_train_macs", "wall_s", "accumulated_wall_s"):
-            cell = _hours(m[key]) if key.endswith("wall_s") else _macs(m[key], scale)
+            cell = _time(m[key], tu) if key.endswith("wall_s") else _macs(m[key], scale)
             row.append(cell + _ratio(b[key] if b else None, m[key]))
         if baseline and mains:
-            row.append("yes" if ok else "no")
-            lossless_all &= ok
+            row.append("yes" if _lossless(m, b, mains) else "no")
         out.append("| " + " | ".join(row) + " |")
+    return out
 
+
+def _gap(m: dict[str, Any], b: dict[str, Any] | None, key: str) -> float | None:
+    ours, base = m["metrics"].get(key), (b["metrics"].get(key) if b else None)
+    return ours - base if ours is not None and base is not None else None
+
+
+def _lossless(m: dict[str, Any], b: dict[str, Any] | None, mains: list[str]) -> bool:
+    gaps = [_gap(m, b, k) for k in mains]
+    return b is not None and all(g is not None and g >= -LOSSLESS_POINTS for g in gaps)
+
+
+def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, unit: str, tu) -> list[str]:
+    out = [
+        "",
+        "### Baseline cost",
+        "",
+        f"| Model | Epochs | MACs indiv. ({unit}) | MACs accum. | "
+        f"Wall-clock {tu[1]} indiv. | Wall-clock {tu[1]} accum. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b in baseline.members:
+        out.append(
+            f"| {b['name']} | {b['epochs']:.4g} | {_macs(b['train_macs'], scale)} | "
+            f"{_macs(b['accumulated_train_macs'], scale)} | {_time(b['wall_s'], tu)} | "
+            f"{_time(b['accumulated_wall_s'], tu)} |"
+        )
+    last, largest = run.members[-1], baseline.member(run.members[-1]["name"])
+    total_macs = max(x["accumulated_train_macs"] for x in baseline.members)
+    total_s = max(x["accumulated_wall_s"] for x in baseline.members)
+    ours = last["accumulated_train_macs"]
+    line = (
+        f"Whole family: {_macs(ours, scale)} training MACs ({unit}) for {run.label} vs "
+        f"{_macs(total_macs, scale)} for the baseline ({total_macs / ours:.2f}× less), "
+        f"{_time(last['accumulated_wall_s'], tu)} vs {_time(total_s, tu)} wall-clock {tu[1]}."
+    )
+    if largest:  # the paper's point: the whole chain costs less than the largest member alone
+        line += f" Training only the largest member alone costs {_macs(largest['train_macs'], scale)}."
+    out += ["", line]
+    if mains:
+        ok = all(_lossless(m, baseline.member(m["name"]), mains) for m in run.members)
+        out.append(f"Lossless for every member: {'yes' if ok else 'no'}.")
+    return out
+
+
+def _per_task_section(run: Run, baseline: Run | None) -> list[str]:
+    runs = [run] + ([baseline] if baseline else [])
+    keys = {k for r in runs for m in r.members for k in m["metrics"] if k not in MAIN_METRICS}
+    if not keys:
+        return []
+    names = [m["name"] for m in run.members]
+    out = [
+        "",
+        "## Per-task results",
+        "",
+        "| Metric | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 1),
+    ]
+    for k in sorted(keys, key=_natural):
+        cells = []
+        for m in run.members:
+            b = baseline.member(m["name"]) if baseline else None
+            base = b["metrics"].get(k) if b else None
+            cells.append(_num(m["metrics"].get(k)) + (f" ({_num(base)})" if base is not None else ""))
+        out.append(f"| `{k}` | " + " | ".join(cells) + " |")
     if baseline:
-        out += ["", "### Baseline cost", "",
-                f"| Model | Epochs | MACs indiv. ({unit or '1'}) | MACs accum. | Wall-clock h indiv. | Wall-clock h accum. |",
-                "|---|---|---|---|---|---|"]
-        for b in baseline.members:
-            out.append(f"| {b['name']} | {b['epochs']:.4g} | {_macs(b['train_macs'], scale)} | "
-                       f"{_macs(b['accumulated_train_macs'], scale)} | {_hours(b['wall_s'])} | "
-                       f"{_hours(b['accumulated_wall_s'])} |")
-        last, blast = run.members[-1], baseline.member(run.members[-1]["name"])
-        total_b = max(x["accumulated_train_macs"] for x in baseline.members)
-        total_h = max(x["accumulated_wall_s"] for x in baseline.members)
-        out += ["", f"Whole family: {_macs(last['accumulated_train_macs'], scale)} training MACs ({unit or '1'}) "
-                f"for {run.label} vs {_macs(total_b, scale)} for the baseline "
-                f"({total_b / last['accumulated_train_macs']:.2f}× less), {_hours(last['accumulated_wall_s'])} vs "
-                f"{_hours(total_h)} wall-clock hours."
-                + (f" Training only the largest member alone costs {_macs(blast['train_macs'], scale)}."
-                   if blast else "")]
-        if mains:
-            out.append(f"Lossless for every member: {'yes' if lossless_all else 'no'}.")
+        out.append("\nBaseline values in parentheses.")
+    return out
 
-    keys = sorted({k for r in runs for m in r.members for k in m["metrics"] if k not in MAIN_METRICS})
-    if keys:
-        names = [m["name"] for m in run.members]
-        out += ["", "## Per-task results", "", "| Metric | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-        for k in keys:
-            cells = []
-            for m in run.members:
-                b = baseline.member(m["name"]) if baseline else None
-                base = b["metrics"].get(k) if b else None
-                cells.append(_num(m["metrics"].get(k)) + (f" ({_num(base)})" if base is not None else ""))
-            out.append(f"| `{k}` | " + " | ".join(cells) + " |")
-        if baseline:
-            out.append("\nBaseline values in parentheses.")
 
+def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str] = ()) -> str:
+    """The Markdown report: Table 2 (metrics, gaps, individual/accumulated MACs and time with ratios),
+    the baseline's cost, per-task results, and links to ``figures`` (file names next to the report)."""
+    runs = [run] + ([baseline] if baseline else [])
+    mains = _metrics_present(runs)
+    scale, unit = _macs_unit(
+        [m[k] for r in runs for m in r.members for k in ("train_macs", "accumulated_train_macs")]
+    )
+    tu = _time_unit([m["accumulated_wall_s"] for r in runs for m in r.members])
+    title = f"{run.summary.get('family', '?')} family — {run.label}" + (" vs baseline" if baseline else "")
+    if baseline:
+        intro = (
+            f"Run: `{run.root}`; baseline: `{baseline.root}`. Metrics in %, Δ in points; ratios are "
+            f"baseline / {run.label} cost. Lossless: Δ ≥ −{LOSSLESS_POINTS} on every metric (paper §4)."
+        )
+    else:
+        intro = f"Run: `{run.root}`. Metrics in %. No baseline given: no gaps or ratios."
+    out = [f"# {title}", "", intro, "", "## Table 2", ""] + _table2(run, baseline, mains, scale, unit, tu)
+    if baseline:
+        out += _baseline_section(run, baseline, mains, scale, unit, tu)
+    out += _per_task_section(run, baseline)
     if figures:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(out) + "\n"
 
 
-# --- figures ----------------------------------------------------------------------------------
+def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path) -> list[str]:
+    """Fig. 1 (metric vs cumulative MACs), Fig. 8 (epochs per link), Fig. 5 (acceleration ratios)."""
+    from compt.figures import BarPanel, Curve, plot_bar_panels, plot_curves
 
-
-def _figure(width: float = 7.0, height: float = 4.5):
-    # A bare Figure renders with the Agg canvas and never touches pyplot's global backend.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110)
-
-
-def plot_metric_vs_macs(run: Run, baseline: Run | None, metric: str, path: Path) -> Path:
-    """Fig. 1: ``metric`` against the pipeline's cumulative training MACs, one line per run."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for r, style in ((run, "-"), (baseline, "--")):
-        if r is None:
-            continue
-        for i, m in enumerate(r.members):
-            pts = member_curve(r, m, metric)
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, style, marker="o", ms=3, color=f"C{i}", label=f"{r.label} {m['name']}")
-            ax.annotate(m["name"], (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("cumulative training MACs")
-    ax.set_ylabel(f"{MAIN_METRICS.get(metric, metric)} (%)")
-    ax.set_title(f"{metric} vs training cost")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def plot_epochs_per_link(run: Run, baseline: Run | None, path: Path) -> Path:
-    """Fig. 8: epochs trained per member (and the baseline's, and epochs needed to reach it if known)."""
-    fig = _figure()
-    ax = fig.add_subplot()
+    runs = [r for r in (run, baseline) if r is not None]
     names = [m["name"] for m in run.members]
-    width = 0.4 if baseline else 0.6
-    xs = range(len(names))
-    bars = ax.bar([x - (width / 2 if baseline else 0) for x in xs], [m["epochs"] for m in run.members],
-                  width, label=run.label, color="C0")
-    ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    written = []
+    if metric is not None:
+        curves = [
+            Curve(f"{r.label} {m['name']}", member_curve(r, m, metric), i, r is baseline, m["name"])
+            for r in runs
+            for i, m in enumerate(r.members)
+        ]
+        label = f"{MAIN_METRICS.get(metric, metric)} (%)"
+        plot_curves(
+            curves,
+            out / "metric_vs_macs.png",
+            xlabel="cumulative training MACs",
+            ylabel=label,
+            title=f"{metric} vs training cost",
+        )
+        written.append("metric_vs_macs.png")
+    series = [(run.label, [m["epochs"] for m in run.members])]
     if baseline:
-        base = [(baseline.member(n) or {}).get("epochs", 0) for n in names]
-        ax.bar_label(ax.bar([x + width / 2 for x in xs], base, width, label="Baseline", color="C7"), fmt="%.3g", fontsize=7)
-    shift = width / 2 if baseline else 0.0
-    needed = [(x - shift, (m.get("until_lossless") or {}).get("epochs_needed")) for x, m in zip(xs, run.members)]
-    needed = [(x, e) for x, e in needed if isinstance(e, (int, float))]
-    if needed:
-        ax.plot(*zip(*needed), "k*", ms=9, label="epochs needed (lossless)")
-    ax.set_xticks(list(xs), names)
-    ax.set_ylabel("epochs")
-    ax.set_title("Training epochs per link")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def plot_acceleration(run: Run, baseline: Run, path: Path) -> Path:
-    """Fig. 5: individual and accumulated acceleration ratios (baseline / chain) in MACs and wall-clock."""
-    fig = _figure(9.0, 4.0)
-    pairs = [(m, baseline.member(m["name"])) for m in run.members]
-    pairs = [(m, b) for m, b in pairs if b is not None]
-    names = [m["name"] for m, _ in pairs]
-    for j, (title, macs_key, wall_key) in enumerate((
-        ("individual", "train_macs", "wall_s"), ("accumulated", "accumulated_train_macs", "accumulated_wall_s"),
-    )):
-        ax = fig.add_subplot(1, 2, j + 1)
-        for k, (label, key) in enumerate((("training MACs", macs_key), ("wall-clock", wall_key))):
-            ratios = [b[key] / m[key] if m[key] else 0.0 for m, b in pairs]
-            bars = ax.bar([x + (k - 0.5) * 0.4 for x in range(len(names))], ratios, 0.4, label=label, color=f"C{k}")
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel("acceleration ratio (×)")
-        ax.set_title(f"{title} acceleration")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+        series.append(("Baseline", [(baseline.member(n) or {}).get("epochs", 0.0) for n in names]))
+    needed = {i: (m.get("until_lossless") or {}).get("epochs_needed") for i, m in enumerate(run.members)}
+    needed = {i: float(e) for i, e in needed.items() if isinstance(e, (int, float))}
+    epochs = BarPanel(
+        "Training epochs per link", names, series, "epochs", markers=("epochs needed (lossless)", needed)
+    )
+    plot_bar_panels([epochs], out / "epochs_per_link.png")
+    written.append("epochs_per_link.png")
+    if baseline:
+        pairs = [(m, baseline.member(m["name"])) for m in run.members]
+        pairs = [(m, b) for m, b in pairs if b is not None]
+        panels = []
+        for title, macs_key, wall_key in (
+            ("individual", "train_macs", "wall_s"),
+            ("accumulated", "accumulated_train_macs", "accumulated_wall_s"),
+        ):
+            ratios = [
+                (label, [b[key] / m[key] if m[key] else 0.0 for m, b in pairs])
+                for label, key in (("training MACs", macs_key), ("wall-clock", wall_key))
+            ]
+            panels.append(
+                BarPanel(
+                    f"{title} acceleration",
+                    [m["name"] for m, _ in pairs],
+                    ratios,
+                    "acceleration ratio (×)",
+                    value_fmt="%.2f",
+                    hline=1.0,
+                    colors=(0, 1),
+                )
+            )
+        plot_bar_panels(panels, out / "acceleration.png")
+        written.append("acceleration.png")
+    return written
 
 
 def resolve_runs(run: str | Path, baseline: str | Path | None = None) -> tuple[Path, Path | None]:
@@ -389,18 +436,18 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     runs = [run] + ([baseline] if baseline else [])
     if metric is None:  # the run's headline metric, else the first Table 2 metric it has
-        present = [k for k in [run.summary.get("metric")] + _metrics_present(runs)
-                   if k and any(k in m["metrics"] for m in run.members)]
+        present = [
+            k
+            for k in [run.summary.get("metric")] + _metrics_present(runs)
+            if k and any(k in m["metrics"] for m in run.members)
+        ]
         metric = present[0] if present else None
     elif not any(metric in m["metrics"] for r in runs for m in r.members):
         known = sorted({k for r in runs for m in r.members for k in m["metrics"]})
-        raise ValueError(f"metric {metric!r} is in no member's final metrics; known: {', '.join(known) or 'none'}")
-    figures = []
-    if metric is not None:
-        figures.append(plot_metric_vs_macs(run, baseline, metric, out / "metric_vs_macs.png").name)
-    figures.append(plot_epochs_per_link(run, baseline, out / "epochs_per_link.png").name)
-    if baseline:
-        figures.append(plot_acceleration(run, baseline, out / "acceleration.png").name)
+        raise ValueError(
+            f"metric {metric!r} is in no member's final metrics; known: {', '.join(known) or 'none'}"
+        )
+    figures = _write_figures(run, baseline, metric, out)
     report = out / "report.md"
     report.write_text(render_markdown(run, baseline, figures), encoding="utf-8")
     return report

@@ -10,17 +10,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="zero-shot classification and retrieval of a checkpoint",
-        description="Evaluate a checkpoint file, a run folder or an exported member on the embedded eval sets "
-        "(rendered at the checkpoint's image size) and on ImageFolder sets. Metrics are percentages.",
+        description="Evaluate a checkpoint file, a run folder or an exported member on the embedded eval "
+        "sets (rendered at the checkpoint's image size) and on ImageFolder sets. Metrics are percentages.",
     )
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint file, run folder (final.pt / newest step_*.pt) or export")
-    p.add_argument("--imagefolder", metavar="DIR", action="append", default=[],
-                   help="an ImageFolder (one sub-folder per class) to add as a zero-shot task; repeatable")
+    p.add_argument(
+        "ckpt", metavar="CKPT", help="checkpoint file, run folder (final.pt / newest step_*.pt) or export"
+    )
+    p.add_argument(
+        "--imagefolder",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="an ImageFolder (one sub-folder per class) to add as a zero-shot task; repeatable",
+    )
     p.add_argument("--no-embedded", action="store_true", help="skip the embedded eval sets")
     p.add_argument("--batch-size", type=int, default=256, help="images/texts per forward (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the embedded eval sets (default 0)")
-    p.add_argument("--num-images", type=int, metavar="N",
-                   help="images per embedded task and retrieval images (default: 500 each)")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        metavar="N",
+        help="images per embedded task and retrieval images (default: 500 each)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
@@ -30,13 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from compt.evaluate import evaluate_checkpoint
 
     metrics, info = evaluate_checkpoint(
-        args.ckpt, imagefolders=args.imagefolder, embedded=not args.no_embedded, seed=args.seed,
-        num_images=args.num_images, batch_size=args.batch_size, device=args.device,
+        args.ckpt,
+        imagefolders=args.imagefolder,
+        embedded=not args.no_embedded,
+        seed=args.seed,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        device=args.device,
     )
     if args.json:
         print(json.dumps({**info, "metrics": metrics}, indent=2))
         return 0
-    print(f"{info['member'] or '?'} from {info['source']} ({info['image_size']} px, context {info['context_length']})")
+    size = f"{info['image_size']} px, context {info['context_length']}"
+    print(f"{info['member'] or '?'} from {info['source']} ({size})")
     width = max(map(len, metrics))
     for key, value in metrics.items():
         print(f"  {key:<{width}}  {value:6.2f}")

@@ -9,10 +9,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a checkpoint as an open_clip local-dir folder",
-        description="Write OUT_DIR/open_clip_config.json and OUT_DIR/open_clip_model.safetensors, loadable with "
-        "open_clip.create_model_and_transforms('local-dir:OUT_DIR') and open_clip.get_tokenizer('local-dir:OUT_DIR').",
+        description="Write OUT_DIR/open_clip_config.json and OUT_DIR/open_clip_model.safetensors, loadable "
+        "with open_clip.create_model_and_transforms('local-dir:OUT_DIR') and "
+        "open_clip.get_tokenizer('local-dir:OUT_DIR').",
     )
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint file, run folder (final.pt / newest step_*.pt) or export")
+    p.add_argument(
+        "ckpt", metavar="CKPT", help="checkpoint file, run folder (final.pt / newest step_*.pt) or export"
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if absent)")
     p.set_defaults(func=run)
 

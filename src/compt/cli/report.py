@@ -13,12 +13,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "metric vs cumulative training MACs, epochs per link, acceleration ratios. Reads only structured "
         "files (summary.json, metrics.jsonl).",
     )
-    p.add_argument("run", metavar="RUN", help="run folder holding summary.json (or the file itself), or a "
-                   "`compt chain run` output folder (renders chain/ against individual/)")
-    p.add_argument("baseline", metavar="BASELINE_RUN", nargs="?", help="baseline run folder (members trained alone)")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="run folder holding summary.json (or the file itself), or a "
+        "`compt chain run` output folder (renders chain/ against individual/)",
+    )
+    p.add_argument(
+        "baseline", metavar="BASELINE_RUN", nargs="?", help="baseline run folder (members trained alone)"
+    )
     p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/report)")
-    p.add_argument("--metric", metavar="KEY",
-                   help="y axis of the cost figure (default: the run's headline metric, e.g. mean_zeroshot_top1)")
+    p.add_argument(
+        "--metric",
+        metavar="KEY",
+        help="y axis of the cost figure (default: the run's headline metric, e.g. mean_zeroshot_top1)",
+    )
     p.set_defaults(func=run)
 
 
