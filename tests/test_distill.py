@@ -1,0 +1,109 @@
+"""Inverse feature distillation (Eq. 1, 4): frozen teacher, normalized MSE, projection T, auto alpha."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compt.distill import AutoAlpha, Distiller, feature_mse, make_projection
+from compt.families import get_member
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return get_member("debug-S").create()
+
+
+def _batch(member_name: str = "debug-S", b: int = 3, m: int = 2):
+    member = get_member(member_name)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(b, 3, member.image_size, member.image_size, generator=g)
+    texts = torch.randint(1, 400, (b, m, member.context_length), generator=g)
+    return images, texts
+
+
+def test_projection_is_identity_for_equal_dims_and_a_truncated_eye_otherwise():
+    assert isinstance(make_projection(32, 32), nn.Identity)
+    proj = make_projection(48, 32)
+    assert isinstance(proj, nn.Linear) and proj.weight.shape == (32, 48)
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(proj(x), x[:, :32])  # starts by reading the inherited coordinates
+    proj(x).sum().backward()
+    assert proj.weight.grad is not None  # learnable: trained with the student
+
+
+def test_feature_mse_is_on_normalized_embeddings():
+    s, t = torch.randn(6, 16), torch.randn(6, 16)
+    cos = F.cosine_similarity(s, t, dim=-1)
+    expected = ((2 - 2 * cos) / 16).mean()  # |a - b|^2 = 2 - 2 cos for unit vectors, mean over D
+    torch.testing.assert_close(feature_mse(s, t), expected)
+    torch.testing.assert_close(feature_mse(5 * s, 0.1 * t), expected)  # the norm is not distilled
+    assert feature_mse(t, 3 * t).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="projection T"):
+        feature_mse(torch.randn(6, 8), t)
+
+
+def test_teacher_is_frozen_and_sees_the_same_batch(teacher):
+    distiller = Distiller(teacher, alpha=500)
+    assert not distiller.teacher.training
+    assert not any(p.requires_grad for p in distiller.teacher.parameters())
+    images, texts = _batch()
+    t_image, t_text = distiller.teacher_features(images, texts)
+    assert t_image.shape == (3, 32) and t_text.shape == (3, 2, 32)
+    assert not t_image.requires_grad and not t_text.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(t_image, teacher.encode_image(images))
+        torch.testing.assert_close(t_text[:, 1], teacher.encode_text(texts[:, 1]))
+
+
+def test_teacher_runs_under_the_students_autocast(teacher):
+    distiller = Distiller(teacher)
+    images, texts = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_image, _ = distiller.teacher_features(images, texts)
+    assert t_image.dtype == torch.bfloat16
+
+
+def test_fixed_alpha_loss_is_eq1_averaged_over_modalities(teacher):
+    distiller = Distiller(teacher, alpha=500)
+    s_img, s_txt = torch.randn(3, 32, requires_grad=True), torch.randn(3, 2, 32)
+    t_img, t_txt = torch.randn(3, 32), torch.randn(3, 2, 32)
+    out = distiller.loss(s_img, s_txt, t_img, t_txt, task_loss=torch.tensor(4.0))
+    want = 500 * (feature_mse(s_img, t_img) + feature_mse(s_txt, t_txt)) / 2
+    torch.testing.assert_close(out["loss"], want)
+    assert out["alpha"].item() == 500
+    out["loss"].backward()
+    assert s_img.grad is not None
+
+
+def test_auto_alpha_holds_the_ratio(teacher):
+    distiller = Distiller(teacher, alpha="auto", ratio=0.1)
+    g = torch.Generator().manual_seed(2)
+    for task_value in (5.0, 3.0, 1.5):
+        s_img, s_txt = torch.randn(4, 32, generator=g), torch.randn(4, 2, 32, generator=g)
+        t_img, t_txt = torch.randn(4, 32, generator=g), torch.randn(4, 2, 32, generator=g)
+        task = torch.tensor(task_value)
+        out = distiller.loss(s_img, s_txt, t_img, t_txt, task)
+        assert (out["loss"] / task).item() == pytest.approx(0.1, rel=1e-5)
+        assert not out["alpha"].requires_grad
+
+
+def test_smoothed_auto_alpha_resumes_from_its_state():
+    a = AutoAlpha(ratio=0.1, decay=0.9)
+    values = [(torch.tensor(4.0 - i * 0.1), torch.tensor(0.01 / (i + 1))) for i in range(6)]
+    for task, d in values[:3]:
+        a(task, d)
+    b = AutoAlpha(ratio=0.5)
+    b.load_state_dict(a.state_dict())
+    for task, d in values[3:]:
+        torch.testing.assert_close(a(task, d), b(task, d))
+    assert a(torch.tensor(1.0), torch.tensor(0.0)).item() <= AutoAlpha.MAX_ALPHA
+
+
+@pytest.mark.parametrize("alpha", ["half", -1.0, float("nan")])
+def test_bad_alpha_is_rejected(teacher, alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        Distiller(teacher, alpha=alpha)

@@ -1,0 +1,260 @@
+"""The training engine on the debug family: costs, checkpoints, exact resume, NaN stop, chain links."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from compt.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
+from compt.config import from_dict, to_dict
+from compt.cost import member_cost
+from compt.data import DataConfig
+from compt.families import get_member
+from compt.grow import grow
+from compt.optim import CosineSchedule, default_eps, param_groups
+from compt.runlog import read_metrics
+from compt.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, train_member
+
+torch.set_num_threads(1)
+
+DATA = DataConfig(kind="synthetic", num_samples=64)  # 4 steps per epoch at a global batch of 16
+
+
+def config(out: Path, **kw) -> TrainConfig:
+    base = dict(member="debug-S", data=DATA, out_dir=str(out), steps=6, global_batch_size=16, log_every_steps=1,
+                save_every_steps=0, lr=1e-3)  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A debug-S trained for 4 steps: the teacher of debug-L links."""
+    return train_member(config(tmp_path_factory.mktemp("teacher"), steps=4)).final_checkpoint
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lr": 0.0}, "train.lr"),
+        ({"steps": None, "epochs": 0}, "train.epochs"),
+        ({"steps": 0}, "train.steps"),
+        ({"accum_steps": 3}, "accum_steps"),
+        ({"precision": "fp8"}, "precision"),
+        ({"alpha": "half"}, "alpha"),
+        ({"betas": (0.9, 1.5)}, "betas"),
+        ({"log_every_steps": 0}, "log_every_steps"),
+    ],
+)
+def test_bad_config_is_named(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **kw)
+
+
+def test_unknown_member_suggests_the_nearest(tmp_path):
+    with pytest.raises(KeyError, match="debug-S"):
+        config(tmp_path, member="debug-s2")
+
+
+def test_batch_larger_than_the_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train_member(config(tmp_path, global_batch_size=128))
+
+
+def test_fp16_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="fp16"):
+        train_member(config(tmp_path, precision="fp16", device="cpu"))
+
+
+def test_config_round_trips_through_a_dict(tmp_path):
+    cfg = config(tmp_path, alpha="auto", teacher="t.pt", betas=(0.9, 0.95))
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+# --- optimizer and schedule (Table C) ------------------------------------------------------------
+
+
+def test_weight_decay_skips_norms_biases_embeddings_and_logit_scale():
+    model = get_member("debug-S").create()
+    decay, no_decay = param_groups([model], 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"logit_scale", "positional_embedding", "token_embedding.weight", "visual.class_embedding",
+            "visual.ln_pre.weight", "ln_final.bias"} <= skipped  # fmt: skip
+    assert {"visual.conv1.weight", "text_projection", "visual.proj"} <= decayed
+    assert all("bias" not in n and "ln_" not in n for n in decayed)
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
+    assert default_eps(get_member("debug-S").vision_kind) == 1e-6
+    assert default_eps(get_member("Swin-T").vision_kind) == 1e-8
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_per_step():
+    s = CosineSchedule(lr=1e-3, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert [s.lr_at(i) for i in range(3)] == pytest.approx([1e-4, 2e-4, 3e-4])
+    assert s.lr_at(9) == pytest.approx(1e-3)
+    assert s.lr_at(55) == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway through the decay
+    assert s.lr_at(100) == pytest.approx(1e-4)
+    lrs = [s.lr_at(i) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+# --- a baseline run ------------------------------------------------------------------------------
+
+
+def test_baseline_run_counts_costs_checkpoints_and_finishes_once(tmp_path):
+    cfg = config(tmp_path, accum_steps=2, save_every_steps=2, keep_last=2)
+    result = train_member(cfg)
+    cost = member_cost("debug-S", DATA.num_captions)
+    per_step = 16 * cost.train_macs + cost.update_macs  # App. C.2: samples x train + steps x update
+    assert result.steps == 6 and result.samples_seen == 96
+    assert result.train_macs == 6 * per_step
+    train = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["train_macs"] for r in train] == [s * per_step for s in range(1, 7)]
+    assert all(math.isfinite(r["loss_task"]) and r["lr"] > 0 and r["samples_per_s"] > 0 for r in train)
+    assert train[-1]["epoch"] == 1  # 4 steps per epoch: the run went into its second epoch
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_2.pt", "step_4.pt"]  # keep_last=2
+    ckpt = load_checkpoint(tmp_path / "step_4.pt")
+    assert {"model", "model_cfg", "member", "optimizer", "scheduler", "scaler", "rng", "step", "epoch",
+            "step_in_epoch", "samples_seen", "train_macs", "wall_s", "config", "distill", "teacher"} <= set(ckpt)
+    assert ckpt["step"] == 4 and ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0
+    final = load_checkpoint(result.final_checkpoint)
+    assert final["steps"] == 6 and final["train_macs"] == result.train_macs and final["teacher"] is None
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    again = train_member(cfg)  # finished: returns without training
+    assert again == result and (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+# --- exact resume --------------------------------------------------------------------------------
+
+
+def _run_interrupted(cfg: TrainConfig, at_step: int):
+    """Train ``cfg``, sending ourselves SIGTERM from the evaluate callback at ``at_step``, then resume."""
+
+    def evaluate(model, step):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"step_seen": float(step)}
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_member(cfg, evaluate=evaluate)
+    assert stopped.value.code == 143 and stopped.value.checkpoint.name == f"step_{at_step}.pt"
+    assert latest_checkpoint(cfg.out_dir).name == f"step_{at_step}.pt" and not (Path(cfg.out_dir) / "final.pt").exists()
+    return train_member(cfg, evaluate=evaluate)
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["baseline", "link-auto-alpha"])
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path, teacher_ckpt, link):
+    kw = dict(deterministic=True, eval_every_steps=3, save_every_steps=2)
+    if link:
+        kw |= dict(member="debug-L", teacher=str(teacher_ckpt), alpha="auto")
+    full = train_member(config(tmp_path / "full", **kw), evaluate=lambda model, step: {"step_seen": float(step)})
+    resumed = _run_interrupted(config(tmp_path / "resumed", **kw), at_step=3)  # step 3: mid-epoch 0
+    a, b = load_checkpoint(full.final_checkpoint)["model"], load_checkpoint(resumed.final_checkpoint)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert (resumed.steps, resumed.samples_seen, resumed.train_macs) == (full.steps, full.samples_seen, full.train_macs)
+    losses = [[r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl", "train")] for run in (
+        tmp_path / "full", tmp_path / "resumed")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 6  # metrics.jsonl reads like one uninterrupted run
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # An absurd learning rate turns the weights into inf after one update: the next loss is NaN.
+    cfg = config(tmp_path, lr=1e30, warmup_steps=0, save_every_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 2.*step_1\.pt"):
+        train_member(cfg)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_1.pt"]
+    assert verify_checkpoint(tmp_path / "step_1.pt") and load_checkpoint(tmp_path / "step_1.pt")["step"] == 1
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["kind"] == "error"
+
+
+# --- chain links ---------------------------------------------------------------------------------
+
+
+def test_link_grows_from_the_teacher_and_distills(tmp_path, teacher_ckpt):
+    teacher_sha = _sha(teacher_ckpt)
+    cfg = config(tmp_path / "link", member="debug-L", teacher=str(teacher_ckpt), steps=1, lr=1e-30)
+    result = train_member(cfg)
+    # With a vanishing lr the single update is a no-op: final weights are the grown ones.
+    torch.manual_seed(cfg.seed)
+    student = get_member("debug-L").create()
+    grow(load_checkpoint(teacher_ckpt), student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+    final = load_checkpoint(result.final_checkpoint)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(final["model"][key], value, msg=key)
+    assert final["teacher"]["member"] == "debug-S" and _sha(teacher_ckpt) == teacher_sha  # teacher untouched
+    record = read_metrics(tmp_path / "link" / "metrics.jsonl", "train")[-1]
+    assert record["alpha"] == 500 and record["loss_ifd"] > 0
+    assert record["loss"] == pytest.approx(record["loss_task"] + record["loss_ifd"])
+    assert record["ifd_ratio"] == pytest.approx(record["loss_ifd"] / record["loss_task"])
+    s, t = member_cost("debug-L", 4), member_cost("debug-S", 4)
+    assert result.train_macs == 16 * (s.train_macs + t.forward_macs) + s.update_macs  # teacher forward counted
+
+
+def test_link_with_a_wider_embedding_trains_the_projection(tmp_path):
+    family = tmp_path / "fam.yaml"
+    family.write_text(
+        "name: emb\nmembers:\n"
+        + "".join(
+            f"  - name: emb-{n}\n    embed_dim: {e}\n"
+            f"    vision_cfg: {{image_size: 16, patch_size: 4, width: {w}, layers: 1, head_width: 16}}\n"
+            f"    text_cfg: {{context_length: 16, vocab_size: 49408, width: {w}, heads: {w // 16}, layers: 1}}\n"
+            for n, w, e in (("S", 16, 16), ("L", 32, 32))
+        )
+    )
+    teacher = train_member(config(tmp_path / "s", member="emb-S", family=str(family), steps=2)).final_checkpoint
+    cfg = config(tmp_path / "l", member="emb-L", family=str(family), teacher=str(teacher), steps=4,
+                 save_every_steps=3, lr=1e-2)  # fmt: skip
+    train_member(cfg)
+    ckpt = load_checkpoint(tmp_path / "l" / "step_3.pt")
+    proj = ckpt["distill"]["projection"]
+    assert proj["weight"].shape == (16, 32)  # T maps the student's 32 dims to the teacher's 16
+    assert not torch.equal(proj["weight"], torch.eye(16, 32))  # it was in the optimizer and learned
+    assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in get_member("emb-L", str(family)).create().parameters()) + 2
+
+
+def test_should_stop_ends_the_link_early(tmp_path):
+    seen = []
+
+    def evaluate(model, step):
+        assert not model.training
+        seen.append(step)
+        return {"score": float(step)}
+
+    result = train_member(config(tmp_path, eval_every_steps=2), evaluate=evaluate,
+                          should_stop=lambda m: m["score"] >= 4)  # fmt: skip
+    assert seen == [2, 4] and result.steps == 4 and result.metrics == {"score": 4.0}
+    assert load_checkpoint(result.final_checkpoint)["metrics"] == {"score": 4.0}
+    evals = read_metrics(tmp_path / "metrics.jsonl", "eval")
+    assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True
+
+
+def test_resume_refuses_a_folder_of_another_run(tmp_path):
+    cfg = config(tmp_path, save_every_steps=2)
+
+    def stop_at_2(model, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with pytest.raises(TrainingInterrupted):
+        train_member(replace(cfg, eval_every_steps=2), evaluate=stop_at_2)
+    with pytest.raises(ValueError, match="different run: train.global_batch_size"):
+        train_member(replace(cfg, global_batch_size=8))
