@@ -48,7 +48,7 @@ def test_batches_have_the_contract_shapes_and_normalization():
 
 def test_same_config_gives_identical_batches_and_epochs_differ():
     a, b = _batches(), _batches()
-    for (ia, ta), (ib, tb) in zip(a, b):
+    for (ia, ta), (ib, tb) in zip(a, b, strict=True):
         assert torch.equal(ia, ib) and torch.equal(ta, tb)
     other_epoch = _batches(epoch=1)
     assert not torch.equal(a[0][0], other_epoch[0][0])  # a new order
@@ -57,7 +57,7 @@ def test_same_config_gives_identical_batches_and_epochs_differ():
 def test_two_ranks_concatenate_to_the_one_rank_batch():
     one = _batches()
     r0, r1 = _batches(rank=0, world_size=2), _batches(rank=1, world_size=2)
-    for (img, txt), (i0, t0), (i1, t1) in zip(one, r0, r1):
+    for (img, txt), (i0, t0), (i1, t1) in zip(one, r0, r1, strict=True):
         assert i0.shape[0] == 8
         assert torch.equal(torch.cat([i0, i1]), img)
         assert torch.equal(torch.cat([t0, t1]), txt)
@@ -67,7 +67,7 @@ def test_start_step_resumes_exactly():
     full = _batches()
     resumed = _batches(start_step=4)
     assert len(resumed) == len(full) - 4
-    for (i, t), (ri, rt) in zip(full[4:], resumed):
+    for (i, t), (ri, rt) in zip(full[4:], resumed, strict=True):
         assert torch.equal(i, ri) and torch.equal(t, rt)
     assert _batches(start_step=len(full)) == []
     with pytest.raises(DataError, match="start_step"):
@@ -79,7 +79,7 @@ def test_worker_processes_give_the_same_batches():
     with_workers = _batches(cfg, start_step=1)
     in_process = _batches(DataConfig(num_samples=64, seed=3), start_step=1)
     assert len(with_workers) == len(in_process) == 3
-    for (i, t), (wi, wt) in zip(in_process, with_workers):
+    for (i, t), (wi, wt) in zip(in_process, with_workers, strict=True):
         assert torch.equal(i, wi) and torch.equal(t, wt)
 
 
@@ -92,8 +92,9 @@ def test_global_random_state_is_never_touched():
 
 
 def test_caption_draws_depend_on_epoch_but_images_do_not():
-    ds = SyntheticDataset(SyntheticSpec(), num_samples=10, seed=0, image_size=32, tokenize=tokenizer(32),
-                          num_captions=4)  # fmt: skip
+    ds = SyntheticDataset(
+        SyntheticSpec(), num_samples=10, seed=0, image_size=32, tokenize=tokenizer(32), num_captions=4
+    )
     img0, tok0 = ds.load(5, sample_rng(0, 0, 5))
     img1, tok1 = ds.load(5, sample_rng(0, 1, 5))
     again, tok_again = ds.load(5, sample_rng(0, 0, 5))
@@ -163,7 +164,9 @@ def test_a_user_registered_kind_plugs_in_and_bad_samples_are_dropped():
     loader = build_loader(cfg, image_size=8, context_length=8, global_batch_size=6)
     with pytest.raises(DataError, match="more than data.max_skips=3"):
         list(loader)
-    loader = build_loader(DataConfig(kind="every-third-bad"), image_size=8, context_length=8, global_batch_size=6)
+    loader = build_loader(
+        DataConfig(kind="every-third-bad"), image_size=8, context_length=8, global_batch_size=6
+    )
     sizes = [len(images) for images, _ in loader]
     assert sum(sizes) == 8 and loader.skips == {"corrupt_image": 4}
     assert loader.summary() == "skipped 4: corrupt_image=4"
@@ -186,7 +189,9 @@ def test_config_errors_are_clear():
 
 
 def test_data_config_loads_from_a_nested_dict():
-    cfg = from_dict(DataConfig, {"num_samples": 50, "synthetic": {"shapes": ["circle", "square"], "max_count": 3}})
+    cfg = from_dict(
+        DataConfig, {"num_samples": 50, "synthetic": {"shapes": ["circle", "square"], "max_count": 3}}
+    )
     assert cfg.synthetic.shapes == ("circle", "square") and cfg.synthetic.max_count == 3
     with pytest.raises(ConfigError, match="did you mean 'num_samples'"):
         from_dict(DataConfig, {"num_sample": 5})

@@ -69,6 +69,7 @@ DREAMLIP_CAPTION_KEYS = (
     "shortLLA_captions",
     "longLLA_captions",
 )
+SYNTHETIC_DEFAULT_SAMPLES = 100_000  # images in the embedded set when data.num_samples is 0
 _SEPARATORS = {"\\t": "\t", "tab": "\t", "comma": ",", "\\,": ",", "semicolon": ";", "pipe": "|"}
 
 
@@ -78,7 +79,9 @@ class DataConfig:
 
     kind: str = "synthetic"  # registered dataset kind: synthetic | csv | tsv | wds | your own
     path: str = ""  # csv/tsv: the table file; wds: shard pattern(s) like data/{00000..00331}.tar
-    num_samples: int = 100_000  # synthetic: images in the set; csv: max rows (0 = all); wds: samples/epoch (0 = from sizes.json)
+    num_samples: int = (
+        0  # synthetic: images (0 = 100k); csv: max rows (0 = all); wds: samples/epoch (0 = sizes.json)
+    )
     num_captions: int = 4  # M captions drawn per image per step (§3.2)
     seed: int = 0  # data order, caption draws and crops derive from (seed, epoch, index)
     workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
@@ -228,13 +231,33 @@ def build_loader(
     source = f"data.kind={cfg.kind}" + (f" ({cfg.path})" if cfg.path else "")
     collate_args = (image_size, cfg.num_captions, context_length)
     if isinstance(dataset, StreamDataset):
-        return dataset.make_loader(cfg=cfg, epoch=epoch, global_batch_size=global_batch_size, rank=rank,
-                                   world_size=world_size, start_step=start_step, source=source)  # fmt: skip
+        return dataset.make_loader(
+            cfg=cfg,
+            epoch=epoch,
+            global_batch_size=global_batch_size,
+            rank=rank,
+            world_size=world_size,
+            start_step=start_step,
+            source=source,
+        )
     if not isinstance(dataset, MapDataset):
-        raise DataError(f"data.kind={cfg.kind} returned {type(dataset).__name__}, not a MapDataset/StreamDataset")
-    return MapLoader(dataset, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle, global_batch_size=global_batch_size,
-                     rank=rank, world_size=world_size, start_step=start_step, workers=cfg.workers,
-                     max_skips=cfg.max_skips, collate_args=collate_args, source=source)  # fmt: skip
+        raise DataError(
+            f"data.kind={cfg.kind} returned {type(dataset).__name__}, not a MapDataset/StreamDataset"
+        )
+    return MapLoader(
+        dataset,
+        seed=cfg.seed,
+        epoch=epoch,
+        shuffle=cfg.shuffle,
+        global_batch_size=global_batch_size,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+        workers=cfg.workers,
+        max_skips=cfg.max_skips,
+        collate_args=collate_args,
+        source=source,
+    )
 
 
 # --- built-in kinds (implementations imported lazily: no cost for kinds not used) -----------------
@@ -244,8 +267,15 @@ def build_loader(
 def _synthetic(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset:
     from compt.data.synthetic import SyntheticDataset
 
-    return SyntheticDataset(cfg.synthetic, num_samples=cfg.num_samples, seed=cfg.seed, image_size=image_size,
-                            tokenize=tokenizer(context_length), num_captions=cfg.num_captions)  # fmt: skip
+    num_samples = cfg.num_samples or SYNTHETIC_DEFAULT_SAMPLES
+    return SyntheticDataset(
+        cfg.synthetic,
+        num_samples=num_samples,
+        seed=cfg.seed,
+        image_size=image_size,
+        tokenize=tokenizer(context_length),
+        num_captions=cfg.num_captions,
+    )
 
 
 @register_dataset("csv")

@@ -97,13 +97,13 @@ def caption_pool(raw: str, extra: Iterable[object] = (), max_sub_captions: int =
     """The caption pool of one image: ``raw`` first, then up to ``max_sub_captions`` sub-captions.
 
     Each item of ``extra`` is one caption field (a short caption, or a long MLLM caption); long ones
-    are split into sentences. Sub-captions are taken round-robin across the fields so that every
-    captioner contributes (App. A keeps 15 per image), duplicates removed. ``max_sub_captions=0``
-    keeps them all. An empty ``raw`` is allowed if ``extra`` gives text (the pool is then all
-    sub-captions); a pool may be empty, which the caller treats as a bad sample.
+    are split into sentences (one-word fragments dropped). Sub-captions are taken round-robin across
+    the fields so that every captioner contributes (App. A keeps 15 per image), duplicates removed.
+    ``max_sub_captions=0`` keeps them all. An empty ``raw`` is allowed if ``extra`` gives text (the
+    pool is then all sub-captions); an empty pool is for the caller to treat as a bad sample.
     """
     raw = " ".join(str(raw or "").split())
-    per_field = [[s for t in parse_caption_cell(cell) for s in split_sentences(t, 1)] for cell in extra]
+    per_field = [[s for t in parse_caption_cell(cell) for s in split_sentences(t)] for cell in extra]
     seen = {raw.lower()} if raw else set()
     subs: list[str] = []
     limit = max_sub_captions if max_sub_captions > 0 else float("inf")

@@ -60,8 +60,8 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Ima
 
 def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     """RGB uint8 image -> float32 [3, H, W] normalized with open_clip's OpenAI mean/std."""
-    arr = np.asarray(img, dtype=np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy (PIL's buffer is read-only)
+    t = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
     return t.sub_(MEAN).div_(STD)
 
 

@@ -80,8 +80,17 @@ class StreamDataset(Protocol):
 
     num_samples: int
 
-    def make_loader(self, *, cfg, epoch: int, global_batch_size: int, rank: int, world_size: int,
-                    start_step: int, source: str) -> Loader: ...  # fmt: skip
+    def make_loader(
+        self,
+        *,
+        cfg,
+        epoch: int,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        source: str,
+    ) -> Loader: ...
 
 
 def _mix(*parts: int) -> list[int]:
@@ -172,8 +181,18 @@ class Loader:
 class _StepBatches(torch.utils.data.Dataset):
     """Map-style over steps: item ``s`` is rank ``r``'s slice of global batch ``s`` (for workers)."""
 
-    def __init__(self, dataset: MapDataset, order: torch.Tensor, *, seed: int, epoch: int,
-                 global_batch_size: int, rank: int, world_size: int, collate_args: tuple[int, int, int]):  # fmt: skip
+    def __init__(
+        self,
+        dataset: MapDataset,
+        order: torch.Tensor,
+        *,
+        seed: int,
+        epoch: int,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        collate_args: tuple[int, int, int],
+    ):
         self.dataset, self.order, self.seed, self.epoch = dataset, order, seed, epoch
         self.global_batch_size = global_batch_size
         self.local = global_batch_size // world_size
@@ -195,19 +214,42 @@ class _StepBatches(torch.utils.data.Dataset):
 class MapLoader(Loader):
     """The loader of a :class:`MapDataset`: per-step slices, in-process or in DataLoader workers."""
 
-    def __init__(self, dataset: MapDataset, *, seed: int, epoch: int, shuffle: bool, global_batch_size: int,
-                 rank: int, world_size: int, start_step: int, workers: int, max_skips: int,
-                 collate_args: tuple[int, int, int], source: str):  # fmt: skip
+    def __init__(
+        self,
+        dataset: MapDataset,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        workers: int,
+        max_skips: int,
+        collate_args: tuple[int, int, int],
+        source: str,
+    ):
         n = len(dataset)
         if n < global_batch_size:
             raise DataError(
                 f"{source}: {n} samples is fewer than one global batch of {global_batch_size}; "
                 f"use more data (data.num_samples) or a smaller batch size"
             )
-        super().__init__(steps=n // global_batch_size, start_step=start_step, max_skips=max_skips, source=source)
+        super().__init__(
+            steps=n // global_batch_size, start_step=start_step, max_skips=max_skips, source=source
+        )
         order = epoch_order(n, seed, epoch, shuffle)
-        self.batches = _StepBatches(dataset, order, seed=seed, epoch=epoch, global_batch_size=global_batch_size,
-                                    rank=rank, world_size=world_size, collate_args=collate_args)  # fmt: skip
+        self.batches = _StepBatches(
+            dataset,
+            order,
+            seed=seed,
+            epoch=epoch,
+            global_batch_size=global_batch_size,
+            rank=rank,
+            world_size=world_size,
+            collate_args=collate_args,
+        )
         self.workers = workers
 
     def __iter__(self) -> Iterator[Sample]:
@@ -215,9 +257,13 @@ class MapLoader(Loader):
         if self.workers > 0 and len(steps) > 0:
             it = iter(
                 torch.utils.data.DataLoader(
-                    self.batches, batch_size=None, sampler=steps, num_workers=self.workers,
-                    collate_fn=_identity, prefetch_factor=2,
-                )  # fmt: skip
+                    self.batches,
+                    batch_size=None,
+                    sampler=steps,
+                    num_workers=self.workers,
+                    collate_fn=_identity,
+                    prefetch_factor=2,
+                )
             )
         else:
             it = (self.batches[s] for s in steps)

@@ -248,9 +248,21 @@ def _polygon(shape: str) -> np.ndarray | None:
     if shape == "cross":
         w = 0.34
         return np.array(
-            [[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w], [-1, w],
-             [-1, -w], [-w, -w]]
-        )  # fmt: skip
+            [
+                [-w, -1],
+                [w, -1],
+                [w, -w],
+                [1, -w],
+                [1, w],
+                [w, w],
+                [w, 1],
+                [-w, 1],
+                [-w, w],
+                [-1, w],
+                [-1, -w],
+                [-w, -w],
+            ]
+        )
     return None
 
 
@@ -352,7 +364,11 @@ def _relation(a: Obj, b: Obj) -> tuple[str, str]:
 
 def _np(o: Obj, *, size=True, colour=True, texture=True, n: int = 1) -> str:
     """A noun phrase for ``o`` with the chosen attributes, e.g. ``large red striped circle``."""
-    words = [o.size if size else "", o.colour if colour else "", o.texture if texture and o.texture != "solid" else ""]
+    words = [
+        o.size if size else "",
+        o.colour if colour else "",
+        o.texture if texture and o.texture != "solid" else "",
+    ]
     words.append(o.shape if n == 1 else _plural(o.shape))
     return " ".join(w for w in words if w)
 
@@ -366,15 +382,27 @@ def _single_captions(sc: Scene) -> tuple[str, list[str]]:
     full, where, tex = _np(o), _where(*o.positions[0]), o.texture
     primary = f"{_a(full)} {where} on {_a(bg)} background."
     return primary, [
-        f"{_a(o.shape)}.", f"{_a(o.colour)} {o.shape}.", f"{_a(o.colour)} object.", f"something {o.colour}.",
-        f"{_a(o.size)} {o.shape}.", f"{_a(tex)} {o.shape}.", f"{_a(o.shape)} {where}.",
-        f"{_a(o.colour)} {o.shape} {where}.", f"{_a(o.shape)} on {_a(bg)} background.",
-        f"there is {_a(full)} {where}.", f"the {o.shape} is {o.colour}.", f"the {o.shape} is {o.size}.",
-        f"one shape, {_a(_np(o, size=False))}.", f"a picture of {_a(_np(o, size=False))}.",
-        f"an image showing {_a(full)} {where} on {_a(bg)} background.", f"{where}, {_a(o.colour)} {o.shape}.",
-        f"{_a(tex)} {o.colour} shape.", f"the background is {bg}.", f"{_a(o.shape)} that is {o.colour} and {o.size}.",
+        f"{_a(o.shape)}.",
+        f"{_a(o.colour)} {o.shape}.",
+        f"{_a(o.colour)} object.",
+        f"something {o.colour}.",
+        f"{_a(o.size)} {o.shape}.",
+        f"{_a(tex)} {o.shape}.",
+        f"{_a(o.shape)} {where}.",
+        f"{_a(o.colour)} {o.shape} {where}.",
+        f"{_a(o.shape)} on {_a(bg)} background.",
+        f"there is {_a(full)} {where}.",
+        f"the {o.shape} is {o.colour}.",
+        f"the {o.shape} is {o.size}.",
+        f"one shape, {_a(_np(o, size=False))}.",
+        f"a picture of {_a(_np(o, size=False))}.",
+        f"an image showing {_a(full)} {where} on {_a(bg)} background.",
+        f"{where}, {_a(o.colour)} {o.shape}.",
+        f"{_a(tex)} {o.colour} shape.",
+        f"the background is {bg}.",
+        f"{_a(o.shape)} that is {o.colour} and {o.size}.",
         f"{_a(o.colour)} shape on {_a(bg)} background.",
-    ]  # fmt: skip
+    ]
 
 
 def _multi_captions(sc: Scene) -> tuple[str, list[str]]:
@@ -382,15 +410,27 @@ def _multi_captions(sc: Scene) -> tuple[str, list[str]]:
     num, shapes = _NUMBER[n], _plural(o.shape)
     primary = f"{num} {_np(o, n=n)} on {_a(bg)} background."
     return primary, [
-        f"{num} {shapes}.", f"{num} {o.colour} {shapes}.", f"{num} shapes.", f"several {o.colour} shapes.",
-        f"some {shapes}.", f"{num} {o.size} {shapes}.", f"the {shapes} are {o.colour}.",
+        f"{num} {shapes}.",
+        f"{num} {o.colour} {shapes}.",
+        f"{num} shapes.",
+        f"several {o.colour} shapes.",
+        f"some {shapes}.",
+        f"{num} {o.size} {shapes}.",
+        f"the {shapes} are {o.colour}.",
         f"there are {num} {_np(o, size=False, colour=False, n=n)}.",
-        f"a group of {num} {o.colour} {shapes} on {_a(bg)} background.", f"{_a(o.colour)} {o.shape}.",
-        f"{o.colour} {shapes} on {_a(bg)} background.", f"a picture of {num} {_np(o, n=n)}.",
-        f"the background is {bg}.", f"{num} identical {o.colour} {shapes}.", f"the {shapes} are {o.size}.",
-        f"an image with {num} {o.colour} objects.", f"{num} objects on {_a(bg)} background.",
-        f"many copies of {_a(o.shape)}.", f"{o.texture} {shapes}.", f"{num} {o.size} {o.colour} shapes.",
-    ]  # fmt: skip
+        f"a group of {num} {o.colour} {shapes} on {_a(bg)} background.",
+        f"{_a(o.colour)} {o.shape}.",
+        f"{o.colour} {shapes} on {_a(bg)} background.",
+        f"a picture of {num} {_np(o, n=n)}.",
+        f"the background is {bg}.",
+        f"{num} identical {o.colour} {shapes}.",
+        f"the {shapes} are {o.size}.",
+        f"an image with {num} {o.colour} objects.",
+        f"{num} objects on {_a(bg)} background.",
+        f"many copies of {_a(o.shape)}.",
+        f"{o.texture} {shapes}.",
+        f"{num} {o.size} {o.colour} shapes.",
+    ]
 
 
 def _pair_captions(sc: Scene) -> tuple[str, list[str]]:
@@ -400,17 +440,27 @@ def _pair_captions(sc: Scene) -> tuple[str, list[str]]:
     ca, cb = f"{a.colour} {a.shape}", f"{b.colour} {b.shape}"
     primary = f"{_a(_np(a))} {rel_ab} {_a(_np(b))} on {_a(bg)} background."
     return primary, [
-        f"{_a(ca)} and {_a(cb)}.", f"{_a(cb)} and {_a(ca)}.", f"{_a(a.shape)} and {_a(b.shape)}.",
-        f"{_a(ca)}.", f"{_a(cb)}.", f"{_a(a.colour)} object and {_a(b.colour)} object.",
-        f"{_a(a.shape)} {rel_ab} {_a(b.shape)}.", f"{_a(cb)} {rel_ba} {_a(ca)}.", "two different shapes.",
+        f"{_a(ca)} and {_a(cb)}.",
+        f"{_a(cb)} and {_a(ca)}.",
+        f"{_a(a.shape)} and {_a(b.shape)}.",
+        f"{_a(ca)}.",
+        f"{_a(cb)}.",
+        f"{_a(a.colour)} object and {_a(b.colour)} object.",
+        f"{_a(a.shape)} {rel_ab} {_a(b.shape)}.",
+        f"{_a(cb)} {rel_ba} {_a(ca)}.",
+        "two different shapes.",
         f"the {a.shape} is {a.colour} and the {b.shape} is {b.colour}.",
         f"the {a.shape} is {a.size} and the {b.shape} is {b.size}.",
         f"{_a(a.texture + ' ' + a.shape)} and {_a(b.texture + ' ' + b.shape)}.",
-        f"two shapes on {_a(bg)} background.", f"{_a(_np(b))} {rel_ba} {_a(_np(a))}.",
-        f"there is {_a(ca)} next to {_a(cb)}.", f"the background is {bg}.",
-        f"{_a(ca)} {_where(*a.positions[0])}.", f"{_a(cb)} {_where(*b.positions[0])}.",
-        f"a picture of {_a(_np(a))} and {_a(_np(b))}.", f"two objects: {_a(a.size)} one and {_a(b.size)} one.",
-    ]  # fmt: skip
+        f"two shapes on {_a(bg)} background.",
+        f"{_a(_np(b))} {rel_ba} {_a(_np(a))}.",
+        f"there is {_a(ca)} next to {_a(cb)}.",
+        f"the background is {bg}.",
+        f"{_a(ca)} {_where(*a.positions[0])}.",
+        f"{_a(cb)} {_where(*b.positions[0])}.",
+        f"a picture of {_a(_np(a))} and {_a(_np(b))}.",
+        f"two objects: {_a(a.size)} one and {_a(b.size)} one.",
+    ]
 
 
 def all_captions(scene: Scene) -> tuple[str, list[str]]:
@@ -445,8 +495,16 @@ class SyntheticDataset:
     one); only the M-caption draw changes from epoch to epoch, as in §3.2.
     """
 
-    def __init__(self, spec: SyntheticSpec, *, num_samples: int, seed: int, image_size: int, tokenize,
-                 num_captions: int):  # fmt: skip
+    def __init__(
+        self,
+        spec: SyntheticSpec,
+        *,
+        num_samples: int,
+        seed: int,
+        image_size: int,
+        tokenize,
+        num_captions: int,
+    ):
         if num_samples < 1:
             raise ValueError("data.num_samples must be >= 1 for the synthetic set")
         if image_size < 8:
