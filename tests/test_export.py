@@ -16,7 +16,7 @@ from compt.cli import main as cli_main
 from compt.data import tokenizer as compt_tokenizer
 from compt.data.images import MEAN, STD, eval_transform
 from compt.export import CONFIG_NAME, WEIGHTS_NAME, export_member, load_model
-from compt.families import get_member
+from compt.families import get_family, get_member
 
 CAPTIONS = ["a red circle on a black background", "two blue squares", "", "a photo of a striped star " * 8]
 
@@ -127,3 +127,21 @@ def test_cli_export(tmp_path, capsys):
     assert "local-dir:" in capsys.readouterr().out
     assert cli_main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "o2")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_paper_families_export_to_open_clip(tmp_path, family):
+    """The 224 px members (open_clip ViT and timm Swin towers) reload with open_clip alone too."""
+    member = get_family(family).members[0]
+    torch.manual_seed(0)
+    model = member.create().eval()
+    out = export_member(model, tmp_path / "export", model_cfg=member.model_cfg, member=member.name)
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    theirs.eval()
+    images = torch.randn(1, 3, member.image_size, member.image_size)
+    tokens = compt_tokenizer(member.context_length)(CAPTIONS[:2])
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{out}")(CAPTIONS[:2]), tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_image(images), model.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(theirs.encode_text(tokens), model.encode_text(tokens), rtol=0, atol=1e-6)

@@ -24,15 +24,19 @@
           "until_lossless": {"stopped_at_step": 900, "epochs_needed": 17.1} | null
         }
       ],
-      "config": {...}                     # the run's config as a plain dict
+      "config": {...},                    # the run's config as a plain dict
+      "metric": "mean_zeroshot_top1"      # optional: headline metric, the default y axis of Fig. 1
     }
 
-Unknown extra keys are allowed and ignored. ``metrics.jsonl`` (one per member, written by the engine)
-holds one JSON object per line; training lines carry ``step``, ``epoch``, ``samples_seen``,
-``train_macs`` and ``wall_s`` (both cumulative within the member), ``loss``, ``task_loss``,
-``distill_loss``, ``lr``; evaluation lines carry ``step`` and metric keys (``zeroshot/<task>/top1``,
-``mean_zeroshot_top1``, ``retrieval/<set>/i2t_r1``, ...), and ``train_macs`` where known (otherwise it
-is interpolated from the training lines by step). All metrics are percentages.
+Other keys (e.g. ``name``, a member's ``planned_epochs``) are allowed and ignored.
+
+``metrics.jsonl`` (one per member, written by ``compt.train``) holds one JSON object per line. Training
+lines (``"kind": "train"``) carry ``step``, ``epoch``, ``samples_seen``, ``train_macs`` and ``wall_s``
+(both cumulative within the member), the losses (``loss``, ``loss_task``, ``loss_ifd``) and ``lr``;
+evaluation lines (``"kind": "eval"``) carry ``step`` and the metric keys of :mod:`compt.evaluate`
+(``zeroshot/<task>/top1``, ``mean_zeroshot_top1``, ``retrieval/<set>/i2t_r1``, ...), and
+``train_macs`` where known (otherwise it is interpolated from the other lines by step). The report
+reads only ``step``, ``train_macs`` and metric keys. All metrics are percentages.
 
 Outputs in the report folder: ``report.md``, ``metric_vs_macs.png`` (Fig. 1: metric against the
 pipeline's cumulative training MACs, chain vs baseline), ``epochs_per_link.png`` (Fig. 8) and, with a
@@ -428,7 +432,8 @@ def write_report(
 ) -> Path:
     """Write ``report.md`` and its PNG figures into ``out_dir`` (default ``<run>/report``); return report.md.
 
-    ``metric`` is the curve's y axis (default: the first of ``MAIN_METRICS`` that the run has).
+    ``metric`` is the y axis of Fig. 1 (default: the summary's ``metric``, else the first of
+    ``MAIN_METRICS`` that the run has). ``run``/``baseline`` are run folders, summary files or :class:`Run`.
     """
     run = run if isinstance(run, Run) else load_run(run)
     baseline = baseline if isinstance(baseline, Run) or baseline is None else load_run(baseline)
