@@ -603,3 +603,7 @@ def test_cli_grow_reports_errors(tmp_path, capsys):
     assert rc == 2
     assert "student is smaller than its teacher" in capsys.readouterr().err
     assert not (tmp_path / "s.pt").exists()
+    rc = cli_main(
+        ["grow", "--teacher", str(tmp_path / "missing.pt"), "--student", "debug-L", "--out", "x.pt"]
+    )
+    assert rc == 2 and "missing.pt does not exist" in capsys.readouterr().err

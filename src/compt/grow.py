@@ -190,7 +190,8 @@ def _hints_from_cfg(cfg: Mapping[str, Any], who: str) -> _Hints:
         v, t = CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"])
     except (KeyError, TypeError) as e:
         raise GrowError(f"the {who} model config is not an open_clip CLIP config ({e})") from e
-    kind = "vit" if not v.timm_model_name else "swin" if "swin" in v.timm_model_name else v.timm_model_name
+    name = v.timm_model_name or ""
+    kind = "vit" if not name else "swin" if "swin" in name and "swinv2" not in name else name
     size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
     return _Hints(kind, v.width // v.head_width, t.heads, int(size))
 
@@ -348,7 +349,7 @@ def _net2net_notes(t: ModelSpec, s: ModelSpec) -> list[str]:
             )
         if ss.layers != ts.layers:
             notes.append(
-                f"net2net: {ss.name} depth {ts.layers} -> {ss.layers}: duplicated layers are not "
+                f"net2net: {ss.name} depth {ts.layers} -> {ss.layers}: the added layers are not "
                 "identities, so the function changes"
             )
     if s.embed_dim % t.embed_dim:
