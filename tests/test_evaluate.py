@@ -211,3 +211,6 @@ def test_cli_eval_json_and_table(tmp_path, capsys):
     assert "zeroshot/colours/top1" in capsys.readouterr().out
     assert cli_main(["eval", str(ckpt), "--no-embedded"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["eval", str(tmp_path / "garbage.pt")]) == 2
+    assert "garbage.pt cannot be read" in capsys.readouterr().err

@@ -127,6 +127,10 @@ def test_cli_export(tmp_path, capsys):
     assert "local-dir:" in capsys.readouterr().out
     assert cli_main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "o2")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["export", str(tmp_path / "garbage.pt"), str(tmp_path / "o3")]) == 2
+    assert "garbage.pt cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
 
 
 @pytest.mark.slow

@@ -38,17 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compt.checkpoint import CheckpointError
     from compt.evaluate import evaluate_checkpoint
 
-    metrics, info = evaluate_checkpoint(
-        args.ckpt,
-        imagefolders=args.imagefolder,
-        embedded=not args.no_embedded,
-        seed=args.seed,
-        num_images=args.num_images,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+    try:
+        metrics, info = evaluate_checkpoint(
+            args.ckpt,
+            imagefolders=args.imagefolder,
+            embedded=not args.no_embedded,
+            seed=args.seed,
+            num_images=args.num_images,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    except CheckpointError as e:  # a corrupt or foreign file is a user error: one line, exit 2
+        raise ValueError(str(e)) from e
     if args.json:
         print(json.dumps({**info, "metrics": metrics}, indent=2))
         return 0

@@ -21,8 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compt.checkpoint import CheckpointError
     from compt.export import export_member
 
-    out = export_member(args.ckpt, args.out_dir)
+    try:
+        out = export_member(args.ckpt, args.out_dir)
+    except CheckpointError as e:  # a corrupt or foreign file is a user error: one line, exit 2
+        raise ValueError(str(e)) from e
     print(f"exported {args.ckpt} -> {out}  (open_clip: 'local-dir:{out}')")
     return 0
