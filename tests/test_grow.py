@@ -59,13 +59,17 @@ def vit_cfg(
     }
 
 
-def build(cfg: dict, seed: int = 0, zero: bool = False) -> CLIP:
+def build(cfg: dict, seed: int = 0, zero: bool = False, trained: bool = False) -> CLIP:
     torch.manual_seed(seed)
     model = CLIP(**cfg).eval()
-    if zero:  # zeroed student: every entry not inherited stays 0
-        with torch.no_grad():
-            for p in model.parameters():
+    with torch.no_grad():
+        for p in model.parameters():
+            if zero:  # a zeroed student: every entry not inherited stays 0
                 p.zero_()
+            elif (
+                trained
+            ):  # a stand-in for training: no entry keeps its init value (LayerNorm ones, zero biases)
+                p.add_(0.1 * torch.randn_like(p))
     return model
 
 
@@ -217,7 +221,7 @@ def config_pairs(draw):
 @given(pair=config_pairs(), seed=st.integers(0, 3))
 def test_insert_copies_every_inherited_slice_exactly(pair, seed):
     t_cfg, s_cfg = pair
-    teacher, student = build(t_cfg, seed), build(s_cfg, seed + 10)
+    teacher, student = build(t_cfg, seed, trained=True), build(s_cfg, seed + 10)
     t_sd = teacher.state_dict()
     s0 = {k: v.clone() for k, v in student.state_dict().items()}
     report = grow(teacher, student, width="insert", depth="duplicate")
@@ -240,7 +244,7 @@ def test_insert_copies_every_inherited_slice_exactly(pair, seed):
 def test_insert_keeps_each_head_in_its_head(heads_t, heads_s, hw):
     t_cfg = vit_cfg(vw=heads_t * hw, vhw=hw, tw=heads_t * hw, th=heads_t)
     s_cfg = vit_cfg(vw=heads_s * hw, vhw=hw, tw=heads_s * hw, th=heads_s, embed=16)
-    teacher, student = build(t_cfg, 0), build(s_cfg, 1, zero=True)
+    teacher, student = build(t_cfg, 0, trained=True), build(s_cfg, 1, zero=True)
     grow(teacher, student, width="insert", depth="constant")
     for t_blk, s_blk in [
         (teacher.visual.transformer.resblocks[0], student.visual.transformer.resblocks[0]),
@@ -259,7 +263,7 @@ def test_insert_keeps_each_head_in_its_head(heads_t, heads_s, hw):
 
 def test_paper_compat_scrambles_heads_where_insert_does_not():
     t_cfg, s_cfg = vit_cfg(vw=16, vhw=8), vit_cfg(vw=32, vhw=8)
-    teacher = build(t_cfg)
+    teacher = build(t_cfg, trained=True)
     t_w = teacher.visual.transformer.resblocks[0].attn.in_proj_weight
     student = build(s_cfg, 1)
     grow(teacher, student, width="paper-compat", depth="constant")
@@ -296,7 +300,7 @@ def official_top_left(t_sd: dict, s_sd: dict, double_visual_depth: bool) -> dict
 def test_paper_compat_reproduces_the_official_top_left_copy(double):
     t_cfg = vit_cfg(vw=16, vl=1, tw=16, tl=2)
     s_cfg = vit_cfg(vw=32, vl=2 if double else 1, tw=24, th=3, tl=2, embed=16)
-    t_sd, s_sd = build(t_cfg).state_dict(), build(s_cfg, 1).state_dict()
+    t_sd, s_sd = build(t_cfg, trained=True).state_dict(), build(s_cfg, 1).state_dict()
     new_sd, report = grow_state_dict(t_sd, t_cfg, s_sd, s_cfg, width="paper-compat", depth="duplicate")
     ref = official_top_left(t_sd, s_sd, double)
     assert new_sd.keys() == ref.keys()
@@ -310,7 +314,7 @@ def test_paper_compat_reproduces_the_official_top_left_copy(double):
 
 def test_interpolate_is_bilinear_and_duplicate_tiles():
     t_cfg, s_cfg = vit_cfg(vw=16, vhw=8, v_mlp=2.0), vit_cfg(vw=32, vhw=8, v_mlp=3.0, embed=16)
-    teacher = build(t_cfg)
+    teacher = build(t_cfg, trained=True)
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"  # [mlp, width]: two plain axes
     t_w = teacher.state_dict()[key]
     sd, _ = grow_state_dict(
@@ -331,7 +335,7 @@ def test_interpolate_is_bilinear_and_duplicate_tiles():
 
 
 def _net2net_pair(t_cfg, s_cfg, image, **inp):
-    teacher, student = build(t_cfg), build(s_cfg, 1)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
     report = grow(teacher, student, width="net2net", seed=3)
     images, texts = inputs(image, **inp)
     torch.testing.assert_close(
@@ -347,6 +351,16 @@ def test_net2net_preserves_the_function_vit():
     assert report.notes == [] and all(t.status == "full" for t in report.tensors.values())
 
 
+SWIN_W2 = _register_swin(
+    "compt_test_swin_w2",
+    img_size=32,
+    patch_size=2,
+    window_size=2,
+    embed_dim=16,
+    depths=(1, 2),
+    num_heads=(2, 4),
+    mlp_ratio=3.0,
+)
 SWIN_W = _register_swin(
     "compt_test_swin_w",
     img_size=32,
@@ -364,12 +378,29 @@ def test_net2net_preserves_the_function_swin():
     assert report.notes == []
 
 
+@pytest.mark.parametrize("depth", ["duplicate", "interval", "constant"])
+@pytest.mark.parametrize("width", ["insert", "duplicate", "interpolate", "paper-compat", "net2net"])
+def test_every_strategy_pair_gives_a_working_student(width, depth):
+    t_cfg = vit_cfg(vw=16, vl=1, vhw=8, tw=16, tl=2, th=2, embed=8)
+    s_cfg = vit_cfg(vw=48, vl=3, vhw=16, tw=32, tl=3, th=4, embed=16, v_mlp=3.0)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    report = grow(teacher, student, width=width, depth=depth)
+    assert torch.isfinite(logits(student, *inputs())).all()
+    for key, info in report.tensors.items():
+        grown = student.state_dict()[key]
+        assert (info.status == "fresh") == torch.equal(grown, s0[key]), key
+        assert info.inherited <= info.numel == grown.numel()
+    assert report.tensors["logit_scale"].status == "full"
+    assert student.logit_scale.item() == teacher.logit_scale.item()
+
+
 # --- Swin -----------------------------------------------------------------------------------------
 
 
 def test_insert_swin_per_head_per_neighbour_and_per_stage_depth():
     t_cfg, s_cfg = swin_cfg(SWIN_T), swin_cfg(SWIN_S, tw=32, th=4, embed=16)
-    teacher, student = build(t_cfg), build(s_cfg, 1)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
     t_sd, s0 = teacher.state_dict(), {k: v.clone() for k, v in student.state_dict().items()}
     report = grow(teacher, student)
     assert report.depth_maps["visual.stage0"] == [0] and report.depth_maps["visual.stage1"] == [0, 0, 1]
@@ -401,7 +432,10 @@ def test_insert_swin_per_head_per_neighbour_and_per_stage_depth():
 
 
 def test_insert_swin_attention_heads_line_up():
-    teacher, student = build(swin_cfg(SWIN_T)), build(swin_cfg(SWIN_S, tw=32, th=4, embed=16), 1, zero=True)
+    teacher, student = (
+        build(swin_cfg(SWIN_T), trained=True),
+        build(swin_cfg(SWIN_S, tw=32, th=4, embed=16), 1, zero=True),
+    )
     grow(teacher, student)
     for stage in (0, 1):
         a_t = teacher.visual.trunk.layers[stage].blocks[0].attn
@@ -444,7 +478,7 @@ def test_depth_maps(n_t, n_s, dup, interval, constant):
 
 def test_depth_fresh_layers_keep_student_init():
     t_cfg, s_cfg = vit_cfg(vl=1), vit_cfg(vl=3)
-    teacher, student = build(t_cfg), build(s_cfg, 1)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
     s0 = {k: v.clone() for k, v in student.state_dict().items()}
     report = grow(teacher, student, depth="interval")
     key = "visual.transformer.resblocks.{}.mlp.c_fc.weight"
@@ -457,7 +491,7 @@ def test_depth_fresh_layers_keep_student_init():
 
 def test_grow_on_payloads_with_ddp_prefixes(tmp_path):
     t_cfg, s_cfg = vit_cfg(), vit_cfg(vw=32, vl=2, embed=16)
-    teacher, student = build(t_cfg), build(s_cfg, 1)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
     path = save_checkpoint(
         tmp_path / "t.pt",
         {"model": {f"module._orig_mod.{k}": v for k, v in teacher.state_dict().items()}, "model_cfg": t_cfg},
@@ -482,7 +516,7 @@ def test_registries_are_extensible_and_strict():
 
     assert "test-even" in list_width_strategies() and "test-last" in list_depth_strategies()
     t_cfg, s_cfg = vit_cfg(vl=2), vit_cfg(vw=32, vl=3, embed=16)
-    teacher, student = build(t_cfg), build(s_cfg, 1)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
     s0 = {k: v.clone() for k, v in student.state_dict().items()}
     report = grow(teacher, student, width="test-even", depth="test-last")
     assert report.depth_maps["visual"] == [1, 1, 1]
@@ -520,6 +554,7 @@ def test_registries_are_extensible_and_strict():
         (vit_cfg(ctx=8), vit_cfg(ctx=12), r"context lengths differ: teacher 8, student 12"),
         (vit_cfg(vocab=50), vit_cfg(vocab=60), r"vocabulary sizes differ: teacher 50, student 60"),
         (vit_cfg(), swin_cfg(SWIN_S), r"vision towers differ: the teacher is a VIT, the student a SWIN"),
+        (swin_cfg(SWIN_T), swin_cfg(SWIN_W2), r"Swin layouts differ: teacher 2 stages, window table 49 rows"),
     ],
 )
 def test_precondition_errors(t_cfg, s_cfg, match):
