@@ -15,7 +15,7 @@ from open_clip.model import CLIP
 
 from compt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from compt.cli import main as cli_main
-from compt.families import get_member
+from compt.families import get_family, get_member
 from compt.grow import (
     GrowError,
     Map1D,
@@ -393,6 +393,19 @@ def test_every_strategy_pair_gives_a_working_student(width, depth):
         assert info.inherited <= info.numel == grown.numel()
     assert report.tensors["logit_scale"].status == "full"
     assert student.logit_scale.item() == teacher.logit_scale.item()
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "tiny", "debug"])
+def test_every_family_chain_grows_at_full_size(family):
+    """Every link of the registered chains, at the paper's sizes: on the meta device (shapes only)."""
+    members = get_family(family).members
+    for a, b in zip(members, members[1:], strict=False):
+        t_sd, s_sd = a.create("meta").state_dict(), b.create("meta").state_dict()
+        _, report = grow_state_dict(t_sd, a.model_cfg, s_sd, b.model_cfg, in_place=True)
+        assert report.tensors.keys() == s_sd.keys()
+        assert all(t.status != "fresh" for t in report.tensors.values()), (a.name, b.name)
+        for stack, layers in report.depth_maps.items():
+            assert layers == sorted(layers) and layers[0] == 0, (a.name, b.name, stack)
 
 
 # --- Swin -----------------------------------------------------------------------------------------

@@ -285,7 +285,10 @@ def grow_tensor(
     if all(r is None for r in rows):  # every entry inherited
         if in_place:
             return s_val.detach().copy_(out), out.numel()
-        same = out.untyped_storage().data_ptr() == t_val.untyped_storage().data_ptr()
+        same = (
+            out.device.type != "meta"
+            and out.untyped_storage().data_ptr() == t_val.untyped_storage().data_ptr()
+        )
         return (out.clone() if same else out), out.numel()
     result = s_val.detach() if in_place else s_val.detach().clone()
     _scatter(result, rows, out)
@@ -294,20 +297,24 @@ def grow_tensor(
 
 def _gather(out: torch.Tensor, maps: list[Map1D | None]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The teacher values of the inherited student entries, and per axis their student positions
-    (``None``: all of them)."""
+    (``None``: all of them; positions stay on the CPU, where the decisions are made)."""
     rows: list[torch.Tensor | None] = []
+    dev = out.device
     for d, m in enumerate(maps):
         if m is None:
             rows.append(None)
             continue
         keep = m.inherited.nonzero()[:, 0]
-        src, w = m.src[keep].to(out.device), m.weight[keep].to(out.device)
+        src, w = m.src[keep], m.weight[keep]
         if src.shape[1] > 1 or not bool((w == 1).all()):
             view = [-1 if i == d else 1 for i in range(out.dim())]
-            out = sum(w[:, k].view(view) * out.index_select(d, src[:, k]) for k in range(src.shape[1]))
+            out = sum(
+                w[:, k].to(dev).view(view) * out.index_select(d, src[:, k].to(dev))
+                for k in range(src.shape[1])
+            )
         elif not _is_range(src[:, 0], out.shape[d]):  # insert keeps whole teacher axes in order: no copy
-            out = out.index_select(d, src[:, 0])
-        rows.append(None if len(keep) == len(m.inherited) else keep.to(out.device))
+            out = out.index_select(d, src[:, 0].to(dev))
+        rows.append(None if len(keep) == len(m.inherited) else keep)
     return out, rows
 
 
@@ -321,20 +328,17 @@ def _scatter(result: torch.Tensor, rows: list[torch.Tensor | None], out: torch.T
             target = target.narrow(d, 0, len(r))
         elif r is not None:
             scattered.append(d)
+    dev = result.device
     if not scattered:
         target.copy_(out)
     elif len(scattered) == 1:
-        target.index_copy_(scattered[0], rows[scattered[0]], out)
+        target.index_copy_(scattered[0], rows[scattered[0]].to(dev), out)
     else:
-        index = [
-            rows[d] if d in scattered else torch.arange(n, device=out.device)
-            for d, n in enumerate(target.shape)
-        ]
-        target[
-            tuple(ix.view([-1 if i == d else 1 for i in range(out.dim())]) for d, ix in enumerate(index))
-        ] = out
+        index = [rows[d] if d in scattered else torch.arange(n) for d, n in enumerate(target.shape)]
+        view = [[-1 if i == d else 1 for i in range(out.dim())] for d in range(out.dim())]
+        target[tuple(ix.to(dev).view(v) for ix, v in zip(index, view, strict=True))] = out
 
 
 def _is_range(idx: torch.Tensor, n: int) -> bool:
-    """``idx`` is exactly ``0, 1, ..., n - 1``."""
-    return len(idx) == n and torch.equal(idx, torch.arange(n, device=idx.device))
+    """``idx`` (on the CPU) is exactly ``0, 1, ..., n - 1``."""
+    return len(idx) == n and torch.equal(idx, torch.arange(n))
