@@ -141,7 +141,7 @@ def expected_insert(
     """The student tensor after `insert`: teacher in the leading slice of every structured block."""
     exp = s0.clone()
 
-    def heads(sizes):  # noqa: E306
+    def heads(sizes):
         return sizes["heads"], sizes["width"] // sizes["heads"]
 
     if re.search(r"(attn\.in_proj_|attn\.qkv\.)", key):
@@ -199,7 +199,7 @@ def vit_layers(cfg: dict) -> dict:
 
 @st.composite
 def config_pairs(draw):
-    def tower(heads_key):
+    def tower():
         h_t, hw_t = draw(st.integers(1, 3)), draw(st.sampled_from([4, 8]))
         h_s, hw_s = h_t + draw(st.integers(0, 2)), hw_t * draw(st.sampled_from([1, 2]))
         l_t = draw(st.integers(1, 2))
@@ -208,8 +208,8 @@ def config_pairs(draw):
         m_s = m_t + draw(st.sampled_from([0.0, 0.5, 2.0]))
         return (h_t, hw_t, l_t, m_t), (h_s, hw_s, l_s, m_s)
 
-    (vh_t, vhw_t, vl_t, vm_t), (vh_s, vhw_s, vl_s, vm_s) = tower("v")
-    (th_t, thw_t, tl_t, tm_t), (th_s, thw_s, tl_s, tm_s) = tower("t")
+    (vh_t, vhw_t, vl_t, vm_t), (vh_s, vhw_s, vl_s, vm_s) = tower()
+    (th_t, thw_t, tl_t, tm_t), (th_s, thw_s, tl_s, tm_s) = tower()
     e_t = draw(st.sampled_from([8, 16]))
     e_s = e_t + draw(st.sampled_from([0, 8]))
     t = vit_cfg(vh_t * vhw_t, vl_t, vhw_t, th_t * thw_t, tl_t, th_t, e_t, vm_t, tm_t)
