@@ -138,10 +138,20 @@ def test_debug_resolution_and_num_captions():
 
 
 def test_tokenizer_matches_open_clip():
-    text = ["a small red striped circle in the top left corner on a noisy black background."]
-    ours = tokenizer(32)(text)
-    ref = SimpleTokenizer()(text, context_length=32)
-    assert torch.equal(ours, ref)
+    texts = [
+        "a small red striped circle in the top left corner on a noisy black background.",
+        "Hello   World!  It's 3.5 m.\tTabs\nand lines",
+        "caf\u00e9 &amp; cr\u00e8me",  # non-ASCII and HTML entities take open_clip's own path
+        "a " + "very " * 40 + "long caption",  # truncated, keeping the end token
+        "",
+    ]
+    for i in range(30):
+        scene = sample_scene(scene_rng(0, 0, i), SyntheticSpec())
+        primary, subs = all_captions(scene)
+        texts += [primary, *subs]
+    ref = SimpleTokenizer()
+    for length in (16, 32, 77):
+        assert torch.equal(tokenizer(length)(texts), ref(texts, context_length=length))
     assert tokenizer(32) is tokenizer(32)
 
 

@@ -21,6 +21,7 @@ iterable of ``(images [B,3,H,W], texts [B,M,L])`` batches the trainer consumes.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -153,14 +154,22 @@ def build_dataset(cfg: DataConfig, *, image_size: int, context_length: int) -> M
 # --- tokenizer -------------------------------------------------------------------------------------
 
 
-class Tokenizer:
-    """open_clip's SimpleTokenizer at a fixed context length, memoizing recent texts.
+# Printable ASCII (plus whitespace) without '&': text that open_clip's ftfy + HTML-unescape cleaning
+# leaves unchanged, so the fast path below may skip it.
+_PLAIN = re.compile(r"[\x20-\x25\x27-\x7e\t\n\r]*")
 
-    Captions repeat a lot (the embedded set's partial captions, prompt templates), and open_clip's
-    BPE is pure Python, so caching the token row of each text is most of the data-loading speed.
+
+class Tokenizer:
+    """open_clip's SimpleTokenizer at a fixed context length, with caches; same ids as open_clip.
+
+    open_clip's BPE and its ftfy cleaning are pure Python. Captions repeat a lot (the embedded set's
+    partial captions, prompt templates) and are made of few distinct words, so this memoizes the
+    token row of recent texts and the BPE ids of every word; plain-ASCII text skips the ftfy/HTML
+    cleaning, which is the identity on it. Anything else goes through open_clip unchanged.
     """
 
     _base = None  # one BPE vocabulary per process, shared by every context length
+    _words: dict[str, list[int]] = {}  # word -> BPE ids (shared, bounded by the vocabulary in use)
     _CACHE_LIMIT = 100_000
 
     def __init__(self, context_length: int):
@@ -173,10 +182,31 @@ class Tokenizer:
         self.context_length = context_length
         self._cache: dict[str, torch.Tensor] = {}
 
+    def _ids(self, text: str) -> list[int]:
+        """BPE ids of ``text`` (no start/end tokens), as ``SimpleTokenizer.encode``."""
+        base = Tokenizer._base
+        if not _PLAIN.fullmatch(text):
+            return base.encode(text)
+        ids: list[int] = []
+        for word in base.pat.findall(" ".join(text.split()).lower()):
+            word_ids = Tokenizer._words.get(word)
+            if word_ids is None:
+                if len(Tokenizer._words) >= self._CACHE_LIMIT:
+                    Tokenizer._words.clear()
+                pieces = base.bpe("".join(base.byte_encoder[b] for b in word.encode("utf-8")))
+                word_ids = Tokenizer._words[word] = [base.encoder[p] for p in pieces.split(" ")]
+            ids.extend(word_ids)
+        return ids
+
     def _row(self, text: str) -> torch.Tensor:
         row = self._cache.get(text)
         if row is None:
-            row = Tokenizer._base([text], context_length=self.context_length)[0]
+            base = Tokenizer._base
+            ids = [base.sot_token_id, *self._ids(text), base.eot_token_id]
+            if len(ids) > self.context_length:  # truncate, keeping the end token (as open_clip)
+                ids = ids[: self.context_length - 1] + [base.eot_token_id]
+            row = torch.zeros(self.context_length, dtype=torch.long)
+            row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
             if len(self._cache) >= self._CACHE_LIMIT:  # real captions rarely repeat: start over
                 self._cache.clear()
             self._cache[text] = row

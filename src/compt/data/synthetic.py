@@ -15,6 +15,7 @@ rather than a task every member saturates.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -305,25 +306,35 @@ def _fill(obj: Obj, size: int, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarra
     return np.where(on[..., None], rgb, rgb * 0.35)
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel rows/cols and the same centred in [-0.5, 0.5) (read-only, shared between calls)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    grids = (yy, xx, yy / size - 0.5, xx / size - 0.5)
+    for g in grids:
+        g.flags.writeable = False
+    return grids
+
+
 def render(scene: Scene, image_size: int, rng: np.random.Generator, spec: SyntheticSpec) -> np.ndarray:
     """The scene as float32 RGB [H, W, 3] in [0, 1] (noise drawn from ``rng``)."""
     s = image_size
     ss = max(2, math.ceil(64 / s))  # supersampling factor for smooth edges
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    yy, xx, cy, cx = _grid(s)
     tone = BACKGROUND_TONE[scene.background] + rng.uniform(-0.04, 0.04)
     img = np.empty((s, s, 3), dtype=np.float32)
-    img[:] = tone + rng.normal(0, 0.02, 3).astype(np.float32)  # slight tint
+    img[:] = tone + 0.02 * rng.standard_normal(3, dtype=np.float32)  # slight tint
     if scene.pattern == "noisy":
-        img += rng.normal(0, 0.09, (s, s, 1)).astype(np.float32)
+        img += 0.09 * rng.standard_normal((s, s, 1), dtype=np.float32)
     elif scene.pattern == "shaded":
         a = rng.uniform(0, 2 * np.pi)
-        ramp = (np.cos(a) * xx + np.sin(a) * yy) / s
-        img += (0.35 * (ramp - ramp.mean()))[..., None]
+        img += (0.35 * (np.float32(np.cos(a)) * cx + np.float32(np.sin(a)) * cy))[..., None]
     for obj in scene.objects:
         m = _mask(obj, s, ss)[..., None]
-        img = img * (1.0 - m) + _fill(obj, s, (yy, xx)) * m
-    light = 1.0 + 0.15 * ((xx / s - 0.5) * rng.uniform(-1, 1) + (yy / s - 0.5) * rng.uniform(-1, 1))
-    img = img * light[..., None] + rng.normal(0, spec.pixel_noise, (s, s, 3)).astype(np.float32)
+        img += (_fill(obj, s, (yy, xx)) - img) * m  # alpha blend by coverage
+    lx, ly = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
+    img *= (1.0 + lx * cx + ly * cy)[..., None]  # uneven lighting
+    img += spec.pixel_noise * rng.standard_normal((s, s, 3), dtype=np.float32)
     return np.clip(img, 0.0, 1.0, out=img)
 
 
