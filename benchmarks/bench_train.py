@@ -1,0 +1,181 @@
+"""Training-engine speed: compt vs OpenCLIP's own trainer, and the cost of a chain link's distillation.
+
+    python benchmarks/bench_train.py                       # CPU or the first GPU, ~2-3 min on 2 CPU cores
+    python benchmarks/bench_train.py --member tiny-M --batch-size 128 --steps 60 --device cuda
+
+Two comparisons, each training run in its own process, on the same machine:
+
+1. ``compt train`` vs ``python -m open_clip_train.main``: the same member (written as an open_clip
+   ``local-dir:`` model config), the same TSV table of rendered PNG images with one caption each
+   (OpenCLIP trains on one caption per image, so compt runs with ``data.num_captions=1``), the same
+   batch size, workers, precision and learning rate. Printed: steady-state samples/s of both
+   (median over log windows, the first one dropped) and compt / OpenCLIP.
+2. A chain-link step vs an individual step of the same student (compt only, the paper's M=4
+   captions): measured slowdown next to the MAC bound ``1 + teacher forward / student training``
+   per sample (App. C.2) -- a link runs its teacher forward on every sample.
+
+OpenCLIP's trainer needs ``pandas`` and ``webdataset`` 0.2.86 to import; when it cannot run here,
+the reason is printed and compt's own numbers still are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from compt.cost import member_cost
+from compt.data import SyntheticSpec
+from compt.data.synthetic import describe, render, sample_scene
+from compt.export import default_preprocess_cfg
+from compt.families import get_member
+
+
+def write_table(folder: Path, num_samples: int, image_size: int, seed: int = 0) -> Path:
+    """``num_samples`` rendered scenes as PNG files plus an OpenCLIP-style TSV (filepath, title)."""
+    spec, rng = SyntheticSpec(), np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["filepath\ttitle"]
+    for i in range(num_samples):
+        scene = sample_scene(rng, spec)
+        pixels = (render(scene, image_size, rng, spec) * 255).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"{i:06d}.png")
+        rows.append(f"images/{i:06d}.png\t{describe(scene, rng, 0)[0]}")
+    table = folder / "train.tsv"
+    table.write_text("\n".join(rows) + "\n")
+    return table
+
+
+def _run(cmd: list[str], cwd: Path, timeout_s: float) -> tuple[int, float, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return -1, time.perf_counter() - start, f"timed out after {timeout_s:.0f} s"
+    return proc.returncode, time.perf_counter() - start, proc.stdout + proc.stderr
+
+
+def _steady(rates: list[float]) -> float:
+    """Median samples/s over log windows, the first (start-up, tokenizer load, first batches) dropped."""
+    rates = rates[1:] if len(rates) > 2 else rates
+    return statistics.median(rates) if rates else float("nan")
+
+
+def compt_run(args, out: Path, data: list[str], extra: list[str] = ()) -> dict:
+    cmd = [sys.executable, "-m", "compt", "train", "--member", args.member, *data, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--lr", "1e-3", "--warmup-steps", "10", "--log-every",
+           str(args.log_every), "--save-every", "0", "--device", args.device, "--out", str(out),
+           "--set", f"data.workers={args.workers}", *extra]  # fmt: skip
+    code, wall, log = _run(cmd, out.parent, args.timeout)
+    if code != 0:
+        raise SystemExit(f"compt train failed ({code}):\n{log[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r["samples_per_s"] for r in records if r.get("kind") == "train"]
+    return {"samples_per_s": _steady(rates), "process_s": wall}
+
+
+def open_clip_run(args, work: Path, table: Path) -> dict:
+    """OpenCLIP's trainer on the same member/table/batch; {'error': why} when it cannot run."""
+    model_dir = work / "open_clip_model"
+    model_dir.mkdir(exist_ok=True)
+    member = get_member(args.member)
+    (model_dir / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": member.open_clip_config(), "preprocess_cfg": default_preprocess_cfg(member.image_size)}))
+    cuda = args.device.startswith("cuda")
+    steps_per_epoch = max(1, (sum(1 for _ in open(table)) - 1) // args.batch_size)
+    epochs = max(1, -(-args.steps // steps_per_epoch))
+    logs = work / "open_clip_logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{model_dir}",
+           "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", "\t",
+           "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", str(args.batch_size),
+           "--epochs", str(epochs), "--lr", "1e-3", "--wd", "0.1", "--warmup", "10", "--workers", str(args.workers),
+           "--precision", "amp_bf16" if cuda else "fp32", "--device", "cuda" if cuda else "cpu",
+           "--logs", str(logs), "--name", "bench", "--save-frequency", "0", "--zeroshot-frequency", "0",
+           "--val-frequency", "0", "--log-every-n-steps", str(args.log_every), "--report-to", "",
+           "--seed", "0"]  # fmt: skip
+    code, wall, log = _run(cmd, work, args.timeout)
+    if code != 0:
+        last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        return {"error": f"exit {code}: {last[0]}"}
+    text = (logs / "bench" / "out.log").read_text() if (logs / "bench" / "out.log").is_file() else log
+    # OpenCLIP logs "... Batch (t): 0.123, 520.3/s, 520.3/s/gpu ..." every --log-every-n-steps steps.
+    rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s", text)]
+    if not rates:
+        return {"error": "ran, but its log holds no 'Batch (t): ..., N/s' line to read the speed from"}
+    return {"samples_per_s": _steady(rates), "process_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--member", default="tiny-S", help="member trained in comparison 1 (default tiny-S)")
+    p.add_argument("--teacher", default="tiny-XS", help="teacher of the link in comparison 2 (default tiny-XS)")
+    p.add_argument("--student", default="tiny-S", help="student of the link in comparison 2 (default tiny-S)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
+    p.add_argument("--log-every", type=int, default=4)
+    p.add_argument("--workers", type=int, default=1, help="data-loading workers, both trainers (default 1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per training process")
+    p.add_argument("--work-dir", help="keep the data and runs here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="compt-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    member = get_member(args.member)
+    num_samples = args.batch_size * max(4, min(args.steps, 16))
+    print(f"device {args.device}, member {args.member}, batch {args.batch_size}, {args.steps} steps per run, "
+          f"{args.workers} worker(s); data: {num_samples} rendered {member.image_size}px PNGs in {work}")  # fmt: skip
+    table = write_table(work / "data", num_samples, member.image_size)
+
+    # 1. compt vs OpenCLIP's trainer, one caption per image.
+    for name in ("compt_run", "teacher", "baseline", "link"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    compt = compt_run(args, work / "compt_run", ["--data", str(table), "--set", "data.num_captions=1"])
+    oc = open_clip_run(args, work, table)
+    print("\n1. compt train vs open_clip_train.main (same member, data, batch; 1 caption per image)")
+    print(f"   compt train        {compt['samples_per_s']:10.1f} samples/s")
+    if "error" in oc:
+        print(f"   open_clip_train    did not run: {oc['error']}")
+        print("   ratio compt/OpenCLIP: n/a (install pandas and webdataset==0.2.86 to run OpenCLIP's trainer)")
+    else:
+        print(f"   open_clip_train    {oc['samples_per_s']:10.1f} samples/s")
+        print(f"   ratio compt/OpenCLIP: {compt['samples_per_s'] / oc['samples_per_s']:.2f}x")
+
+    # 2. A chain link (teacher forward + IFD) vs individual training of the same student, M=4 captions.
+    link_args = argparse.Namespace(**{**vars(args), "member": args.teacher, "steps": 4})
+    compt_run(link_args, work / "teacher", ["--data", "synthetic", "--set", "data.num_samples=2048"])
+    student_args = argparse.Namespace(**{**vars(args), "member": args.student})
+    synthetic = ["--data", "synthetic", "--set", "data.num_samples=4096"]
+    baseline = compt_run(student_args, work / "baseline", synthetic)
+    link = compt_run(student_args, work / "link", [*synthetic, "--teacher", str(work / "teacher" / "final.pt")])
+    s, t = member_cost(args.student, 4), member_cost(args.teacher, 4)
+    bound = 1 + t.forward_macs / s.train_macs
+    measured = baseline["samples_per_s"] / link["samples_per_s"]
+    print(f"\n2. chain-link step vs individual step ({args.teacher} -> {args.student}, M=4 captions)")
+    print(f"   individual {args.student}   {baseline['samples_per_s']:10.1f} samples/s")
+    print(f"   link {args.teacher}->{args.student}  {link['samples_per_s']:10.1f} samples/s")
+    print(f"   distillation overhead: {measured:.2f}x measured vs {bound:.2f}x MAC bound "
+          f"(1 + teacher forward {t.forward_macs / 1e6:.2f} MMACs / student training {s.train_macs / 1e6:.2f} MMACs)")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
