@@ -50,7 +50,7 @@ COLOUR_RGB = {
     "brown": (0.50, 0.30, 0.12),
 }
 BACKGROUND_TONE = {"black": 0.07, "gray": 0.48, "white": 0.93}
-SIZE_RADIUS = {"small": 0.085, "medium": 0.125, "large": 0.175}  # fraction of the image side
+SIZE_RADIUS = {"small": 0.1, "medium": 0.14, "large": 0.185}  # fraction of the image side
 KNOWN_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "hexagon")
 KNOWN_TEXTURES = ("solid", "striped", "checkered")
 KNOWN_PATTERNS = ("plain", "noisy", "shaded")
@@ -76,7 +76,7 @@ class SyntheticSpec:
 
     shapes: tuple[str, ...] = KNOWN_SHAPES  # object shapes
     colours: tuple[str, ...] = tuple(COLOUR_RGB)  # object colours
-    sizes: tuple[str, ...] = tuple(SIZE_RADIUS)  # object sizes (radius 8.5/12.5/17.5% of the side)
+    sizes: tuple[str, ...] = tuple(SIZE_RADIUS)  # object sizes (radius 10/14/18.5% of the side)
     textures: tuple[str, ...] = KNOWN_TEXTURES  # object fills (medium and large objects only)
     backgrounds: tuple[str, ...] = tuple(BACKGROUND_TONE)  # background tones
     patterns: tuple[str, ...] = KNOWN_PATTERNS  # background patterns

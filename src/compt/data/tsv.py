@@ -14,6 +14,7 @@ records are parsed when loaded, so a 10M-row DreamLIP table costs 80 MB of offse
 
 from __future__ import annotations
 
+import array
 import csv
 import difflib
 import io
@@ -32,8 +33,10 @@ __all__ = ["TableDataset", "index_table"]
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long MLLM captions exceed the 128 KiB default
 
 
-def index_table(path: Path, separator: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Header, record start offsets (one extra: end of file) and a bool per record: has every column.
+def index_table(path: Path, separator: str, max_rows: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Header, record start offsets (one extra: the end) and a bool per record: has every column.
+
+    ``max_rows`` > 0 stops after that many data rows.
 
     csv.reader pulls one line at a time from the generator below, so when it returns a record the
     bytes consumed so far end exactly at that record, even for quoted fields spanning lines.
@@ -57,7 +60,8 @@ def index_table(path: Path, separator: str) -> tuple[list[str], np.ndarray, np.n
     if header and header[0].startswith("\ufeff"):  # a UTF-8 byte-order mark
         header[0] = header[0][1:]
     header = [h.strip() for h in header]
-    offsets, complete = [end], []
+    # array, not list: 10M Python ints would hold ~300 MB while indexing a DreamLIP table.
+    offsets, complete = array.array("q", [end]), array.array("b")
     try:
         for row in reader:
             if not row:  # blank line
@@ -65,9 +69,11 @@ def index_table(path: Path, separator: str) -> tuple[list[str], np.ndarray, np.n
                 continue
             complete.append(len(row) == len(header))
             offsets.append(end)
+            if len(complete) == max_rows:
+                break
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV after data row {len(complete)}: {e}") from None
-    return header, np.asarray(offsets, dtype=np.int64), np.asarray(complete, dtype=bool)
+    return header, np.frombuffer(offsets, dtype=np.int64), np.frombuffer(complete, dtype=np.int8).astype(bool)
 
 
 def _column(header: list[str], key: str, option: str, path: Path, separator: str) -> int:
@@ -100,7 +106,7 @@ class TableDataset:
         if not self.path.is_file():
             raise DataError(f"data.path {self.path} does not exist (expected a CSV/TSV table)")
         sep = cfg.csv_separator
-        header, self.offsets, self.complete = index_table(self.path, sep)
+        header, self.offsets, self.complete = index_table(self.path, sep, cfg.num_samples)
         if len(set(header)) != len(header):
             dup = sorted({h for h in header if header.count(h) > 1})
             raise DataError(f"{self.path}: duplicate column name(s) {dup} in the header")
@@ -111,7 +117,7 @@ class TableDataset:
         ]
         self.num_columns, self.separator = len(header), sep
         self.root = Path(cfg.image_root) if cfg.image_root else self.path.parent
-        self.count = len(self.complete) if not cfg.num_samples else min(cfg.num_samples, len(self.complete))
+        self.count = len(self.complete)
         if self.count == 0:
             raise DataError(f"{self.path}: the table has a header but no data rows")
         self.image_size, self.augment, self.tokenize = image_size, cfg.augment, tokenize
