@@ -190,6 +190,8 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="csv_separator"):
         DataConfig(csv_separator="ab")
     assert DataConfig(csv_separator="tab").csv_separator == "\t"
+    assert DataConfig(csv_extra_caption_keys=["a", "b"]).csv_extra_caption_keys == ("a", "b")
+    assert DataConfig(wds_caption_keys="a, b").wds_caption_keys == ("a", "b")
     with pytest.raises(ValueError, match="synthetic.colours"):
         SyntheticSpec(colours=("red", "mauve"))
     with pytest.raises(DataError, match="fewer than one global batch"):

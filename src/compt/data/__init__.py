@@ -21,7 +21,9 @@ iterable of ``(images [B,3,H,W], texts [B,M,L])`` batches the trainer consumes.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -116,7 +118,8 @@ class DataConfig:
         for name in ("csv_extra_caption_keys", "wds_caption_keys"):
             value = getattr(self, name)
             if isinstance(value, str):  # a single column given as a string
-                object.__setattr__(self, name, tuple(v.strip() for v in value.split(",") if v.strip()))
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            object.__setattr__(self, name, tuple(value))  # a tuple keeps the config hashable
 
 
 # --- registry --------------------------------------------------------------------------------------
@@ -142,13 +145,38 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_BUILT: dict[tuple, MapDataset | StreamDataset] = {}  # the last few datasets built, newest last
+_BUILT_LIMIT = 4
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size) if stat.S_ISREG(st.st_mode) else None
+
+
 def build_dataset(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset | StreamDataset:
-    """The dataset of ``cfg.kind`` (unknown kinds raise with the closest registered name)."""
+    """The dataset of ``cfg.kind`` (unknown kinds raise with the closest registered name).
+
+    A trainer builds a loader per epoch (and on resume); the dataset behind it is built once per
+    (config, sizes) and reused while its file is unchanged, so a large table is indexed only once.
+    """
     if cfg.kind not in _REGISTRY:
         close = difflib.get_close_matches(cfg.kind, list_datasets(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(f"unknown data.kind {cfg.kind!r}{hint}; registered: {', '.join(list_datasets())}")
-    return _REGISTRY[cfg.kind](cfg, image_size=image_size, context_length=context_length)
+    stamp = _file_stamp(cfg.path) if cfg.path else ()
+    key = (cfg, image_size, context_length, stamp)
+    if stamp is not None and key in _BUILT:
+        return _BUILT[key]
+    dataset = _REGISTRY[cfg.kind](cfg, image_size=image_size, context_length=context_length)
+    if stamp is not None:  # a single file or no file: safe to reuse (shard patterns are cheap anyway)
+        _BUILT[key] = dataset
+        while len(_BUILT) > _BUILT_LIMIT:
+            del _BUILT[next(iter(_BUILT))]
+    return dataset
 
 
 # --- tokenizer -------------------------------------------------------------------------------------

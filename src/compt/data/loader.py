@@ -24,6 +24,7 @@ skipped in the epoch.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class Loader:
         self.max_skips = max_skips
         self.source = source
         self.skips: dict[str, int] = {}
+        self._logged_at = time.monotonic()
 
     def __len__(self) -> int:
         return self.steps
@@ -170,9 +172,25 @@ class Loader:
                 f"or raise data.max_skips."
             )
 
-    def _finish(self) -> None:
-        if self.skips:
-            log.warning("%s: %s", self.source, format_skips(self.skips))
+    def _deliver(self, batches) -> Iterator[Sample]:
+        """Count each batch's skips; log the ``skipped N: ...`` line before the epoch's last batch.
+
+        The summary goes out *before* the last batch is yielded because a trainer takes exactly
+        ``len(loader)`` batches and never resumes the generator to see it end; it is also logged
+        at most once a minute while skips accumulate, so a long epoch reports as it goes.
+        """
+        step = self.start_step
+        for images, texts, bad in batches:
+            before = sum(self.skips.values())
+            self._count(bad)
+            step += 1
+            now = time.monotonic()
+            if self.skips and (
+                step == self.steps or (sum(self.skips.values()) > before and now - self._logged_at > 60)
+            ):
+                self._logged_at = now
+                log.warning("%s: %s", self.source, format_skips(self.skips))
+            yield images, texts
 
     def __iter__(self) -> Iterator[Sample]:
         raise NotImplementedError
@@ -267,10 +285,7 @@ class MapLoader(Loader):
             )
         else:
             it = (self.batches[s] for s in steps)
-        for images, texts, bad in it:
-            self._count(bad)
-            yield images, texts
-        self._finish()
+        yield from self._deliver(it)
 
 
 def _identity(x):

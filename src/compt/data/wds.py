@@ -270,7 +270,4 @@ class StreamLoader(Loader):
             it = iter(torch.utils.data.DataLoader(self.streams, batch_size=None, num_workers=self.workers))
         else:
             it = iter(self.streams)
-        for images, texts, bad in it:
-            self._count(bad)
-            yield images, texts
-        self._finish()
+        yield from self._deliver(it)
