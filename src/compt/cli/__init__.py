@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from compt.checkpoint import CheckpointError
+
 # Order is the order shown by `compt --help`.
 _COMMANDS = ["plan", "grow", "train", "chain", "eval", "report", "export", "reproduce", "demo"]
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
         # User errors: one clear line, no traceback (set COMPT_DEBUG=1 for the traceback).
         import os
 
