@@ -258,3 +258,19 @@ def test_resume_refuses_a_folder_of_another_run(tmp_path):
         train_member(replace(cfg, eval_every_steps=2), evaluate=stop_at_2)
     with pytest.raises(ValueError, match="different run: train.global_batch_size"):
         train_member(replace(cfg, global_batch_size=8))
+
+
+def test_cli_builds_the_config_from_yaml_flags_and_set(tmp_path):
+    from compt.cli import build_parser
+    from compt.cli.train import build_config
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("member: tiny-S\nlr: 5.0e-4\nalpha: 500\ndata: {kind: synthetic, num_samples: 5000}\n")
+    args = build_parser().parse_args(["train", "--config", str(yaml_file), "--member", "tiny-M", "--alpha", "auto",
+                                      "--set", "data.num_captions=2", "--set", "grad_clip=1.0"])  # fmt: skip
+    cfg = build_config(args)
+    assert (cfg.member, cfg.lr, cfg.alpha, cfg.grad_clip) == ("tiny-M", 5e-4, "auto", 1.0)  # flags beat YAML
+    assert (cfg.data.kind, cfg.data.num_samples, cfg.data.num_captions) == ("synthetic", 5000, 2)
+    assert cfg.out_dir == str(Path("runs") / "tiny-M")
+    with pytest.raises(ValueError, match="did you mean 'lr'"):
+        build_config(build_parser().parse_args(["train", "--member", "tiny-S", "--set", "lrr=1"]))

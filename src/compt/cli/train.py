@@ -1,9 +1,11 @@
 """``compt train``: train one member, individually or as a chain link (paper §3.1-3.2, App. B.1).
 
-    compt train --member tiny-S --data synthetic --epochs 2 --batch-size 256 --out runs/tiny-S
-    compt train --member tiny-M --data synthetic --epochs 1 --batch-size 256 --out runs/tiny-M \\
-        --teacher runs/tiny-S/final.pt --alpha auto
-    torchrun --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.tsv --epochs 128
+    compt train --member tiny-S --data synthetic --set data.num_samples=10000 --epochs 2 \\
+        --batch-size 256 --out runs/tiny-S
+    compt train --member tiny-M --data synthetic --set data.num_samples=10000 --epochs 1 \\
+        --batch-size 256 --out runs/tiny-M --teacher runs/tiny-S/final.pt --alpha auto
+    torchrun --standalone --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.tsv \\
+        --epochs 128 --set data.workers=8
 
 ``--data`` is a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
 (``'shards/{00000..00331}.tar'``). Every TrainConfig field can also come from ``--config run.yaml``
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +126,7 @@ def build_config(args: argparse.Namespace):
     if not raw.get("member"):
         raise ConfigError("say which member to train: --member NAME (e.g. tiny-S, ViT-B/16)")
     raw.setdefault("out_dir", str(Path("runs") / str(raw["member"]).replace("/", "-")))
-    return from_dict(TrainConfig, raw, where=args.config or "compt train")
+    return from_dict(TrainConfig, raw, where=args.config or "arguments")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
 
         member = get_member(cfg.member, cfg.family)
         evaluate = build_evaluator(member.image_size, member.context_length)
-        from dataclasses import replace
-
         cfg = replace(cfg, eval_every_steps=args.eval_every)
     try:
         result = train_member(cfg, evaluate=evaluate)
