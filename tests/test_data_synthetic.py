@@ -20,7 +20,8 @@ from compt.data import (
     tokenizer,
 )
 from compt.data.loader import Skip, sample_rng
-from compt.data.synthetic import SyntheticDataset, all_captions, describe, sample_scene, scene_rng
+from compt.data.scene_captions import all_captions, describe
+from compt.data.synthetic import SyntheticDataset, sample_scene, scene_rng
 
 SMALL = DataConfig(num_samples=96, seed=3)
 

@@ -15,12 +15,12 @@ from compt.data.evalsets import (
     RetrievalSet,
     ZeroShotTask,
     _force_relation,
-    _relation,
     embedded_eval_sets,
     export_imagefolder,
     imagefolder_task,
 )
 from compt.data.loader import sample_rng
+from compt.data.scene_captions import relation
 from compt.data.synthetic import SyntheticSpec, sample_scene, scene_rng
 
 
@@ -61,7 +61,7 @@ def test_relation_scenes_match_their_class():
         for want in ("to the left of", "above"):
             scene = sample_scene(scene_rng(0, 7, i), spec, "pair", objects=[(None, "circle"), (None, "star")])
             a, b = _force_relation(scene, want).objects
-            assert _relation(a, b)[0] == want
+            assert relation(a, b)[0] == want
 
 
 def test_sets_are_deterministic_seeded_and_held_out(small_sets):

@@ -30,15 +30,8 @@ from PIL import Image
 
 from compt.data.images import MEAN, STD, ImageError, eval_transform, open_image
 from compt.data.loader import DataError
-from compt.data.synthetic import (
-    Scene,
-    SyntheticSpec,
-    _relation,
-    all_captions,
-    render_tensor,
-    sample_scene,
-    scene_rng,
-)
+from compt.data.scene_captions import NUMBER, all_captions, relation
+from compt.data.synthetic import Scene, SyntheticSpec, render_tensor, sample_scene, scene_rng
 
 __all__ = [
     "ZeroShotTask",
@@ -155,9 +148,7 @@ def _colour(spec: SyntheticSpec, image_size: int, seed: int, n: int) -> ZeroShot
 
 @_task("count")
 def _count(spec: SyntheticSpec, image_size: int, seed: int, n: int) -> ZeroShotTask:
-    from compt.data.synthetic import _NUMBER
-
-    names = ["one shape"] + [f"{_NUMBER[c]} shapes" for c in range(2, spec.max_count + 1)]
+    names = ["one shape"] + [f"{NUMBER[c]} shapes" for c in range(2, spec.max_count + 1)]
 
     def make(rng, name):
         c = names.index(name) + 1
@@ -201,11 +192,11 @@ def _binding(spec: SyntheticSpec, image_size: int, seed: int, n: int, k: int = 4
 def _force_relation(scene: Scene, want: str) -> Scene:
     """Move the pair so that object 0 is ``want`` ('to the left of' / 'above') object 1."""
     a, b = scene.objects
-    vertical = _relation(a, b)[0] in ("above", "below")
+    vertical = relation(a, b)[0] in ("above", "below")
     if vertical != (want == "above"):
         for o in (a, b):  # transposing the layout turns left/right into above/below
             o.positions = [(y, x) for x, y in o.positions]
-    if _relation(a, b)[0] != want:
+    if relation(a, b)[0] != want:
         a.positions, b.positions = b.positions, a.positions
     return scene
 
