@@ -74,10 +74,34 @@ def _steady(rates: list[float]) -> float:
 
 
 def compt_run(args, out: Path, data: list[str], extra: list[str] = ()) -> dict:
-    cmd = [sys.executable, "-m", "compt", "train", "--member", args.member, *data, "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--lr", "1e-3", "--warmup-steps", "10", "--log-every",
-           str(args.log_every), "--save-every", "0", "--device", args.device, "--out", str(out),
-           "--set", f"data.workers={args.workers}", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "compt",
+        "train",
+        "--member",
+        args.member,
+        *data,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "10",
+        "--log-every",
+        str(args.log_every),
+        "--save-every",
+        "0",
+        "--device",
+        args.device,
+        "--out",
+        str(out),
+        "--set",
+        f"data.workers={args.workers}",
+        *extra,
+    ]
     code, wall, log = _run(cmd, out.parent, args.timeout)
     if code != 0:
         raise SystemExit(f"compt train failed ({code}):\n{log[-3000:]}")
@@ -91,21 +115,68 @@ def open_clip_run(args, work: Path, table: Path) -> dict:
     model_dir = work / "open_clip_model"
     model_dir.mkdir(exist_ok=True)
     member = get_member(args.member)
-    (model_dir / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": member.open_clip_config(), "preprocess_cfg": default_preprocess_cfg(member.image_size)}))
+    (model_dir / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": member.open_clip_config(),
+                "preprocess_cfg": default_preprocess_cfg(member.image_size),
+            }
+        )
+    )
     cuda = args.device.startswith("cuda")
     steps_per_epoch = max(1, (sum(1 for _ in open(table)) - 1) // args.batch_size)
     epochs = max(1, -(-args.steps // steps_per_epoch))
     logs = work / "open_clip_logs"
     shutil.rmtree(logs, ignore_errors=True)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{model_dir}",
-           "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", "\t",
-           "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", str(args.batch_size),
-           "--epochs", str(epochs), "--lr", "1e-3", "--wd", "0.1", "--warmup", "10", "--workers", str(args.workers),
-           "--precision", "amp_bf16" if cuda else "fp32", "--device", "cuda" if cuda else "cpu",
-           "--logs", str(logs), "--name", "bench", "--save-frequency", "0", "--zeroshot-frequency", "0",
-           "--val-frequency", "0", "--log-every-n-steps", str(args.log_every), "--report-to", "",
-           "--seed", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--model",
+        f"local-dir:{model_dir}",
+        "--train-data",
+        str(table),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        "\t",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "1e-3",
+        "--wd",
+        "0.1",
+        "--warmup",
+        "10",
+        "--workers",
+        str(args.workers),
+        "--precision",
+        "amp_bf16" if cuda else "fp32",
+        "--device",
+        "cuda" if cuda else "cpu",
+        "--logs",
+        str(logs),
+        "--name",
+        "bench",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--log-every-n-steps",
+        str(args.log_every),
+        "--report-to",
+        "",
+        "--seed",
+        "0",
+    ]
     code, wall, log = _run(cmd, work, args.timeout)
     if code != 0:
         last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
@@ -121,7 +192,9 @@ def open_clip_run(args, work: Path, table: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--member", default="tiny-S", help="member trained in comparison 1 (default tiny-S)")
-    p.add_argument("--teacher", default="tiny-XS", help="teacher of the link in comparison 2 (default tiny-XS)")
+    p.add_argument(
+        "--teacher", default="tiny-XS", help="teacher of the link in comparison 2 (default tiny-XS)"
+    )
     p.add_argument("--student", default="tiny-S", help="student of the link in comparison 2 (default tiny-S)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
@@ -139,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     member = get_member(args.member)
     num_samples = args.batch_size * max(4, min(args.steps, 16))
-    print(f"device {args.device}, member {args.member}, batch {args.batch_size}, {args.steps} steps per run, "
-          f"{args.workers} worker(s); data: {num_samples} rendered {member.image_size}px PNGs in {work}")  # fmt: skip
+    print(
+        f"device {args.device}, member {args.member}, batch {args.batch_size}, {args.steps} steps per run, "
+        f"{args.workers} worker(s); data: {num_samples} rendered {member.image_size}px PNGs in {work}"
+    )
     table = write_table(work / "data", num_samples, member.image_size)
 
     # 1. compt vs OpenCLIP's trainer, one caption per image.
@@ -152,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   compt train        {compt['samples_per_s']:10.1f} samples/s")
     if "error" in oc:
         print(f"   open_clip_train    did not run: {oc['error']}")
-        print("   ratio compt/OpenCLIP: n/a (install pandas and webdataset==0.2.86 to run OpenCLIP's trainer)")
+        print(
+            "   ratio compt/OpenCLIP: n/a (install pandas and webdataset==0.2.86 to run OpenCLIP's trainer)"
+        )
     else:
         print(f"   open_clip_train    {oc['samples_per_s']:10.1f} samples/s")
         print(f"   ratio compt/OpenCLIP: {compt['samples_per_s'] / oc['samples_per_s']:.2f}x")
@@ -163,15 +240,20 @@ def main(argv: list[str] | None = None) -> int:
     student_args = argparse.Namespace(**{**vars(args), "member": args.student})
     synthetic = ["--data", "synthetic", "--set", "data.num_samples=4096"]
     baseline = compt_run(student_args, work / "baseline", synthetic)
-    link = compt_run(student_args, work / "link", [*synthetic, "--teacher", str(work / "teacher" / "final.pt")])
+    link = compt_run(
+        student_args, work / "link", [*synthetic, "--teacher", str(work / "teacher" / "final.pt")]
+    )
     s, t = member_cost(args.student, 4), member_cost(args.teacher, 4)
     bound = 1 + t.forward_macs / s.train_macs
     measured = baseline["samples_per_s"] / link["samples_per_s"]
     print(f"\n2. chain-link step vs individual step ({args.teacher} -> {args.student}, M=4 captions)")
     print(f"   individual {args.student}   {baseline['samples_per_s']:10.1f} samples/s")
     print(f"   link {args.teacher}->{args.student}  {link['samples_per_s']:10.1f} samples/s")
-    print(f"   distillation overhead: {measured:.2f}x measured vs {bound:.2f}x MAC bound "
-          f"(1 + teacher forward {t.forward_macs / 1e6:.2f} MMACs / student training {s.train_macs / 1e6:.2f} MMACs)")
+    print(
+        f"   distillation overhead: {measured:.2f}x measured vs {bound:.2f}x MAC bound "
+        f"(1 + teacher forward {t.forward_macs / 1e6:.2f} MMACs"
+        f" / student training {s.train_macs / 1e6:.2f} MMACs)"
+    )
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

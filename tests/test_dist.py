@@ -31,17 +31,51 @@ def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.Complete
 
 def _train_args(out: Path, teacher: Path) -> list[str]:
     return [
-        "--member", "debug-L", "--teacher", str(teacher), "--alpha", "auto", "--data", "synthetic",
-        "--set", "data.num_samples=64", "--steps", "5", "--batch-size", "8", "--log-every", "1",
-        "--device", "cpu", "--out", str(out), "--save-every", "0", "--seed", "3",
-    ]  # fmt: skip
+        "--member",
+        "debug-L",
+        "--teacher",
+        str(teacher),
+        "--alpha",
+        "auto",
+        "--data",
+        "synthetic",
+        "--set",
+        "data.num_samples=64",
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--save-every",
+        "0",
+        "--seed",
+        "3",
+    ]
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     # A link exercises everything that crosses ranks: gathered features for L_task, per-rank L_IFD,
     # the auto alpha (averaged distance) and the projection's gradients.
-    teacher_args = ["train", "--member", "debug-S", "--data", "synthetic", "--set", "data.num_samples=64",
-                    "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "teacher")]  # fmt: skip
+    teacher_args = [
+        "train",
+        "--member",
+        "debug-S",
+        "--data",
+        "synthetic",
+        "--set",
+        "data.num_samples=64",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "teacher"),
+    ]
     assert cli_main(teacher_args) == 0
     teacher = tmp_path / "teacher" / "final.pt"
     assert cli_main(["train", *_train_args(tmp_path / "one", teacher)]) == 0
@@ -50,7 +84,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     one = read_metrics(tmp_path / "one" / "metrics.jsonl", "train")
     two = read_metrics(tmp_path / "two" / "metrics.jsonl", "train")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         for key in ("loss_task", "loss_ifd", "loss", "alpha", "logit_scale"):
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key)
     start = read_metrics(tmp_path / "two" / "metrics.jsonl", "start")[0]

@@ -84,8 +84,9 @@ def test_perfectly_aligned_features_give_a_small_loss():
     image = torch.eye(6)
     text = torch.eye(6)[:, None, :].repeat(1, 4, 1)
     aligned = multi_caption_clip_loss(image, text, torch.tensor(100.0))
-    shuffled = multi_caption_clip_loss(image, text[torch.randperm(6, generator=torch.Generator().manual_seed(0))],
-                                       torch.tensor(100.0))  # fmt: skip
+    shuffled = multi_caption_clip_loss(
+        image, text[torch.randperm(6, generator=torch.Generator().manual_seed(0))], torch.tensor(100.0)
+    )
     assert aligned.item() < 1e-6 < shuffled.item()
 
 

@@ -28,8 +28,16 @@ DATA = DataConfig(kind="synthetic", num_samples=64)  # 4 steps per epoch at a gl
 
 
 def config(out: Path, **kw) -> TrainConfig:
-    base = dict(member="debug-S", data=DATA, out_dir=str(out), steps=6, global_batch_size=16, log_every_steps=1,
-                save_every_steps=0, lr=1e-3)  # fmt: skip
+    base = dict(
+        member="debug-S",
+        data=DATA,
+        out_dir=str(out),
+        steps=6,
+        global_batch_size=16,
+        log_every_steps=1,
+        save_every_steps=0,
+        lr=1e-3,
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -95,8 +103,14 @@ def test_weight_decay_skips_norms_biases_embeddings_and_logit_scale():
     names = {id(p): n for n, p in model.named_parameters()}
     skipped = {names[id(p)] for p in no_decay["params"]}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert {"logit_scale", "positional_embedding", "token_embedding.weight", "visual.class_embedding",
-            "visual.ln_pre.weight", "ln_final.bias"} <= skipped  # fmt: skip
+    assert {
+        "logit_scale",
+        "positional_embedding",
+        "token_embedding.weight",
+        "visual.class_embedding",
+        "visual.ln_pre.weight",
+        "ln_final.bias",
+    } <= skipped
     assert {"visual.conv1.weight", "text_projection", "visual.proj"} <= decayed
     assert all("bias" not in n and "ln_" not in n for n in decayed)
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
@@ -111,7 +125,7 @@ def test_cosine_schedule_warms_up_linearly_then_decays_per_step():
     assert s.lr_at(55) == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway through the decay
     assert s.lr_at(100) == pytest.approx(1e-4)
     lrs = [s.lr_at(i) for i in range(10, 101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 # --- a baseline run ------------------------------------------------------------------------------
@@ -131,8 +145,24 @@ def test_baseline_run_counts_costs_checkpoints_and_finishes_once(tmp_path):
     assert train[-1]["epoch"] == 1  # 4 steps per epoch: the run went into its second epoch
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_2.pt", "step_4.pt"]  # keep_last=2
     ckpt = load_checkpoint(tmp_path / "step_4.pt")
-    assert {"model", "model_cfg", "member", "optimizer", "scheduler", "scaler", "rng", "step", "epoch",
-            "step_in_epoch", "samples_seen", "train_macs", "wall_s", "config", "distill", "teacher"} <= set(ckpt)
+    assert {
+        "model",
+        "model_cfg",
+        "member",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "step",
+        "epoch",
+        "step_in_epoch",
+        "samples_seen",
+        "train_macs",
+        "wall_s",
+        "config",
+        "distill",
+        "teacher",
+    } <= set(ckpt)
     assert ckpt["step"] == 4 and ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0
     final = load_checkpoint(result.final_checkpoint)
     assert final["steps"] == 6 and final["train_macs"] == result.train_macs and final["teacher"] is None
@@ -155,7 +185,10 @@ def _run_interrupted(cfg: TrainConfig, at_step: int):
     with pytest.raises(TrainingInterrupted) as stopped:
         train_member(cfg, evaluate=evaluate)
     assert stopped.value.code == 143 and stopped.value.checkpoint.name == f"step_{at_step}.pt"
-    assert latest_checkpoint(cfg.out_dir).name == f"step_{at_step}.pt" and not (Path(cfg.out_dir) / "final.pt").exists()
+    assert (
+        latest_checkpoint(cfg.out_dir).name == f"step_{at_step}.pt"
+        and not (Path(cfg.out_dir) / "final.pt").exists()
+    )
     return train_member(cfg, evaluate=evaluate)
 
 
@@ -164,14 +197,22 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, teacher_ckpt, link):
     kw = dict(deterministic=True, eval_every_steps=3, save_every_steps=2)
     if link:
         kw |= dict(member="debug-L", teacher=str(teacher_ckpt), alpha="auto")
-    full = train_member(config(tmp_path / "full", **kw), evaluate=lambda model, step: {"step_seen": float(step)})
+    full = train_member(
+        config(tmp_path / "full", **kw), evaluate=lambda model, step: {"step_seen": float(step)}
+    )
     resumed = _run_interrupted(config(tmp_path / "resumed", **kw), at_step=3)  # step 3: mid-epoch 0
     a, b = load_checkpoint(full.final_checkpoint)["model"], load_checkpoint(resumed.final_checkpoint)["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    assert (resumed.steps, resumed.samples_seen, resumed.train_macs) == (full.steps, full.samples_seen, full.train_macs)
-    losses = [[r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl", "train")] for run in (
-        tmp_path / "full", tmp_path / "resumed")]  # fmt: skip
+    assert (resumed.steps, resumed.samples_seen, resumed.train_macs) == (
+        full.steps,
+        full.samples_seen,
+        full.train_macs,
+    )
+    losses = [
+        [r["loss"] for r in read_metrics(Path(run) / "metrics.jsonl", "train")]
+        for run in (tmp_path / "full", tmp_path / "resumed")
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 6  # metrics.jsonl reads like one uninterrupted run
 
 
@@ -205,7 +246,9 @@ def test_link_grows_from_the_teacher_and_distills(tmp_path, teacher_ckpt):
     assert record["loss"] == pytest.approx(record["loss_task"] + record["loss_ifd"])
     assert record["ifd_ratio"] == pytest.approx(record["loss_ifd"] / record["loss_task"])
     s, t = member_cost("debug-L", 4), member_cost("debug-S", 4)
-    assert result.train_macs == 16 * (s.train_macs + t.forward_macs) + s.update_macs  # teacher forward counted
+    assert (
+        result.train_macs == 16 * (s.train_macs + t.forward_macs) + s.update_macs
+    )  # teacher forward counted
 
 
 def test_link_with_a_wider_embedding_trains_the_projection(tmp_path):
@@ -215,19 +258,32 @@ def test_link_with_a_wider_embedding_trains_the_projection(tmp_path):
         + "".join(
             f"  - name: emb-{n}\n    embed_dim: {e}\n"
             f"    vision_cfg: {{image_size: 16, patch_size: 4, width: {w}, layers: 1, head_width: 16}}\n"
-            f"    text_cfg: {{context_length: 16, vocab_size: 49408, width: {w}, heads: {w // 16}, layers: 1}}\n"
+            f"    text_cfg: {{context_length: 16, vocab_size: 49408, width: {w}, heads: {w // 16}, "
+            "layers: 1}\n"
             for n, w, e in (("S", 16, 16), ("L", 32, 32))
         )
     )
-    teacher = train_member(config(tmp_path / "s", member="emb-S", family=str(family), steps=2)).final_checkpoint
-    cfg = config(tmp_path / "l", member="emb-L", family=str(family), teacher=str(teacher), steps=4,
-                 save_every_steps=3, lr=1e-2)  # fmt: skip
+    teacher = train_member(
+        config(tmp_path / "s", member="emb-S", family=str(family), steps=2)
+    ).final_checkpoint
+    cfg = config(
+        tmp_path / "l",
+        member="emb-L",
+        family=str(family),
+        teacher=str(teacher),
+        steps=4,
+        save_every_steps=3,
+        lr=1e-2,
+    )
     train_member(cfg)
     ckpt = load_checkpoint(tmp_path / "l" / "step_3.pt")
     proj = ckpt["distill"]["projection"]
     assert proj["weight"].shape == (16, 32)  # T maps the student's 32 dims to the teacher's 16
     assert not torch.equal(proj["weight"], torch.eye(16, 32))  # it was in the optimizer and learned
-    assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in get_member("emb-L", str(family)).create().parameters()) + 2
+    assert (
+        len(ckpt["optimizer"]["state"])
+        == sum(1 for _ in get_member("emb-L", str(family)).create().parameters()) + 2
+    )
 
 
 def test_should_stop_ends_the_link_early(tmp_path):
@@ -238,8 +294,9 @@ def test_should_stop_ends_the_link_early(tmp_path):
         seen.append(step)
         return {"score": float(step)}
 
-    result = train_member(config(tmp_path, eval_every_steps=2), evaluate=evaluate,
-                          should_stop=lambda m: m["score"] >= 4)  # fmt: skip
+    result = train_member(
+        config(tmp_path, eval_every_steps=2), evaluate=evaluate, should_stop=lambda m: m["score"] >= 4
+    )
     assert seen == [2, 4] and result.steps == 4 and result.metrics == {"score": 4.0}
     assert load_checkpoint(result.final_checkpoint)["metrics"] == {"score": 4.0}
     evals = read_metrics(tmp_path / "metrics.jsonl", "eval")
@@ -265,12 +322,39 @@ def test_cli_builds_the_config_from_yaml_flags_and_set(tmp_path):
     from compt.cli.train import build_config
 
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("member: tiny-S\nlr: 5.0e-4\nalpha: 500\ndata: {kind: synthetic, num_samples: 5000}\n")
-    args = build_parser().parse_args(["train", "--config", str(yaml_file), "--member", "tiny-M", "--alpha", "auto",
-                                      "--set", "data.num_captions=2", "--set", "grad_clip=1.0"])  # fmt: skip
+    yaml_file.write_text(
+        "member: tiny-S\nlr: 5.0e-4\nalpha: 500\ndata: {kind: synthetic, num_samples: 5000}\n"
+    )
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(yaml_file),
+            "--member",
+            "tiny-M",
+            "--alpha",
+            "auto",
+            "--set",
+            "data.num_captions=2",
+            "--set",
+            "grad_clip=1.0",
+        ]
+    )
     cfg = build_config(args)
     assert (cfg.member, cfg.lr, cfg.alpha, cfg.grad_clip) == ("tiny-M", 5e-4, "auto", 1.0)  # flags beat YAML
     assert (cfg.data.kind, cfg.data.num_samples, cfg.data.num_captions) == ("synthetic", 5000, 2)
     assert cfg.out_dir == str(Path("runs") / "tiny-M")
     with pytest.raises(ValueError, match="did you mean 'lr'"):
         build_config(build_parser().parse_args(["train", "--member", "tiny-S", "--set", "lrr=1"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_mixed_precision_link(tmp_path, teacher_ckpt, precision):
+    cfg = config(tmp_path, member="debug-L", teacher=str(teacher_ckpt), device="cuda", precision=precision)
+    result = train_member(cfg)
+    train = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert all(math.isfinite(r["loss"]) for r in train) and result.steps == 6
+    start = read_metrics(tmp_path / "metrics.jsonl", "start")[0]
+    assert start["device"].startswith("cuda") and precision[-2:] in start["precision"]

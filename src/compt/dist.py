@@ -61,7 +61,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer (set by torchrun)") from None
+        raise ValueError(
+            f"environment variable {name}={value!r} must be an integer (set by torchrun)"
+        ) from None
 
 
 def _pick_device(device: str | None, local_rank: int) -> torch.device:
@@ -87,12 +89,17 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     caller) reuses it and leaves its teardown to the caller.
     """
     world = _env_int("WORLD_SIZE", 1)
-    rank_ = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if torch_dist.is_available() and torch_dist.is_initialized():
         dev = _pick_device(device, local_rank)
-        return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), dev,
-                        torch_dist.get_backend(), owns_group=False)
+        return DistInfo(
+            torch_dist.get_rank(),
+            local_rank,
+            torch_dist.get_world_size(),
+            dev,
+            torch_dist.get_backend(),
+            owns_group=False,
+        )
     dev = _pick_device(device, local_rank)
     if world <= 1:
         return DistInfo(0, 0, 1, dev, None, owns_group=False)
@@ -100,13 +107,17 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
-            raise ValueError(f"WORLD_SIZE={world} but {key} is not set; launch with torchrun (see docs/train.md)")
+            raise ValueError(
+                f"WORLD_SIZE={world} but {key} is not set; launch with torchrun (see docs/train.md)"
+            )
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if dev.type == "cuda":
         kwargs["device_id"] = dev  # binds NCCL to this GPU up front (no guessing in the first barrier)
     torch_dist.init_process_group(**kwargs)
-    return DistInfo(torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), dev, backend, owns_group=True)
+    return DistInfo(
+        torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), dev, backend, owns_group=True
+    )
 
 
 def teardown(info: DistInfo | None = None) -> None:

@@ -26,6 +26,7 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with::
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,11 +34,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from compt import dist
+from compt.checkpoint import model_from_checkpoint
+from compt.families import Member, get_member
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_RATIO", "make_projection", "feature_mse", "AutoAlpha", "Distiller"]
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_RATIO",
+    "load_teacher",
+    "make_projection",
+    "feature_mse",
+    "AutoAlpha",
+    "Distiller",
+]
 
 DEFAULT_ALPHA = 500.0  # App. B.1: alpha = 500 for all experiments
 DEFAULT_RATIO = 0.1  # App. D.2: L_IFD ~ 10% of L_task is the optimum
+
+
+def load_teacher(path: str | Path, student: Member) -> tuple[nn.Module, dict[str, Any], Member]:
+    """The teacher of a chain link from its checkpoint: ``(model, payload, member)``.
+
+    The member is the registered one when its config matches the checkpoint, else one built from the
+    checkpoint's ``model_cfg`` (a custom family). Teacher and student must read the same batch, so
+    their image size and context length must match.
+    """
+    model, payload = model_from_checkpoint(path)
+    member = Member(name=str(payload["member"]), family="checkpoint", model_cfg=payload["model_cfg"])
+    try:
+        registered = get_member(member.name)
+        if registered.model_cfg == member.model_cfg:
+            member = registered
+    except KeyError:
+        pass
+    for what in ("image_size", "context_length"):
+        if getattr(member, what) != getattr(student, what):
+            raise ValueError(
+                f"teacher {path} ({member.name}) has {what} {getattr(member, what)} but the student "
+                f"{student.name} has {getattr(student, what)}; a link feeds both the same batch, so they "
+                "must match"
+            )
+    return model, payload, member
 
 
 def make_projection(student_dim: int, teacher_dim: int) -> nn.Module:
@@ -140,7 +176,9 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def teacher_features(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_features(
+        self, images: torch.Tensor, texts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher embeddings of the student's batch: images ``[B, D_t]`` and texts ``[B, M, D_t]``.
 
         Call it inside the student's autocast context so both run at the same precision.
@@ -170,12 +208,18 @@ class Distiller:
             alpha = self.auto(task_loss, distance)
         else:
             alpha = torch.tensor(self.alpha, device=distance.device)
-        return {"loss": alpha * distance, "mse_image": mse_image.detach(), "mse_text": mse_text.detach(),
-                "alpha": alpha.detach()}
+        return {
+            "loss": alpha * distance,
+            "mse_image": mse_image.detach(),
+            "mse_text": mse_text.detach(),
+            "alpha": alpha.detach(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": "auto" if self.auto is not None else self.alpha,
-                "auto_alpha": None if self.auto is None else self.auto.state_dict()}
+        return {
+            "alpha": "auto" if self.auto is not None else self.alpha,
+            "auto_alpha": None if self.auto is None else self.auto.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.auto is not None and state.get("auto_alpha") is not None:

@@ -31,7 +31,9 @@ from compt import dist
 __all__ = ["clip_loss", "multi_caption_clip_loss"]
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """The symmetric CLIP InfoNCE loss of N image/text pairs (row i of each is a positive pair).
 
     ``image_features``/``text_features``: ``[N, D]``, already L2-normalized; ``logit_scale``: the

@@ -44,8 +44,19 @@ __all__ = [
 ]
 
 # TrainConfig fields that define the run: resuming with other values would silently train another model.
-SAME_RUN_FIELDS = ("member", "family", "teacher", "data", "global_batch_size", "accum_steps", "epochs", "steps",
-                   "seed", "width", "depth")
+SAME_RUN_FIELDS = (
+    "member",
+    "family",
+    "teacher",
+    "data",
+    "global_batch_size",
+    "accum_steps",
+    "epochs",
+    "steps",
+    "seed",
+    "width",
+    "depth",
+)
 # Fields that may change between an interruption and its resume without a warning.
 _FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
 _DATA_FREE_FIELDS = ("workers",)
@@ -93,8 +104,11 @@ def restore_rng(states: list[dict[str, Any]], rank: int, device: torch.device, f
 
 def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path) -> None:
     """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes."""
+
     def strip(data: Any) -> Any:
-        return {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
+        return (
+            {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
+        )
 
     for key in SAME_RUN_FIELDS:
         a, b = now.get(key), saved.get(key)
@@ -105,7 +119,9 @@ def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path)
                 f"{path} belongs to a different run: train.{key} is {b!r} there but {a!r} now. Use a new "
                 f"out_dir for the new settings, or the old settings to resume."
             )
-    changed = [k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)]
+    changed = [
+        k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)
+    ]
     if changed:
         warnings.warn(
             f"resuming {path} with changed settings: "
@@ -130,17 +146,22 @@ class DataStream:
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"one epoch of data.kind={cfg.data.kind} has fewer than accum_steps={cfg.accum_steps} batches of "
-                f"{self.micro_batch}; use more data or a smaller train.global_batch_size"
+                f"one epoch of data.kind={cfg.data.kind} has fewer than accum_steps={cfg.accum_steps} "
+                f"batches of {self.micro_batch}; use more data or a smaller train.global_batch_size"
             )
 
     def _open(self):
         st = self.state
         self._loader = build_loader(
-            self.cfg.data, image_size=self.member.image_size, context_length=self.member.context_length,
-            global_batch_size=self.micro_batch, rank=self.info.rank, world_size=self.info.world_size,
-            epoch=st.epoch, start_step=st.step_in_epoch * self.cfg.accum_steps,
-        )  # fmt: skip
+            self.cfg.data,
+            image_size=self.member.image_size,
+            context_length=self.member.context_length,
+            global_batch_size=self.micro_batch,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            epoch=st.epoch,
+            start_step=st.step_in_epoch * self.cfg.accum_steps,
+        )
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader
 
@@ -158,11 +179,19 @@ def model_payload(run: Any) -> dict[str, Any]:
     """The part of a checkpoint that final.pt shares: model, config and cost counters."""
     st = run.state
     return {
-        "model": run.model.state_dict(), "model_cfg": run.member.open_clip_config(), "member": run.member.name,
-        "steps": st.step, "epoch": st.epoch, "samples_seen": st.samples_seen, "train_macs": st.train_macs,
-        "wall_s": st.wall_s, "eval_s": st.eval_s, "config": to_dict(run.cfg), "teacher": run.teacher_info,
+        "model": run.model.state_dict(),
+        "model_cfg": run.member.open_clip_config(),
+        "member": run.member.name,
+        "steps": st.step,
+        "epoch": st.epoch,
+        "samples_seen": st.samples_seen,
+        "train_macs": st.train_macs,
+        "wall_s": st.wall_s,
+        "eval_s": st.eval_s,
+        "config": to_dict(run.cfg),
+        "teacher": run.teacher_info,
         "macs_per_step": run.macs_per_step,
-    }  # fmt: skip
+    }
 
 
 def save_run(run: Any, path: Path) -> Path:
@@ -178,10 +207,12 @@ def save_run(run: Any, path: Path) -> Path:
             "step": run.state.step,
             "step_in_epoch": run.state.step_in_epoch,
             "state": run.state.state_dict(),
-            "distill": {"projection": run.projection.state_dict(),
-                        **(run.distiller.state_dict() if run.distiller is not None else {})},
+            "distill": {
+                "projection": run.projection.state_dict(),
+                **(run.distiller.state_dict() if run.distiller is not None else {}),
+            },
             "world_size": run.info.world_size,
-        }  # fmt: skip
+        }
         save_checkpoint(path, payload)
         prune_checkpoints(run.out_dir, run.cfg.keep_last)
     dist.barrier()

@@ -1,4 +1,4 @@
-"""The log of a training run: ``metrics.jsonl``, TensorBoard when installed, a progress bar.
+"""The log of a training run: ``metrics.jsonl``, TensorBoard when installed, a progress bar, NaN guard.
 
 ``metrics.jsonl`` is the run's structured record, one JSON object per line, each with a ``kind``:
 
@@ -13,6 +13,11 @@
 Losses of a step are those of the batch consumed by that step (before its update). On resume the
 lines past the checkpoint's step are dropped, so a resumed run's file reads like an uninterrupted one.
 ``report`` and the tests read this file; nothing scrapes the console.
+
+The trainer's step-boundary work that produces these records lives here too: :func:`log_step`
+(averages per-rank losses, the only host sync of a log step), :func:`evaluate_now` (the ``evaluate``
+callback on rank 0, its time kept out of the training wall time) and :func:`check_finite` (the NaN
+guard: a run whose loss went NaN/inf stops before writing any checkpoint after it).
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLog", "read_metrics"]
+import torch
+
+from compt import dist
+from compt.checkpoint import latest_checkpoint
+
+__all__ = ["RunLog", "read_metrics", "NonFiniteLossError", "log_step", "evaluate_now", "check_finite"]
 
 _LOG = logging.getLogger("compt.train")
 
@@ -56,7 +67,9 @@ class RunLog:
     ``logging`` line, which is cheap and readable in a batch job's log file.
     """
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int, start_wall_s: float):
+    def __init__(
+        self, out_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int, start_wall_s: float
+    ):
         self.enabled = enabled
         self.last_step, self.last_wall_s = start_step, start_wall_s  # the previous train record's step/time
         self._file = self._tb = self._bar = None
@@ -76,7 +89,9 @@ class RunLog:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl (and its numbers to TensorBoard)."""
@@ -91,7 +106,9 @@ class RunLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                     self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
 
-    def progress(self, step: int, total: int, values: dict[str, float], speed: float, eta_s: float, wall_s: float) -> None:
+    def progress(
+        self, step: int, total: int, values: dict[str, float], speed: float, eta_s: float, wall_s: float
+    ) -> None:
         """Show loss, lr, samples/s and ETA (bar on a terminal, a log line otherwise)."""
         self.last_step, self.last_wall_s = step, wall_s
         if not self.enabled:
@@ -140,3 +157,87 @@ def _drop_after(path: Path, step: int) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; no checkpoint was written after it, the last good one is intact."""
+
+
+# --- step-boundary work of the trainer (``run`` is compt.train's run object) -------------------
+
+
+def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], bool]:
+    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time."""
+    run.tick()
+    metrics: dict[str, float] = {}
+    stop = False
+    if run.info.is_main:
+        model, was_training = run.model, run.model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in evaluate(model, run.state.step).items()}
+        finally:
+            model.train(was_training)
+        stop = bool(should_stop(metrics)) if should_stop is not None else False
+    metrics, stop = dist.broadcast_object((metrics, stop))
+    now = time.perf_counter()
+    run.state.eval_s += now - run.clock
+    run.clock = now
+    run.log.write(
+        {
+            "kind": "eval",
+            "step": run.state.step,
+            "eval_s": run.state.eval_s,
+            **metrics,
+            **({"should_stop": True} if stop else {}),
+        }
+    )
+    return metrics, stop
+
+
+def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
+    """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
+    local = [k for k in ("loss_ifd", "mse_image", "mse_text") if k in stats]
+    if local and run.info.world_size > 1:
+        stats = {
+            **stats,
+            **dict(zip(local, dist.all_reduce_mean(torch.stack([stats[k] for k in local])), strict=True)),
+        }
+        stats["loss"] = stats["loss_task"] + stats["loss_ifd"]
+    values = {k: float(v) for k, v in stats.items()}  # the one host sync of a log step
+    run.tick()
+    st = run.state
+    window_s = max(st.wall_s - run.log.last_wall_s, 1e-9)
+    window_steps = st.step - run.log.last_step
+    speed = window_steps * run.cfg.global_batch_size / window_s
+    record = {"kind": "train", "step": st.step, "epoch": st.epoch, **values}
+    if "loss_ifd" in values and values["loss_task"]:
+        record["ifd_ratio"] = values["loss_ifd"] / values["loss_task"]  # App. D.2's r
+    record.update(
+        samples_seen=st.samples_seen,
+        train_macs=st.train_macs,
+        wall_s=st.wall_s,
+        samples_per_s=speed,
+        data_skips=run.data.skips,
+    )
+    run.log.write(record)
+    eta_s = (run.total_steps - st.step) * window_s / max(window_steps, 1)
+    run.log.progress(st.step, run.total_steps, values, speed, eta_s, st.wall_s)
+    check_finite(run)
+
+
+def check_finite(run: Any) -> None:
+    """Raise :class:`NonFiniteLossError` if any step since the start had a NaN/inf loss (all ranks agree)."""
+    bad_step = int(dist.all_reduce_max(run.first_bad_step.float()).item())
+    if bad_step < 0:
+        return
+    good = latest_checkpoint(run.out_dir)
+    msg = (
+        f"the training loss became NaN/inf at step {bad_step + 1} of {run.cfg.member}; stopped without "
+        f"writing any checkpoint after it. Last good checkpoint: {good or 'none (nothing saved yet)'}. "
+        "Lower train.lr, set train.grad_clip (e.g. 1.0), use precision=bf16 or fp32 instead of fp16, "
+        "or check the data; then rerun to resume from that checkpoint."
+    )
+    run.log.write({"kind": "error", "step": run.state.step, "message": msg})
+    raise NonFiniteLossError(msg)

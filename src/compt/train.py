@@ -6,10 +6,10 @@ feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss 
 
 Launch (docs/train.md)::
 
-    compt train --member tiny-S --data synthetic --epochs 2                         # one process, CPU or 1 GPU
-    torchrun --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.csv    # 8 GPUs, one node
+    compt train --member tiny-S --data synthetic --epochs 2                      # one process, CPU or 1 GPU
+    torchrun --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.csv # 8 GPUs, one node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m compt train --member ViT-L/16 --data 'shards/{000000..003000}.tar'        # 2 nodes x 8 GPUs
+        -m compt train --member ViT-L/16 --data 'shards/{000000..003000}.tar'     # 2 nodes x 8 GPUs
 
 From Python: ``train_member(TrainConfig(member="tiny-S", data=DataConfig(kind="synthetic")))``.
 The run writes ``out_dir/step_<N>.pt`` (resumable), ``out_dir/final.pt`` and ``out_dir/metrics.jsonl``;
@@ -35,25 +35,26 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from compt import dist
-from compt.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from compt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from compt.config import to_dict
 from compt.cost import member_cost
 from compt.data import DataConfig
-from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, make_projection
+from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
 from compt.families import Member, get_member
 from compt.grow import grow
 from compt.loss import multi_caption_clip_loss
 from compt.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, default_eps
 from compt.resume import DataStream, model_payload, restore_run, save_run, seed_all
-from compt.runlog import RunLog
+from compt.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 
-__all__ = ["TrainConfig", "TrainState", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "train_member"]
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "TrainResult",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+    "train_member",
+]
 
 _LOG = logging.getLogger("compt.train")
 
@@ -75,7 +76,9 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per optimizer step; contrastive negatives come from one micro-batch
     lr: float = 1e-3  # peak learning rate (Table C: 1e-3)
     min_lr_ratio: float = 0.0  # learning rate at the end of the cosine, as a fraction of `lr`
-    warmup_steps: int | None = None  # linear warmup, optimizer steps; None: Table C (8000 / 1000 for a link), <= 10% of the run
+    warmup_steps: int | None = (
+        None  # linear warmup, optimizer steps; None: Table C (8000 / 1000 for a link), <= 10% of the run
+    )
     weight_decay: float = 0.1  # AdamW decoupled decay, not on norms, biases, embeddings, logit scale
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Table C)
     eps: float | None = None  # AdamW eps; None: 1e-6 for ViT members, 1e-8 otherwise (official code)
@@ -91,7 +94,9 @@ class TrainConfig:
     teacher: str | None = None  # teacher checkpoint (.pt): a chain link; None: a baseline member
     width: str = "insert"  # compt.grow width strategy (chain links only, App. D.1)
     depth: str = "duplicate"  # compt.grow depth strategy (chain links only, App. D.1)
-    alpha: float | str = DEFAULT_ALPHA  # IFD weight of Eq. 1 (App. B.1: 500) or "auto" (hold L_IFD/L_task at alpha_ratio)
+    alpha: float | str = (
+        DEFAULT_ALPHA  # IFD weight of Eq. 1 (App. B.1: 500) or "auto" (hold L_IFD/L_task at alpha_ratio)
+    )
     alpha_ratio: float = DEFAULT_RATIO  # target L_IFD / L_task of alpha="auto" (App. D.2: r = 0.1)
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
 
@@ -106,13 +111,20 @@ class TrainConfig:
             ("epochs", self.steps is not None or self.epochs > 0, "must be > 0 (or set `steps`)"),
             ("steps", self.steps is None or self.steps > 0, "must be > 0, or None to use `epochs`"),
             ("global_batch_size", self.global_batch_size >= 1, "must be >= 1"),
-            ("accum_steps", self.accum_steps >= 1 and self.global_batch_size % self.accum_steps == 0,
-             f"must be >= 1 and divide global_batch_size={self.global_batch_size}"),
+            (
+                "accum_steps",
+                self.accum_steps >= 1 and self.global_batch_size % self.accum_steps == 0,
+                f"must be >= 1 and divide global_batch_size={self.global_batch_size}",
+            ),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0 or None"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "must be two numbers in [0, 1)"),
+            (
+                "betas",
+                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                "must be two numbers in [0, 1)",
+            ),
             ("eps", self.eps is None or self.eps > 0, "must be > 0, or None for the per-model default"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
@@ -161,10 +173,6 @@ class TrainResult:
     steps: int  # optimizer steps done
     samples_seen: int  # training samples consumed
     metrics: dict[str, float] = field(default_factory=dict)  # the last `evaluate` result ({} if none)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; no checkpoint was written after it, the last good one is intact."""
 
 
 class TrainingInterrupted(SystemExit):
@@ -253,7 +261,9 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
         with sync:
             with run.autocast():
                 image, text, logit_scale, image_t, text_t = run.forward(images, texts)
-                task = multi_caption_clip_loss(image, text, logit_scale, local_batch_size=run.local_batch_size)  # Eq. 2-3
+                task = multi_caption_clip_loss(
+                    image, text, logit_scale, local_batch_size=run.local_batch_size
+                )  # Eq. 2-3
                 parts = {"loss_task": task}
                 if run.distiller is not None:
                     # The frozen teacher sees the same images and captions, at the same precision.
@@ -351,20 +361,20 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
         last = st.step >= run.total_steps
         at_log = fresh and (st.step % cfg.log_every_steps == 0 or last)
         if at_log:
-            _log(run, stats)
+            log_step(run, stats)
         at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
         if has_eval and (last or at_eval):
-            metrics, stop_early = _evaluate(run, evaluate, should_stop)
+            metrics, stop_early = evaluate_now(run, evaluate, should_stop)
             if stop_early and not last:
                 last = True
                 if not at_log:
-                    _log(run, stats)
+                    log_step(run, stats)
         if last:
             return _finish(run, metrics)
         at_save = fresh and cfg.save_every_steps > 0 and st.step % cfg.save_every_steps == 0
         stop = _stop_agreed(run, sync_point=at_log or at_save)
         if at_save or stop:
-            _check_finite(run)  # never save weights that a NaN step has touched
+            check_finite(run)  # never save weights that a NaN step has touched
             path = save_run(run, run.out_dir / f"step_{st.step}.pt")
         if stop:
             msg = f"stopped by SIGTERM at step {st.step}; saved {path}; rerun the same command to resume"
@@ -401,68 +411,6 @@ def _save_on_sigterm(run: _Run):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _evaluate(run: _Run, evaluate, should_stop) -> tuple[dict[str, float], bool]:
-    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time."""
-    run.tick()
-    metrics: dict[str, float] = {}
-    stop = False
-    if run.info.is_main:
-        model, was_training = run.model, run.model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                metrics = {k: float(v) for k, v in evaluate(model, run.state.step).items()}
-        finally:
-            model.train(was_training)
-        stop = bool(should_stop(metrics)) if should_stop is not None else False
-    metrics, stop = dist.broadcast_object((metrics, stop))
-    now = time.perf_counter()
-    run.state.eval_s += now - run.clock
-    run.clock = now
-    run.log.write({"kind": "eval", "step": run.state.step, "eval_s": run.state.eval_s, **metrics,
-                   **({"should_stop": True} if stop else {})})
-    return metrics, stop
-
-
-def _log(run: _Run, stats: dict[str, torch.Tensor]) -> None:
-    """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
-    local = [k for k in ("loss_ifd", "mse_image", "mse_text") if k in stats]
-    if local and run.info.world_size > 1:
-        stats = {**stats, **dict(zip(local, dist.all_reduce_mean(torch.stack([stats[k] for k in local]))))}
-        stats["loss"] = stats["loss_task"] + stats["loss_ifd"]
-    values = {k: float(v) for k, v in stats.items()}  # the one host sync of a log step
-    run.tick()
-    st = run.state
-    window_s = max(st.wall_s - run.log.last_wall_s, 1e-9)
-    window_steps = st.step - run.log.last_step
-    speed = window_steps * run.cfg.global_batch_size / window_s
-    record = {"kind": "train", "step": st.step, "epoch": st.epoch, **values}
-    if "loss_ifd" in values and values["loss_task"]:
-        record["ifd_ratio"] = values["loss_ifd"] / values["loss_task"]  # App. D.2's r
-    record.update(samples_seen=st.samples_seen, train_macs=st.train_macs, wall_s=st.wall_s, samples_per_s=speed,
-                  data_skips=run.data.skips)
-    run.log.write(record)
-    eta_s = (run.total_steps - st.step) * window_s / max(window_steps, 1)
-    run.log.progress(st.step, run.total_steps, values, speed, eta_s, st.wall_s)
-    _check_finite(run)
-
-
-def _check_finite(run: _Run) -> None:
-    """Raise :class:`NonFiniteLossError` if any step since the start had a NaN/inf loss (all ranks agree)."""
-    bad_step = int(dist.all_reduce_max(run.first_bad_step.float()).item())
-    if bad_step < 0:
-        return
-    good = latest_checkpoint(run.out_dir)
-    msg = (
-        f"the training loss became NaN/inf at step {bad_step + 1} of {run.cfg.member}; stopped without "
-        f"writing any checkpoint after it. Last good checkpoint: {good or 'none (the run had not saved yet)'}. "
-        "Lower train.lr, set train.grad_clip (e.g. 1.0), use precision=bf16 or fp32 instead of fp16, "
-        "or check the data; then rerun to resume from that checkpoint."
-    )
-    run.log.write({"kind": "error", "step": run.state.step, "message": msg})
-    raise NonFiniteLossError(msg)
-
-
 # --- setup ---------------------------------------------------------------------------------------
 
 
@@ -472,7 +420,9 @@ def _precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | No
     if name == "auto":
         name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA device (and its grad scaler); use fp32 or bf16 on CPU")
+        raise ValueError(
+            "train.precision=fp16 needs a CUDA device (and its grad scaler); use fp32 or bf16 on CPU"
+        )
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], name == "fp16"
 
 
@@ -482,32 +432,18 @@ def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
         return cfg.warmup_steps
     paper = PAPER_WARMUP_STEPS["link" if cfg.teacher else "baseline"]
     if paper > total_steps // 10:
-        _LOG.info("warmup: the paper's %d steps exceed 10%% of this %d-step run; using %d", paper, total_steps,
-                  max(1, total_steps // 10))
+        _LOG.info(
+            "warmup: the paper's %d steps exceed 10%% of this %d-step run; using %d",
+            paper,
+            total_steps,
+            max(1, total_steps // 10),
+        )
     return min(paper, max(1, total_steps // 10))
-
-
-def _teacher_member(payload: dict[str, Any]) -> Member:
-    """The teacher's member: the registered one when its config matches, else one built from the checkpoint."""
-    try:
-        member = get_member(payload["member"])
-        if member.model_cfg == payload["model_cfg"]:
-            return member
-    except KeyError:
-        pass
-    return Member(name=str(payload["member"]), family="checkpoint", model_cfg=payload["model_cfg"])
 
 
 def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: bool, device: torch.device):
     """Teacher, projection T and cost of a chain link; grows the student from the teacher at step 0."""
-    teacher, payload = model_from_checkpoint(cfg.teacher)
-    t_member = _teacher_member(payload)
-    for what in ("image_size", "context_length"):
-        if getattr(t_member, what) != getattr(member, what):
-            raise ValueError(
-                f"teacher {cfg.teacher} ({t_member.name}) has {what} {getattr(t_member, what)} but the student "
-                f"{member.name} has {getattr(member, what)}; a link feeds both the same batch, so they must match"
-            )
+    teacher, payload, t_member = load_teacher(cfg.teacher, member)
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
         report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
@@ -517,16 +453,19 @@ def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: 
     return distiller, projection, {"checkpoint": str(cfg.teacher), "member": t_member.name}, teacher_macs
 
 
-def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
-    """Build the student (grown for a link), teacher, optimizer, data and log; restore a checkpoint."""
-    member = get_member(cfg.member, cfg.family)
-    device = info.device
-    amp_dtype, use_scaler = _precision(cfg, device)
-    if device.type == "cuda":  # TF32 matmuls (fp32 parts of AMP): A100-class speed, ample precision for CLIP
+def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+    if device.type == "cuda":  # TF32 for the fp32 parts of AMP: A100-class speed, ample precision for CLIP
         torch.set_float32_matmul_precision("high")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+
+def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
+    """Build the student (grown for a link), teacher, optimizer, data and log; restore a checkpoint."""
+    member, device = get_member(cfg.member, cfg.family), info.device
+    amp_dtype, use_scaler = _precision(cfg, device)
+    _configure_torch(cfg, device)
     state = TrainState()
     data = DataStream(cfg, member, info, state)
     total_steps = cfg.steps or max(1, round(cfg.epochs * data.steps_per_epoch))
@@ -535,42 +474,48 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     model = member.create()
     distiller, projection, teacher_info, teacher_macs = None, nn.Identity(), None, 0
     if cfg.teacher is not None:
-        distiller, projection, teacher_info, teacher_macs = _build_link(cfg, member, model, resume_from is None, device)
+        link = _build_link(cfg, member, model, grow_now=resume_from is None, device=device)
+        distiller, projection, teacher_info, teacher_macs = link
     model.to(device).train()
     projection.to(device)
-    optimizer = build_optimizer([model, projection], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-                                eps=cfg.eps or default_eps(member.vision_kind), device=device)  # fmt: skip
+    eps = cfg.eps or default_eps(member.vision_kind)
+    params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
+    optimizer = build_optimizer([model, projection], **params)
     schedule = CosineSchedule(cfg.lr, total_steps, _warmup_steps(cfg, total_steps), cfg.min_lr_ratio)
     cost = member_cost(member, cfg.data.num_captions)
-    run = _Run(
-        cfg=cfg, info=info, member=member, model=model, projection=projection, forward=None, distiller=distiller,
-        optimizer=optimizer, schedule=schedule, scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
-        amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
-        macs_per_step=cfg.global_batch_size * (cost.train_macs + teacher_macs) + cost.update_macs,
-        teacher_info=teacher_info,
-    )  # fmt: skip
+    macs_per_step = cfg.global_batch_size * (cost.train_macs + teacher_macs) + cost.update_macs
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    run = _Run(cfg=cfg, info=info, member=member, model=model, projection=projection, forward=None,
+               distiller=distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
+               amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
+               macs_per_step=macs_per_step, teacher_info=teacher_info)  # fmt: skip
     if resume_from is not None:
         restore_run(run, resume_from)
         _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
-    forward = _StudentForward(model, projection)
-    if cfg.compile:
-        forward = torch.compile(forward)
-    if info.world_size > 1:
-        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
-    run.forward = forward
+    run.forward = _wrap(_StudentForward(model, projection), cfg, info)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
                      start_wall_s=state.wall_s)  # fmt: skip
-    run.log.write({"kind": "start", "step": state.step, "member": member.name, "teacher": teacher_info,
-                   "world_size": info.world_size, "device": str(device), "precision": str(amp_dtype or "fp32"),
-                   "total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch,
-                   "warmup_steps": schedule.warmup_steps, "macs_per_step": run.macs_per_step,
-                   "resumed_from": str(resume_from) if resume_from else None, "config": to_dict(cfg)})  # fmt: skip
+    start = {"kind": "start", "step": state.step, "member": member.name, "teacher": teacher_info}
+    start |= {"world_size": info.world_size, "device": str(device), "precision": str(amp_dtype or "fp32")}
+    start |= {"total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch}
+    start |= {"warmup_steps": schedule.warmup_steps, "macs_per_step": macs_per_step}
+    run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
     run.clock = time.perf_counter()
     return run
+
+
+def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo) -> nn.Module:
+    """torch.compile and DDP around the student's forward (the teacher is never wrapped)."""
+    if cfg.compile:
+        forward = torch.compile(forward)
+    if info.world_size > 1:
+        cuda = info.device.type == "cuda"
+        forward = DistributedDataParallel(forward, device_ids=[info.device.index] if cuda else None,
+                                          broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
+    return forward
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -578,14 +523,22 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
 
 def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
     """Write final.pt (the trained student, its cost and config) and return the result."""
-    _check_finite(run)
+    check_finite(run)
     run.tick()
     final = run.out_dir / "final.pt"
     if run.info.is_main:
         save_checkpoint(final, model_payload(run) | {"metrics": metrics})
         st = run.state
-        run.log.write({"kind": "final", "step": st.step, "samples_seen": st.samples_seen,
-                       "train_macs": st.train_macs, "wall_s": st.wall_s, "checkpoint": str(final)})  # fmt: skip
+        run.log.write(
+            {
+                "kind": "final",
+                "step": st.step,
+                "samples_seen": st.samples_seen,
+                "train_macs": st.train_macs,
+                "wall_s": st.wall_s,
+                "checkpoint": str(final),
+            }
+        )
     dist.barrier()
     st = run.state
     return TrainResult(final, st.train_macs, st.wall_s, st.step, st.samples_seen, dict(metrics))
@@ -593,5 +546,11 @@ def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
 
 def _result_from_final(path: Path) -> TrainResult:
     payload = load_checkpoint(path)
-    return TrainResult(path, int(payload["train_macs"]), float(payload["wall_s"]), int(payload["steps"]),
-                       int(payload["samples_seen"]), dict(payload.get("metrics") or {}))  # fmt: skip
+    return TrainResult(
+        path,
+        int(payload["train_macs"]),
+        float(payload["wall_s"]),
+        int(payload["steps"]),
+        int(payload["samples_seen"]),
+        dict(payload.get("metrics") or {}),
+    )

@@ -29,21 +29,44 @@ from compt.config import ConfigError, from_dict, parse_value
 
 # flag -> TrainConfig field, for the flags that map one to one.
 _FLAGS = {
-    "member": "member", "family": "family", "epochs": "epochs", "steps": "steps", "batch_size": "global_batch_size",
-    "accum_steps": "accum_steps", "lr": "lr", "warmup_steps": "warmup_steps", "grad_clip": "grad_clip",
-    "precision": "precision", "compile": "compile", "device": "device", "seed": "seed", "out": "out_dir",
-    "save_every": "save_every_steps", "keep_last": "keep_last", "log_every": "log_every_steps",
-    "teacher": "teacher", "width": "width", "depth": "depth", "alpha": "alpha", "alpha_ratio": "alpha_ratio",
+    "member": "member",
+    "family": "family",
+    "epochs": "epochs",
+    "steps": "steps",
+    "batch_size": "global_batch_size",
+    "accum_steps": "accum_steps",
+    "lr": "lr",
+    "warmup_steps": "warmup_steps",
+    "grad_clip": "grad_clip",
+    "precision": "precision",
+    "compile": "compile",
+    "device": "device",
+    "seed": "seed",
+    "out": "out_dir",
+    "save_every": "save_every_steps",
+    "keep_last": "keep_last",
+    "log_every": "log_every_steps",
+    "teacher": "teacher",
+    "width": "width",
+    "depth": "depth",
+    "alpha": "alpha",
+    "alpha_ratio": "alpha_ratio",
     "deterministic": "deterministic",
-}  # fmt: skip
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one member (baseline, or a chain link with --teacher)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        help="train one member (baseline, or a chain link with --teacher)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--member", help="member to train, e.g. ViT-B/16, tiny-S (compt plan lists families)")
     p.add_argument("--family", help="family name or YAML file holding --member (default: any registered)")
-    p.add_argument("--data", help="synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar' | a registered kind")
+    p.add_argument(
+        "--data", help="synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar' | a registered kind"
+    )
     p.add_argument("--epochs", type=float, help="passes over the data (fractions allowed; default 1)")
     p.add_argument("--steps", type=int, help="optimizer steps instead of --epochs")
     p.add_argument("--batch-size", type=int, help="global batch size over all ranks (default 1024, Table C)")
@@ -60,15 +83,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default 1000)")
     p.add_argument("--keep-last", type=int, help="step checkpoints kept (default 2)")
     p.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 10)")
-    p.add_argument("--eval-every", type=int, default=-1,
-                   help="zero-shot eval on the embedded sets every N steps; 0 = only at the end; default: none")
-    p.add_argument("--teacher", help="teacher checkpoint (final.pt of the previous member): train a chain link")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=-1,
+        help="zero-shot eval on the embedded sets every N steps; 0 = only at the end; default: none",
+    )
+    p.add_argument(
+        "--teacher", help="teacher checkpoint (final.pt of the previous member): train a chain link"
+    )
     p.add_argument("--width", help="growth strategy in width (default insert, App. D.1)")
     p.add_argument("--depth", help="growth strategy in depth (default duplicate, App. D.1)")
     p.add_argument("--alpha", help="IFD weight: a number (default 500, App. B.1) or 'auto'")
     p.add_argument("--alpha-ratio", type=float, help="target L_IFD/L_task for --alpha auto (default 0.1)")
     p.add_argument("--config", help="YAML file with TrainConfig fields (data: as a mapping)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (dotted)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (dotted)"
+    )
     p.set_defaults(func=run)
 
 
