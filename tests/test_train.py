@@ -298,6 +298,7 @@ def test_should_stop_ends_the_link_early(tmp_path):
         config(tmp_path, eval_every_steps=2), evaluate=evaluate, should_stop=lambda m: m["score"] >= 4
     )
     assert seen == [2, 4] and result.steps == 4 and result.metrics == {"score": 4.0}
+    assert result.planned_steps == 6
     assert load_checkpoint(result.final_checkpoint)["metrics"] == {"score": 4.0}
     evals = read_metrics(tmp_path / "metrics.jsonl", "eval")
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True

@@ -173,6 +173,7 @@ class TrainResult:
     steps: int  # optimizer steps done
     samples_seen: int  # training samples consumed
     metrics: dict[str, float] = field(default_factory=dict)  # the last `evaluate` result ({} if none)
+    planned_steps: int = 0  # steps the schedule planned (> steps when `should_stop` ended the run early)
 
 
 class TrainingInterrupted(SystemExit):
@@ -336,7 +337,7 @@ def train_member(
     """
     final = Path(cfg.out_dir) / "final.pt"
     if final.is_file() and verify_checkpoint(final):
-        return _result_from_final(final)
+        return _result(final, load_checkpoint(final))
     info = dist.init_distributed(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     run = None
@@ -526,31 +527,23 @@ def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
     check_finite(run)
     run.tick()
     final = run.out_dir / "final.pt"
+    st, payload = run.state, model_payload(run) | {"metrics": metrics, "planned_steps": run.total_steps}
     if run.info.is_main:
-        save_checkpoint(final, model_payload(run) | {"metrics": metrics})
-        st = run.state
-        run.log.write(
-            {
-                "kind": "final",
-                "step": st.step,
-                "samples_seen": st.samples_seen,
-                "train_macs": st.train_macs,
-                "wall_s": st.wall_s,
-                "checkpoint": str(final),
-            }
-        )
+        save_checkpoint(final, payload)
+        record = {"kind": "final", "step": st.step, "samples_seen": st.samples_seen}
+        run.log.write(record | {"train_macs": st.train_macs, "wall_s": st.wall_s, "checkpoint": str(final)})
     dist.barrier()
-    st = run.state
-    return TrainResult(final, st.train_macs, st.wall_s, st.step, st.samples_seen, dict(metrics))
+    return _result(final, payload)
 
 
-def _result_from_final(path: Path) -> TrainResult:
-    payload = load_checkpoint(path)
+def _result(path: Path, payload: dict[str, Any]) -> TrainResult:
+    """The TrainResult of a final.pt payload (also for a run finished earlier)."""
     return TrainResult(
-        path,
-        int(payload["train_macs"]),
-        float(payload["wall_s"]),
-        int(payload["steps"]),
-        int(payload["samples_seen"]),
-        dict(payload.get("metrics") or {}),
+        final_checkpoint=path,
+        train_macs=int(payload["train_macs"]),
+        wall_s=float(payload["wall_s"]),
+        steps=int(payload["steps"]),
+        samples_seen=int(payload["samples_seen"]),
+        metrics=dict(payload.get("metrics") or {}),
+        planned_steps=int(payload.get("planned_steps", payload["steps"])),
     )
