@@ -96,8 +96,11 @@ def train_transform(img: Image.Image, image_size: int, rng: np.random.Generator)
 
 def eval_transform(img: Image.Image, image_size: int) -> torch.Tensor:
     """open_clip's eval transform: resize the shortest side (bicubic), center crop, normalize."""
-    scale = image_size / min(img.width, img.height)
-    w, h = max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))
+    # Rounded exactly as torchvision's Resize (long side truncated) and CenterCrop (offset rounded),
+    # so an exported member preprocesses pixel-for-pixel as open_clip's own transform does.
+    short, long = min(img.width, img.height), max(img.width, img.height)
+    long_side = int(image_size * long / short)
+    w, h = (image_size, long_side) if img.width <= img.height else (long_side, image_size)
     img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - image_size) // 2, (h - image_size) // 2
+    left, top = int(round((w - image_size) / 2.0)), int(round((h - image_size) / 2.0))
     return to_tensor(img.crop((left, top, left + image_size, top + image_size)))
