@@ -14,7 +14,7 @@ import sys
 from compt.checkpoint import CheckpointError
 
 # Order is the order shown by `compt --help`.
-_COMMANDS = ["plan", "grow", "train", "chain", "eval", "report", "export", "reproduce", "demo"]
+_COMMANDS = ["plan", "grow", "train", "chain", "eval", "report", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"compt.cli.{name}")
-        except ModuleNotFoundError as e:  # a command still being built is simply absent
-            if e.name == f"compt.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"compt.cli.{name}").register(sub)
     return parser
 
 
