@@ -1,5 +1,6 @@
 """compt.chain: a minimal 2-member chain end to end, its baselines, resume-as-skip, spec errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -87,8 +88,9 @@ def test_rerun_skips_finished_members(finished, capsys):
 def test_until_lossless_stops_a_link_early(finished, tmp_path):
     spec, individual, _ = finished
     # A twin metric of 0 makes the link lossless at its first check: it must stop there.
-    path = _write(tmp_path, until_lossless={"enabled": True, "tolerance": 0.5, "check_every_steps": 1},
-                  epochs=[2, 2])
+    path = _write(
+        tmp_path, until_lossless={"enabled": True, "tolerance": 0.5, "check_every_steps": 1}, epochs=[2, 2]
+    )
     spec2 = load_spec(path)
     twin = json.loads(json.dumps(individual))
     for m in twin["members"]:
@@ -145,5 +147,5 @@ def test_cli_show_and_unknown_key_message(tmp_path, capsys):
 
 def test_spec_is_a_frozen_dataclass():
     spec = ChainSpec(family="debug", out_dir="x")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.out_dir = "y"  # type: ignore[misc]

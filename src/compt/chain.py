@@ -114,7 +114,9 @@ class ChainSpec:
         return [
             float(e)
             for e in allocate_epochs(
-                self.resolved_members(), int(self.baseline_epochs), self.target_ratio or None,
+                self.resolved_members(),
+                int(self.baseline_epochs),
+                self.target_ratio or None,
                 num_captions=self.data.num_captions,
             )
         ]
@@ -125,7 +127,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> ChainSpec
     spec = load_yaml(ChainSpec, path, overrides)
     members = spec.resolved_members()
     check_ascending(members)
-    for i, m in enumerate(members):  # fail now, not after an hour of training the first member
+    for i in range(len(members)):  # fail now, not after an hour of training the first member
         member_train_config(spec, i, individual=False)
         member_train_config(spec, i, individual=True)
     return spec

@@ -30,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--individual", action="store_true", help="train every member from scratch instead")
     run.add_argument("--out", help="run folder (default: the spec's out_dir)")
     run.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a spec field, dotted for nesting (e.g. --set train.lr=5e-4); repeatable",
     )
     run.set_defaults(func=_run)
@@ -67,8 +71,10 @@ def _run(args) -> int:
         for m in summary["members"]:
             metric = m["metrics"].get(spec.eval.metric)
             shown = "n/a" if metric is None else f"{metric:.2f}"
-            print(f"  {m['name']:<12} {spec.eval.metric}={shown}  train MACs {m['train_macs']:.3e}  "
-                  f"wall {m['wall_s']:.0f}s  export {root / m['export']}")
+            print(
+                f"  {m['name']:<12} {spec.eval.metric}={shown}  train MACs {m['train_macs']:.3e}  "
+                f"wall {m['wall_s']:.0f}s  export {root / m['export']}"
+            )
         print(f"report: compt report {spec.out_dir}")
     return 0
 
