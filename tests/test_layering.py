@@ -1,4 +1,4 @@
-"""Dependencies point one way (STYLE.md): cli -> chain -> train -> {grow, distill, loss, data, ...} -> families.
+"""Dependencies point one way (STYLE.md): cli -> chain -> train -> {grow, distill, loss, data} -> families.
 
 Nothing below the trainer imports train, chain or cli, so each piece stays usable on its own
 (``grow`` on state dicts, ``cost`` without a training run, ``data`` without a model).
