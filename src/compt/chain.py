@@ -198,7 +198,7 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
 
     Idempotent and resumable: finished members are skipped, an interrupted one resumes.
     """
-    from compt.export import export_member
+    from compt.export import export_member, is_export_dir
 
     members = spec.resolved_members()
     root = Path(spec.out_dir) / ("individual" if individual else "chain")
@@ -217,7 +217,9 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
         acc_macs += result.train_macs
         acc_wall += result.wall_s
         export_dir = Path(cfg.out_dir) / "export"
-        if dist.is_main() and not (export_dir / "open_clip_model.safetensors").exists():
+        # The config is written after the weights: only with it is an export complete (a kill
+        # between the two must not leave a folder that open_clip cannot load).
+        if dist.is_main() and not is_export_dir(export_dir):
             export_member(result.final_checkpoint, export_dir)
         rows.append(_summary_row(spec, cfg, result, i, individual, acc_macs, acc_wall, root))
         dist.barrier()
