@@ -176,9 +176,13 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
     if (here / "final.pt").exists() or not (other / "final.pt").exists():
         return
     here.mkdir(parents=True, exist_ok=True)
-    for name in ("final.pt", "final.pt.sha256", "metrics.jsonl"):
+    # final.pt last and atomically: it marks the copy done, so a kill mid-copy is redone on rerun
+    # (a half-copied final.pt without its sidecar would otherwise pass as finished and fail to load).
+    for name in ("metrics.jsonl", "final.pt.sha256", "final.pt"):
         if (other / name).exists():
-            shutil.copy2(other / name, here / name)
+            tmp = here / f".{name}.tmp{os.getpid()}"
+            shutil.copy2(other / name, tmp)
+            os.replace(tmp, here / name)
 
 
 def _twin_metric(spec: ChainSpec, member: Member) -> float:
