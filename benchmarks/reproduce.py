@@ -1,0 +1,313 @@
+"""Does the chain pay, and by how much? Baselines vs chains on the embedded data (§5, Tables 2/4, Fig. 4-7).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/reproduce.py --out benchmarks/results          # full run (~40 min, 2 cores)
+    .venv/bin/python benchmarks/reproduce.py --quick --out /tmp/reproduce-quick  # 3-member chain, < 10 min
+
+The protocol (docs/reproduce.md):
+
+1. Baselines: every member trained with growing schedules (seed 0) and, at the longest, over every
+   seed; the baseline of the comparison is the longest schedule, mean and spread over seeds.
+2. Chains: the first member is its baseline twin; every link k trains its own complete cosine
+   schedule of ``fraction * baseline steps``, for each swept fraction (seed 0). The shortest fraction
+   with every member lossless (else the longest) is rerun on every seed.
+3. At that fraction (seed 0): alpha 0 (IWI only) / 50 / auto, every member grown from the smallest
+   (Table 4a), 3 vs 4 members (Fig. 7), a smaller first member prepended (Fig. 6).
+
+Results: ``<out>/results.json`` (raw runs and tables), ``<out>/README.md`` and PNG figures. The last
+line printed is ``<mode>: acceleration=<x>x worst_gap=<points> lossless=<yes|no>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reproduce_lib import (  # noqa: E402
+    METRIC,
+    Protocol,
+    baseline_jobs,
+    baseline_key,
+    chain_jobs,
+    chain_name,
+    mean_std,
+    replace_proto,
+    run_jobs,
+)
+
+QUICK = dict(
+    members=("micro-XXS", "micro-XS", "micro-S"),
+    three=(),
+    prepend="",
+    baseline_steps=(300,),
+    link_fractions=(0.25,),
+    alphas=(),
+    ablations=False,
+)
+
+
+def _metric(res: dict) -> float:
+    return float(res["metrics"][METRIC])
+
+
+def baseline_table(proto: Protocol, res: dict[str, dict]) -> dict[str, dict]:
+    """Per member: the schedule sweep (seed 0) and the longest schedule's mean/std over seeds."""
+    longest, table = proto.baseline_steps[-1], {}
+    for m in proto.members:
+        sweep = {s: _metric(res[baseline_key(m, s, proto.seeds[0])]) for s in proto.baseline_steps}
+        runs = [res[baseline_key(m, longest, seed)] for seed in proto.seeds]
+        mean, std = mean_std([_metric(r) for r in runs])
+        gain = sweep[longest] - sweep[proto.baseline_steps[-2]] if len(sweep) > 1 else math.nan
+        table[m] = {
+            "sweep": sweep,
+            "mean": mean,
+            "std": std,
+            "per_seed": [_metric(r) for r in runs],
+            "tolerance": max(proto.tolerance, 2 * std),
+            "last_doubling_gain": gain,
+            "converged": bool(gain < proto.converge_pt) if len(sweep) > 1 else None,
+            "train_macs": runs[0]["train_macs"],
+            "wall_s": mean_std([r["wall_s"] for r in runs])[0],
+            "tasks": {k: mean_std([r["metrics"][k] for r in runs])[0] for k in runs[0]["metrics"]},
+        }
+    return table
+
+
+def chain_rows(
+    proto: Protocol,
+    base: dict,
+    members: tuple[str, ...],
+    keys_by_seed: dict[int, list[str]],
+    res: dict[str, dict],
+    first_key: dict[int, str],
+) -> list[dict]:
+    """Table 2 rows of one chain variant: metric vs baseline, individual and accumulated acceleration."""
+    rows, acc_base, acc_chain, acc_base_w, acc_chain_w = [], 0.0, 0.0, 0.0, 0.0
+    seeds = sorted(keys_by_seed)
+    for i, m in enumerate(members):
+        runs = [res[first_key[s]] if i == 0 else res[keys_by_seed[s][i - 1]] for s in seeds]
+        vals = [_metric(r) for r in runs]
+        mean, std = mean_std(vals)
+        macs = sum(r["train_macs"] for r in runs) / len(runs)
+        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        b = base.get(m)
+        b_macs = b["train_macs"] if b else macs
+        b_wall = b["wall_s"] if b else wall
+        acc_base, acc_chain = acc_base + b_macs, acc_chain + macs
+        acc_base_w, acc_chain_w = acc_base_w + b_wall, acc_chain_w + wall
+        gap = b["mean"] - mean if b else math.nan
+        rows.append(
+            {
+                "member": m,
+                "chain_mean": mean,
+                "chain_std": std,
+                "per_seed": vals,
+                "seeds": seeds,
+                "baseline_mean": b["mean"] if b else math.nan,
+                "baseline_std": b["std"] if b else math.nan,
+                "gap": gap,
+                "tolerance": b["tolerance"] if b else math.nan,
+                "lossless": bool(b and gap <= b["tolerance"]),
+                "steps": runs[0]["steps"],
+                "train_macs": macs,
+                "individual_macs_x": b_macs / macs,
+                "accumulated_macs_x": acc_base / acc_chain,
+                "individual_wall_x": b_wall / wall,
+                "accumulated_wall_x": acc_base_w / acc_chain_w,
+                "first": i == 0,
+            }
+        )
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    scored = [r for r in rows if not r["first"] and not math.isnan(r["gap"])]
+    worst = max((r["gap"] for r in scored), default=math.nan)
+    return {
+        "accumulated_macs_x": rows[-1]["accumulated_macs_x"],
+        "accumulated_wall_x": rows[-1]["accumulated_wall_x"],
+        "worst_gap": worst,
+        "lossless": all(r["lossless"] for r in scored),
+    }
+
+
+def _variant(proto, base, res, tag, members, fraction, alpha, seeds, first_of, **kw) -> dict:
+    keys = {
+        s: [
+            j.key
+            for j in chain_jobs(
+                proto, chain_name(tag, fraction, alpha), members, first_of(s), fraction, s, alpha, **kw
+            )
+        ]
+        for s in seeds
+    }
+    rows = chain_rows(proto, base, members, keys, res, {s: first_of(s) for s in seeds})
+    return {
+        "tag": tag,
+        "members": list(members),
+        "fraction": fraction,
+        "alpha": alpha,
+        "seeds": list(seeds),
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+
+
+def run(proto: Protocol, out: Path, workers: int, log=print) -> dict[str, Any]:
+    """All phases; returns (and writes) the results dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0, longest, s0 = time.perf_counter(), proto.baseline_steps[-1], proto.seeds[0]
+    first = lambda m: lambda s: baseline_key(m, longest, s)  # noqa: E731
+    jobs = baseline_jobs(proto, proto.members)
+    if proto.prepend and proto.ablations:
+        jobs.append(baseline_key_job(proto.prepend, longest, s0))
+    for f in proto.link_fractions:
+        jobs += chain_jobs(
+            proto,
+            chain_name("chain", f, proto.alpha),
+            proto.members,
+            first(proto.members[0])(s0),
+            f,
+            s0,
+            proto.alpha,
+        )
+    log(f"phase 1: {len(jobs)} runs (baselines, chain sweep over link fractions)")
+    res = run_jobs(proto, jobs, str(out), workers, log)
+    base = baseline_table(proto, res)
+    sweep = [
+        _variant(proto, base, res, "chain", proto.members, f, proto.alpha, [s0], first(proto.members[0]))
+        for f in proto.link_fractions
+    ]
+    ok = [v for v in sweep if v["summary"]["lossless"]]
+    chosen = (ok[0] if ok else sweep[-1])["fraction"]
+    log(f"chosen link fraction {chosen:g} ({'lossless at seed 0' if ok else 'none lossless: the longest'})")
+
+    jobs = []
+    for s in proto.seeds[1:]:
+        jobs += chain_jobs(
+            proto,
+            chain_name("chain", chosen, proto.alpha),
+            proto.members,
+            first(proto.members[0])(s),
+            chosen,
+            s,
+            proto.alpha,
+        )
+    studies = []  # (tag, members, alpha, first_of, kwargs)
+    if proto.ablations:
+        studies += [("chain", proto.members, a, first(proto.members[0]), {}) for a in proto.alphas]
+        studies.append(
+            (
+                "from-smallest",
+                proto.members,
+                proto.alpha,
+                first(proto.members[0]),
+                {"grow_all_from_first": True},
+            )
+        )
+        if proto.three:
+            studies.append(("three", proto.three, proto.alpha, first(proto.three[0]), {}))
+        if proto.prepend:
+            studies.append(
+                ("prepend", (proto.prepend, *proto.members), proto.alpha, first(proto.prepend), {})
+            )
+    for tag, members, alpha, first_of, kw in studies:
+        jobs += chain_jobs(
+            proto, chain_name(tag, chosen, alpha), members, first_of(s0), chosen, s0, alpha, **kw
+        )
+    log(f"phase 2: {len(jobs)} runs (chain seeds at fraction {chosen:g}, ablations)")
+    res |= run_jobs(proto, jobs, str(out), workers, log)
+
+    main = _variant(
+        proto,
+        base,
+        res,
+        "chain",
+        proto.members,
+        chosen,
+        proto.alpha,
+        list(proto.seeds),
+        first(proto.members[0]),
+    )
+    ablations = [
+        _variant(proto, base, res, tag, members, chosen, alpha, [s0], first_of, **kw)
+        for tag, members, alpha, first_of, kw in studies
+    ]
+    results = {
+        "protocol": proto.to_dict(),
+        "metric": METRIC,
+        "baselines": base,
+        "sweep": sweep,
+        "chosen_fraction": chosen,
+        "main": main,
+        "ablations": ablations,
+        "runs": res,
+        "wall_minutes": (time.perf_counter() - t0) / 60,
+        "workers": workers,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def baseline_key_job(member: str, steps: int, seed: int):
+    from reproduce_lib import Job
+
+    return Job(baseline_key(member, steps, seed), member, steps, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results", help="results folder (rerun to resume)")
+    p.add_argument(
+        "--quick", action="store_true", help="3-member chain vs its baselines, < 10 min on 2 cores"
+    )
+    p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override a Protocol field, e.g. baseline_steps=[100,200] seeds=[0,1]",
+    )
+    args = p.parse_args(argv)
+    proto = replace_proto(Protocol(), **QUICK) if args.quick else Protocol()
+    changes = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in proto.to_dict():
+            raise SystemExit(
+                f"reproduce: unknown protocol field {name!r}; fields: {', '.join(proto.to_dict())}"
+            )
+        v = json.loads(value)
+        changes[name] = tuple(v) if isinstance(v, list) else v
+    proto = replace_proto(proto, **changes)
+    out = Path(args.out)
+    command = "python " + " ".join(
+        shlex.quote(a) for a in ["benchmarks/reproduce.py", *(argv or sys.argv[1:])]
+    )
+    results = run(proto, out, args.workers)
+    results["command"] = command
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    from reproduce_report import write_report
+
+    write_report(results, out)
+    s = results["main"]["summary"]
+    print(f"wrote {out / 'README.md'} ({results['wall_minutes']:.1f} min)")
+    print(
+        f"{'quick' if args.quick else 'full'}: acceleration={s['accumulated_macs_x']:.2f}x "
+        f"worst_gap={s['worst_gap']:.2f} lossless={'yes' if s['lossless'] else 'no'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The runs behind ``benchmarks/reproduce.py``: converged baselines, chains at swept link lengths, ablations.
+
+Paper sections reproduced in miniature: §5.1 / Fig. 4 (baselines trained with growing schedules until
+the metric stops improving), Table 2 (per-member metric and individual / accumulated training-MAC
+acceleration), Table 4a (chain vs every member grown from the smallest), Table 4b (IWI only = growth
+with alpha 0), Fig. 6 (prepending a smaller first member) and Fig. 7 (3 vs 4 members, same size range).
+
+Every run is one call of the engine (:func:`compt.train.train_member`) evaluated with
+:func:`compt.evaluate.evaluate_model`; costs are the engine's own MAC counts (:mod:`compt.cost`). A
+run is a :class:`Job`; its result lands in ``<out>/runs/<key>/result.json``, so a rerun skips finished
+work. Jobs run in a small process pool (one torch thread each), a job starting when its teacher is done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from compt.data import DataConfig, register_dataset, tokenizer
+from compt.data.synthetic import SyntheticDataset, SyntheticSpec
+
+HERE = Path(__file__).resolve().parent
+MICRO_FAMILY = str(HERE / "micro_family.yaml")
+METRIC = "mean_zeroshot_top1"
+DATA_KIND = "synthetic-cached"
+
+# An easier vocabulary than the embedded default (fewer colours, sizes, textures, plain backgrounds):
+# on 2 CPU cores the default set leaves every micro member near chance after 40k samples.
+BENCH_SPEC = SyntheticSpec(
+    shapes=("circle", "square", "triangle", "cross", "ring", "star"),
+    colours=("red", "green", "blue", "yellow"),
+    sizes=("medium", "large"),
+    textures=("solid",),
+    backgrounds=("black", "white"),
+    patterns=("plain",),
+    colour_jitter=0.04,
+    pixel_noise=0.01,
+)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that defines a benchmark run (the same for baselines and chains, by construction)."""
+
+    family: str = MICRO_FAMILY  # family name or YAML path
+    members: tuple[str, ...] = ("micro-XXS", "micro-XS", "micro-S", "micro-M")  # the main chain
+    three: tuple[str, ...] = ("micro-XXS", "micro-S", "micro-M")  # Fig. 7: fewer members, same range
+    prepend: str = "micro-N"  # Fig. 6: a smaller first member ("" to skip)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    baseline_steps: tuple[int, ...] = (100, 200, 400)  # the schedule-length sweep (Fig. 4)
+    link_fractions: tuple[float, ...] = (0.125, 0.25, 0.5)  # link steps / the member's baseline steps
+    alphas: tuple[Any, ...] = (0.0, 50.0, "auto")  # besides `alpha` (0 = IWI only, Table 4b)
+    alpha: Any = 500.0  # App. B.1
+    ablations: bool = True
+    batch: int = 128
+    lr: float = 5e-3
+    num_samples: int = 20_000  # training images (captions re-drawn every epoch)
+    spec: SyntheticSpec = BENCH_SPEC
+    eval_images: int = 1000  # per zero-shot task
+    eval_retrieval: int = 500
+    eval_tasks: tuple[str, ...] = ("shape", "colour", "count", "binding")
+    tolerance: float = 0.5  # lossless: gap <= max(tolerance, 2 * baseline seed std)
+    converge_pt: float = 0.5  # converged: the last doubling of the schedule gained less than this
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- data: the embedded set, each image rendered once per process --------------------------------
+
+
+class _CachedScenes:
+    """The synthetic set with every image and caption pool kept after first use.
+
+    Scene ``i`` (image and pool) is fixed by ``(seed, i)``; only the M-caption draw changes per epoch,
+    so caching changes no sample, only the time spent re-rendering it in later epochs.
+    """
+
+    def __init__(self, base: SyntheticDataset):
+        self.base, self.cache = base, {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def load(self, index: int, rng):
+        from compt.data.captions import sample_captions
+        from compt.data.synthetic import describe, render_tensor
+
+        hit = self.cache.get(index)
+        if hit is None:
+            scene, srng = self.base.scene(index)
+            image = render_tensor(scene, self.base.image_size, srng, self.base.spec)
+            hit = self.cache[index] = (image, describe(scene, srng, self.base.spec.num_sub_captions))
+        return hit[0], self.base.tokenize(sample_captions(hit[1], self.base.num_captions, rng))
+
+
+_DATASETS: dict[tuple, _CachedScenes] = {}
+
+
+@register_dataset(DATA_KIND)
+def _cached_synthetic(cfg: DataConfig, *, image_size: int, context_length: int) -> _CachedScenes:
+    key = (cfg.synthetic, cfg.num_samples, cfg.seed, image_size, context_length, cfg.num_captions)
+    if key not in _DATASETS:
+        base = SyntheticDataset(
+            cfg.synthetic,
+            num_samples=cfg.num_samples,
+            seed=cfg.seed,
+            image_size=image_size,
+            tokenize=tokenizer(context_length),
+            num_captions=cfg.num_captions,
+        )
+        _DATASETS[key] = _CachedScenes(base)
+    return _DATASETS[key]
+
+
+# --- one run --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One engine run: a baseline (``teacher`` empty) or a chain link grown from ``teacher``'s result."""
+
+    key: str  # folder name under <out>/runs
+    member: str
+    steps: int
+    seed: int
+    teacher: str = ""  # key of the teacher job
+    alpha: Any = 500.0
+    deps: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.teacher and self.teacher not in self.deps:
+            object.__setattr__(self, "deps", (*self.deps, self.teacher))
+
+
+def _evaluator(proto: Protocol, image_size: int, context_length: int):
+    from compt.data.evalsets import embedded_eval_sets
+    from compt.evaluate import evaluate_model
+
+    tasks, rsets = embedded_eval_sets(
+        image_size,
+        seed=0,
+        num_images=proto.eval_images,
+        num_retrieval=proto.eval_retrieval,
+        tasks=proto.eval_tasks,
+        spec=proto.spec,
+    )
+    tok = tokenizer(context_length)
+    return lambda model, step: evaluate_model(model, tasks, rsets, tok)
+
+
+def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
+    """Train and evaluate ``job`` with the engine (or read its finished result); returns the result dict."""
+    import torch
+
+    from compt.families import get_member
+    from compt.train import TrainConfig, train_member
+
+    torch.set_num_threads(1)  # the pool runs one job per core
+    folder = Path(out) / "runs" / job.key
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    member = get_member(job.member, proto.family)
+    teacher = str(Path(out) / "runs" / job.teacher / "final.pt") if job.teacher else None
+    data = DataConfig(kind=DATA_KIND, num_samples=proto.num_samples, seed=0, synthetic=proto.spec)
+    cfg = TrainConfig(
+        member=job.member,
+        family=proto.family,
+        data=data,
+        steps=job.steps,
+        global_batch_size=proto.batch,
+        lr=proto.lr,
+        seed=job.seed,
+        out_dir=str(folder),
+        save_every_steps=0,
+        log_every_steps=max(1, job.steps // 10),
+        teacher=teacher,
+        alpha=job.alpha,
+        device="cpu",
+    )
+    start = time.perf_counter()
+    result = train_member(cfg, evaluate=_evaluator(proto, member.image_size, member.context_length))
+    record = {
+        "job": asdict(job),
+        "metrics": result.metrics,
+        "train_macs": result.train_macs,
+        "wall_s": result.wall_s,
+        "total_s": time.perf_counter() - start,
+        "steps": result.steps,
+        "samples_seen": result.samples_seen,
+    }
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def run_jobs(proto: Protocol, jobs: list[Job], out: str, workers: int, log=print) -> dict[str, dict]:
+    """Run ``jobs`` (each after its dependencies) on ``workers`` processes; returns key -> result."""
+    by_key = {j.key: j for j in jobs}
+    results: dict[str, dict] = {}
+    pending = list(jobs)
+    running: dict[Any, Job] = {}
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        while pending or running:
+            ready = [j for j in pending if all(d in results or d not in by_key for d in j.deps)]
+            for job in ready[: (workers - len(running)) if pool else 1]:
+                pending.remove(job)
+                if pool is None:
+                    results[job.key] = run_job(proto, job, out)
+                    log(f"  done {job.key} ({results[job.key]['wall_s']:.0f} s)")
+                else:
+                    running[pool.submit(run_job, proto, job, out)] = job
+            if pool is None:
+                if pending and not ready:
+                    raise RuntimeError(f"jobs waiting on unknown dependencies: {[j.key for j in pending]}")
+                continue
+            if not running:
+                raise RuntimeError(f"jobs waiting on unknown dependencies: {[j.key for j in pending]}")
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                results[job.key] = fut.result()
+                log(f"  done {job.key} ({results[job.key]['wall_s']:.0f} s)")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return results
+
+
+# --- the protocol as jobs ---------------------------------------------------------------------------
+
+
+def _fkey(f: float) -> str:
+    return f"{f:g}".replace(".", "p")
+
+
+def _akey(alpha: Any) -> str:
+    return str(alpha) if isinstance(alpha, str) else f"{float(alpha):g}"
+
+
+def baseline_key(member: str, steps: int, seed: int) -> str:
+    return f"base_{member}_{steps}_s{seed}"
+
+
+def chain_jobs(
+    proto: Protocol,
+    name: str,
+    members: tuple[str, ...],
+    first: str,
+    fraction: float,
+    seed: int,
+    alpha: Any,
+    grow_all_from_first: bool = False,
+) -> list[Job]:
+    """The links of a chain whose first member is the finished job ``first``; link k trains
+    ``fraction`` of member k's baseline steps, grown from link k-1 (or from ``first`` for Table 4a)."""
+    jobs, teacher = [], first
+    for m in members[1:]:
+        steps = max(1, round(fraction * proto.baseline_steps[-1]))
+        job = Job(key=f"{name}_{m}_s{seed}", member=m, steps=steps, seed=seed, teacher=teacher, alpha=alpha)
+        jobs.append(job)
+        teacher = first if grow_all_from_first else job.key
+    return jobs
+
+
+def chain_name(tag: str, fraction: float, alpha: Any) -> str:
+    return f"{tag}_f{_fkey(fraction)}_a{_akey(alpha)}"
+
+
+def baseline_jobs(proto: Protocol, members: tuple[str, ...]) -> list[Job]:
+    """Seed 0 at every sweep length, other seeds at the longest (the baseline of the comparison)."""
+    longest = proto.baseline_steps[-1]
+    jobs = [
+        Job(baseline_key(m, s, proto.seeds[0]), m, s, proto.seeds[0])
+        for m in members
+        for s in proto.baseline_steps
+    ]
+    jobs += [
+        Job(baseline_key(m, longest, seed), m, longest, seed) for m in members for seed in proto.seeds[1:]
+    ]
+    return sorted(jobs, key=lambda j: -j.steps * _size_rank(proto, j.member))  # long jobs first: packing
+
+
+def _size_rank(proto: Protocol, member: str) -> int:
+    order = [proto.prepend, *proto.members]
+    return 1 + order.index(member) if member in order else 1
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def replace_proto(proto: Protocol, **changes) -> Protocol:
+    return replace(proto, **changes)

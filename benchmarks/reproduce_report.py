@@ -1,0 +1,259 @@
+"""Markdown tables and PNG figures of ``benchmarks/reproduce.py`` results (Tables 2/4, Fig. 4, 6, 7)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from compt.figures import BarPanel, Curve, plot_bar_panels, plot_curves
+
+
+def _n(v: float, digits: int = 1) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _pm(mean: float, std: float, seeds: int) -> str:
+    return _n(mean) if seeds < 2 else f"{_n(mean)} ± {_n(std)}"
+
+
+def _chain_table(v: dict[str, Any]) -> list[str]:
+    lines = [
+        "| member | steps | baseline | chain | gap (pt) | tolerance | lossless | MACs x (indiv.) | "
+        "MACs x (accum.) | wall x (indiv.) | wall x (accum.) |",
+        "|" + "---|" * 11,
+    ]
+    n = len(v["seeds"])
+    for r in v["rows"]:
+        if r["first"]:
+            lines.append(
+                f"| {r['member']} | {r['steps']} | {_pm(r['baseline_mean'], r['baseline_std'], 3)} | "
+                f"= baseline (first member) | | | | 1.00 | 1.00 | 1.00 | 1.00 |"
+            )
+            continue
+        lines.append(
+            f"| {r['member']} | {r['steps']} | {_pm(r['baseline_mean'], r['baseline_std'], 3)} | "
+            f"{_pm(r['chain_mean'], r['chain_std'], n)} | {_n(r['gap'], 2)} | {_n(r['tolerance'], 2)} | "
+            f"{'yes' if r['lossless'] else 'no'} | {_n(r['individual_macs_x'], 2)} | "
+            f"{_n(r['accumulated_macs_x'], 2)} | {_n(r['individual_wall_x'], 2)} | "
+            f"{_n(r['accumulated_wall_x'], 2)} |"
+        )
+    return lines
+
+
+def _summary_line(v: dict[str, Any]) -> str:
+    s = v["summary"]
+    return (
+        f"accumulated MACs acceleration {_n(s['accumulated_macs_x'], 2)}x, "
+        f"wall {_n(s['accumulated_wall_x'], 2)}x, "
+        f"worst gap {_n(s['worst_gap'], 2)} pt, lossless: {'yes' if s['lossless'] else 'no'}"
+    )
+
+
+def _variants_table(variants: list[dict[str, Any]], label) -> list[str]:
+    lines = [
+        "| variant | members | per-member metric (gap to baseline, pt) | accum. MACs x | worst gap "
+        "| lossless |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        cells = ", ".join(
+            f"{r['member']} {_n(r['chain_mean'])} ({'first' if r['first'] else _n(r['gap'], 1)})"
+            for r in v["rows"]
+        )
+        s = v["summary"]
+        lines.append(
+            f"| {label(v)} | {len(v['members'])} | {cells} | {_n(s['accumulated_macs_x'], 2)} | "
+            f"{_n(s['worst_gap'], 2)} | {'yes' if s['lossless'] else 'no'} |"
+        )
+    return lines
+
+
+def _baseline_tables(results: dict[str, Any]) -> list[str]:
+    proto, base = results["protocol"], results["baselines"]
+    steps = proto["baseline_steps"]
+    lines = [
+        "| member | " + " | ".join(f"{s} steps" for s in steps) + " | last doubling | converged | "
+        f"{len(proto['seeds'])} seeds at {steps[-1]} |",
+        "|" + "---|" * (len(steps) + 4),
+    ]
+    for m, b in base.items():
+        sweep = " | ".join(_n(b["sweep"][str(s)] if str(s) in b["sweep"] else b["sweep"][s]) for s in steps)
+        conv = {True: "yes", False: "**no**", None: "–"}[b["converged"]]
+        lines.append(
+            f"| {m} | {sweep} | {_n(b['last_doubling_gain'], 2)} | {conv} | "
+            f"{_pm(b['mean'], b['std'], len(b['per_seed']))} |"
+        )
+    keys = [
+        k for k in next(iter(base.values()))["tasks"] if k.startswith("zeroshot/") or k == "mean_retrieval_r1"
+    ]
+    lines += [
+        "",
+        "Per task (mean over seeds, longest schedule):",
+        "",
+        "| member | " + " | ".join(k.split("/")[1] if "/" in k else k for k in keys) + " |",
+        "|" + "---|" * (len(keys) + 1),
+    ]
+    for m, b in base.items():
+        lines.append(f"| {m} | " + " | ".join(_n(b["tasks"][k]) for k in keys) + " |")
+    return lines
+
+
+def render(results: dict[str, Any], figures: list[str]) -> str:
+    proto, main = results["protocol"], results["main"]
+    lines = [
+        "# compt reproduce: does the chain pay on the embedded data?",
+        "",
+        f"Command: `{results.get('command', '')}` ({results['workers']} workers, "
+        f"{results['wall_minutes']:.1f} min wall). Raw numbers: `results.json`.",
+        "",
+        f"Family `{Path(proto['family']).name}`, chain {' -> '.join(proto['members'])}; "
+        f"metric `{results['metric']}` (zero-shot top-1 over {', '.join(proto['eval_tasks'])}, "
+        f"{proto['eval_images']} images each); batch {proto['batch']}, lr {proto['lr']}, "
+        f"{proto['num_samples']} training images, alpha {proto['alpha']}.",
+        "",
+        f"## Headline: {len(proto['members'])}-member chain at link fraction {results['chosen_fraction']:g}, "
+        f"seeds {main['seeds']}",
+        "",
+        _summary_line(main) + ".",
+        "",
+        *_chain_table(main),
+        "",
+        "Gap = baseline mean - chain mean (positive: the chain is worse). Tolerance = max("
+        f"{proto['tolerance']} pt, 2 x baseline seed std). MACs: the engine's count "
+        "(teacher forward included).",
+        "",
+        "## Baselines (Fig. 4): schedule sweep at seed 0, then every seed at the longest",
+        "",
+        *_baseline_tables(results),
+        "",
+        "## Link length sweep (seed 0): each link its own complete cosine schedule",
+        "",
+        *_variants_table(results["sweep"], lambda v: f"fraction {v['fraction']:g}"),
+    ]
+    groups = {
+        "alpha": (
+            "Alpha (alpha 0 = IWI only, Table 4b)",
+            lambda v: v["tag"] == "chain",
+            lambda v: f"alpha {v['alpha']}",
+        ),
+        "4a": (
+            "Chain vs every member grown from the smallest (Table 4a)",
+            lambda v: v["tag"] == "from-smallest",
+            lambda v: "all from " + v["members"][0],
+        ),
+        "fig7": (
+            "Fewer members over the same size range (Fig. 7)",
+            lambda v: v["tag"] == "three",
+            lambda v: " -> ".join(v["members"]),
+        ),
+        "fig6": (
+            "Prepending a smaller first member (Fig. 6)",
+            lambda v: v["tag"] == "prepend",
+            lambda v: " -> ".join(v["members"]),
+        ),
+    }
+    main0 = {**main, "rows": [{**r, "chain_mean": r["per_seed"][0]} for r in main["rows"]]}
+    for title, pick, label in groups.values():
+        chosen = [v for v in results["ablations"] if pick(v)]
+        if chosen:
+            lines += [
+                "",
+                f"## {title}, seed 0, link fraction {results['chosen_fraction']:g}",
+                "",
+                *_variants_table(
+                    [_reseed(results, main0)] + chosen,
+                    lambda v, label=label: "main chain (seed 0)" if v.get("is_main") else label(v),
+                ),
+            ]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _reseed(results: dict[str, Any], main0: dict[str, Any]) -> dict[str, Any]:
+    """The main chain's seed-0 row set, for side-by-side comparison with seed-0 ablations."""
+    sweep = [v for v in results["sweep"] if v["fraction"] == results["chosen_fraction"]]
+    base = sweep[0] if sweep else main0
+    return {**base, "is_main": True}
+
+
+def write_figures(results: dict[str, Any], out: Path) -> list[str]:
+    proto, files = results["protocol"], []
+    curves = [
+        Curve(m, [(float(s), v) for s, v in sorted((int(k), x) for k, x in b["sweep"].items())], color=i)
+        for i, (m, b) in enumerate(results["baselines"].items())
+    ]
+    plot_curves(
+        curves,
+        out / "baselines.png",
+        xlabel="baseline schedule (optimizer steps)",
+        ylabel=results["metric"],
+        title="Baseline schedule sweep (seed 0)",
+    )
+    files.append("baselines.png")
+    curves = []
+    for i, m in enumerate(proto["members"][1:]):
+        pts = [(v["fraction"], r["gap"]) for v in results["sweep"] for r in v["rows"] if r["member"] == m]
+        curves.append(Curve(m, pts, color=i + 1))
+    plot_curves(
+        curves,
+        out / "link_sweep.png",
+        xlabel="link steps / baseline steps",
+        ylabel="gap to baseline mean (pt, >0 worse)",
+        title="Chain link length sweep (seed 0)",
+    )
+    files.append("link_sweep.png")
+    rows = results["main"]["rows"]
+    names = [r["member"] for r in rows]
+    panels = [
+        BarPanel(
+            "metric (mean over seeds)",
+            names,
+            [("baseline", [r["baseline_mean"] for r in rows]), ("chain", [r["chain_mean"] for r in rows])],
+            results["metric"],
+        ),
+        BarPanel(
+            "training-MAC acceleration",
+            names,
+            [
+                ("individual", [r["individual_macs_x"] for r in rows]),
+                ("accumulated", [r["accumulated_macs_x"] for r in rows]),
+            ],
+            "x",
+            hline=1.0,
+        ),
+    ]
+    plot_bar_panels(panels, out / "headline.png")
+    files.append("headline.png")
+    if results["ablations"]:
+        variants = [v for v in results["ablations"]]
+        labels = [f"{v['tag']} a={v['alpha']}" if v["tag"] == "chain" else v["tag"] for v in variants]
+        panels = [
+            BarPanel(
+                "ablations: worst gap (pt)",
+                labels,
+                [("worst gap", [v["summary"]["worst_gap"] for v in variants])],
+                "pt",
+                hline=0.0,
+            ),
+            BarPanel(
+                "ablations: accumulated MACs x",
+                labels,
+                [("accel.", [v["summary"]["accumulated_macs_x"] for v in variants])],
+                "x",
+                hline=1.0,
+            ),
+        ]
+        plot_bar_panels(panels, out / "ablations.png")
+        files.append("ablations.png")
+    return files
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Write ``out/README.md`` and the PNG figures; returns the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = write_figures(results, out)
+    path = out / "README.md"
+    path.write_text(render(results, figures))
+    return path
