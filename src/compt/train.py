@@ -410,6 +410,12 @@ def _save_on_sigterm(run: _Run):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if run.stop_requested:  # arrived during the last boundary (final eval/save): final.pt is written,
+        # but a caller such as the chain would go on to train the next member; stop here instead.
+        final = run.out_dir / "final.pt"
+        msg = f"stopped by SIGTERM after {run.cfg.member} finished ({final}); rerun the same command"
+        _LOG.warning(msg)
+        raise TrainingInterrupted(msg, final)
 
 
 # --- setup ---------------------------------------------------------------------------------------
