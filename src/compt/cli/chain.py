@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -56,12 +57,19 @@ def _load(args):
 def _run(args) -> int:
     from compt import dist
     from compt.chain import run_chain
+    from compt.train import NonFiniteLossError, TrainingInterrupted
 
     spec = _load(args)
     # One process group for the whole chain (train_member reuses it rather than making its own).
     info = dist.init_distributed(spec.train.get("device", "auto"))
     try:
         summary = run_chain(spec, individual=args.individual)
+    except NonFiniteLossError as e:  # a message that says what to change, not a traceback
+        print(f"compt chain: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"compt chain: {e}", file=sys.stderr)
+        return 143
     finally:
         dist.teardown(info)
     if dist.is_main():
