@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -336,8 +337,14 @@ def train_member(
     it) and :class:`TrainingInterrupted` (a ``SystemExit``) after saving on SIGTERM.
     """
     final = Path(cfg.out_dir) / "final.pt"
-    if final.is_file() and verify_checkpoint(final):
-        return _result(final, load_checkpoint(final))
+    if final.is_file():
+        if verify_checkpoint(final):
+            return _result(final, load_checkpoint(final))
+        warnings.warn(
+            f"{final} is corrupted or truncated (SHA-256 mismatch); resuming from the newest valid "
+            "step checkpoint to write it again",
+            stacklevel=2,
+        )
     info = dist.init_distributed(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     run = None
