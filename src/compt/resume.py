@@ -29,7 +29,7 @@ import torch
 from compt import dist
 from compt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from compt.config import to_dict
-from compt.data import build_loader
+from compt.data import build_loader, tokenizer
 
 __all__ = [
     "SAME_RUN_FIELDS",
@@ -143,6 +143,13 @@ class DataStream:
                 "use a multiple of the number of processes"
             )
         self._it, self._at, self.skips = None, None, 0
+        # Caught here, not as an IndexError deep in the first forward pass.
+        vocab, need = member.model_cfg["text_cfg"].get("vocab_size", 49408), tokenizer(2).vocab_size
+        if vocab < need:
+            raise ValueError(
+                f"member {member.name} has text_cfg.vocab_size={vocab}, but compt's data uses open_clip's "
+                f"tokenizer with {need} token ids; set vocab_size: {need} in its family definition"
+            )
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(

@@ -210,6 +210,11 @@ class Tokenizer:
         self.context_length = context_length
         self._cache: dict[str, torch.Tensor] = {}
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run over ``0 .. vocab_size - 1`` (a model's ``text_cfg.vocab_size`` must cover them)."""
+        return len(Tokenizer._base.encoder)
+
     def _ids(self, text: str) -> list[int]:
         """BPE ids of ``text`` (no start/end tokens), as ``SimpleTokenizer.encode``."""
         base = Tokenizer._base
