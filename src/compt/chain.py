@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from compt import dist
+from compt.checkpoint import check_writable
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.cost import allocate_epochs
 from compt.data import DataConfig
@@ -127,6 +128,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> ChainSpec
     spec = load_yaml(ChainSpec, path, overrides)
     members = spec.resolved_members()
     check_ascending(members)
+    check_writable(spec.out_dir, "out_dir")
     for i in range(len(members)):  # fail now, not after an hour of training the first member
         member_train_config(spec, i, individual=False)
         member_train_config(spec, i, individual=True)

@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "check_writable",
     "save_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
@@ -92,6 +93,26 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def check_writable(folder: str | Path, field: str = "out_dir") -> None:
+    """Raise :class:`CheckpointError` now if ``folder`` cannot be created or written (creates nothing).
+
+    Called before training so that a bad output folder fails in the first second, not at the first save.
+    """
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    else:
+        return
+    raise CheckpointError(
+        f"{field} {folder} cannot be written: {problem}; choose another {field} or fix the path"
+    )
+
+
 def verify_checkpoint(path: str | Path) -> bool:
     """True when ``path`` exists and matches its SHA-256 sidecar (files without a sidecar pass)."""
     path = Path(path)
@@ -123,13 +144,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (or train that member first)")
     if not verify_checkpoint(path):
-        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (SHA-256 mismatch)")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or truncated (SHA-256 mismatch); rerun the run that wrote it "
+            "to rewrite it (it resumes from its newest valid step_*.pt), or restore it from a backup"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises several types for a damaged zip
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e})") from e
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e}); pass a .pt file written by "
+            "compt (a run's final.pt or step_<N>.pt)"
+        ) from e
     if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"{path} is not a compt checkpoint (no 'model' entry)")
+        raise CheckpointError(
+            f"{path} is not a compt checkpoint (no 'model' entry); pass a run's final.pt or step_<N>.pt"
+        )
     return payload
 
 

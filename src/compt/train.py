@@ -36,7 +36,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from compt import dist
-from compt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from compt.checkpoint import (
+    check_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from compt.config import to_dict
 from compt.cost import member_cost
 from compt.data import DataConfig
@@ -345,6 +351,7 @@ def train_member(
             "step checkpoint to write it again",
             stacklevel=2,
         )
+    check_writable(cfg.out_dir, "train.out_dir")  # now, not at the first checkpoint
     info = dist.init_distributed(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     run = None
