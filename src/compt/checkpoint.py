@@ -198,9 +198,15 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
     if "model_cfg" not in payload:
         raise CheckpointError(f"{path} holds no 'model_cfg'; it was not written by compt")
     model = CLIP(**payload["model_cfg"])
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    how = "it was not saved by compt for this model; pass the checkpoint its run wrote (final.pt)"
+    try:
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise CheckpointError(f"{path}: weights do not match its model config ({first.strip()}); {how}") from e
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: weights do not match its model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{path}: weights do not match its model config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); {how}"
         )
     return model, payload
