@@ -33,13 +33,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reproduce_lib import (  # noqa: E402
-    METRIC,
     Protocol,
     baseline_jobs,
     baseline_key,
     chain_jobs,
     chain_name,
     mean_std,
+    metric_value,
     replace_proto,
     run_jobs,
 )
@@ -55,23 +55,25 @@ QUICK = dict(
 )
 
 
-def _metric(res: dict) -> float:
-    return float(res["metrics"][METRIC])
+def _metric(res: dict, name: str) -> float:
+    return metric_value(res["metrics"], name)
 
 
 def baseline_table(proto: Protocol, res: dict[str, dict]) -> dict[str, dict]:
     """Per member: the schedule sweep (seed 0) and the longest schedule's mean/std over seeds."""
     longest, table = proto.baseline_steps[-1], {}
     for m in proto.members:
-        sweep = {s: _metric(res[baseline_key(m, s, proto.seeds[0])]) for s in proto.baseline_steps}
+        sweep = {
+            s: _metric(res[baseline_key(m, s, proto.seeds[0])], proto.metric) for s in proto.baseline_steps
+        }
         runs = [res[baseline_key(m, longest, seed)] for seed in proto.seeds]
-        mean, std = mean_std([_metric(r) for r in runs])
+        mean, std = mean_std([_metric(r, proto.metric) for r in runs])
         gain = sweep[longest] - sweep[proto.baseline_steps[-2]] if len(sweep) > 1 else math.nan
         table[m] = {
             "sweep": sweep,
             "mean": mean,
             "std": std,
-            "per_seed": [_metric(r) for r in runs],
+            "per_seed": [_metric(r, proto.metric) for r in runs],
             "tolerance": max(proto.tolerance, 2 * std),
             "last_doubling_gain": gain,
             "converged": bool(gain < proto.converge_pt) if len(sweep) > 1 else None,
@@ -95,7 +97,7 @@ def chain_rows(
     seeds = sorted(keys_by_seed)
     for i, m in enumerate(members):
         runs = [res[first_key[s]] if i == 0 else res[keys_by_seed[s][i - 1]] for s in seeds]
-        vals = [_metric(r) for r in runs]
+        vals = [_metric(r, proto.metric) for r in runs]
         mean, std = mean_std(vals)
         macs = sum(r["train_macs"] for r in runs) / len(runs)
         wall = sum(r["wall_s"] for r in runs) / len(runs)
@@ -162,9 +164,13 @@ def _variant(proto, base, res, tag, members, fraction, alpha, seeds, first_of, *
     }
 
 
-def run(proto: Protocol, out: Path, workers: int, log=print) -> dict[str, Any]:
-    """All phases; returns (and writes) the results dict."""
+def run(
+    proto: Protocol, out: Path, workers: int, log=print, report_dir: Path | None = None
+) -> dict[str, Any]:
+    """All phases (runs under ``out/runs``); returns the results dict and writes it to ``report_dir``."""
     out.mkdir(parents=True, exist_ok=True)
+    report_dir = report_dir or out
+    report_dir.mkdir(parents=True, exist_ok=True)
     t0, longest, s0 = time.perf_counter(), proto.baseline_steps[-1], proto.seeds[0]
     first = lambda m: lambda s: baseline_key(m, longest, s)  # noqa: E731
     jobs = baseline_jobs(proto, proto.members)
@@ -244,7 +250,7 @@ def run(proto: Protocol, out: Path, workers: int, log=print) -> dict[str, Any]:
     ]
     results = {
         "protocol": proto.to_dict(),
-        "metric": METRIC,
+        "metric": proto.metric,
         "baselines": base,
         "sweep": sweep,
         "chosen_fraction": chosen,
@@ -254,7 +260,7 @@ def run(proto: Protocol, out: Path, workers: int, log=print) -> dict[str, Any]:
         "wall_minutes": (time.perf_counter() - t0) / 60,
         "workers": workers,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (report_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
@@ -269,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="results folder (rerun to resume)")
     p.add_argument(
         "--quick", action="store_true", help="3-member chain vs its baselines, < 10 min on 2 cores"
+    )
+    p.add_argument(
+        "--report-dir",
+        help="where results.json, README.md and PNGs go (default: --out); "
+        "e.g. to score finished runs with another --set metric=... without retraining",
     )
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
     p.add_argument(
@@ -291,17 +302,18 @@ def main(argv: list[str] | None = None) -> int:
         changes[name] = tuple(v) if isinstance(v, list) else v
     proto = replace_proto(proto, **changes)
     out = Path(args.out)
+    report = Path(args.report_dir) if args.report_dir else out
     command = "python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/reproduce.py", *(argv or sys.argv[1:])]
     )
-    results = run(proto, out, args.workers)
+    results = run(proto, out, args.workers, report_dir=report)
     results["command"] = command
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (report / "results.json").write_text(json.dumps(results, indent=1, default=str))
     from reproduce_report import write_report
 
-    write_report(results, out)
+    write_report(results, report)
     s = results["main"]["summary"]
-    print(f"wrote {out / 'README.md'} ({results['wall_minutes']:.1f} min)")
+    print(f"wrote {report / 'README.md'} ({results['wall_minutes']:.1f} min)")
     print(
         f"{'quick' if args.quick else 'full'}: acceleration={s['accumulated_macs_x']:.2f}x "
         f"worst_gap={s['worst_gap']:.2f} lossless={'yes' if s['lossless'] else 'no'}"

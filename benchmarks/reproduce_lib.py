@@ -65,11 +65,34 @@ class Protocol:
     eval_images: int = 1000  # per zero-shot task
     eval_retrieval: int = 500
     eval_tasks: tuple[str, ...] = ("shape", "colour", "count", "binding")
+    metric: str = METRIC  # the compared metric: an evaluate_model key or one of DERIVED_METRICS
     tolerance: float = 0.5  # lossless: gap <= max(tolerance, 2 * baseline seed std)
     converge_pt: float = 0.5  # converged: the last doubling of the schedule gained less than this
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Metrics computed from evaluate_model's keys, so a finished run can be re-scored without retraining.
+DERIVED_METRICS = {
+    "mean_retrieval_r10": lambda m: statistics.fmean(v for k, v in m.items() if k.endswith("_r10")),
+    "mean_retrieval_r5": lambda m: statistics.fmean(v for k, v in m.items() if k.endswith("_r5")),
+    "zeroshot_without_colour": lambda m: statistics.fmean(
+        v for k, v in m.items() if k.startswith("zeroshot/") and k != "zeroshot/colour/top1"
+    ),
+}
+
+
+def metric_value(metrics: dict[str, float], name: str) -> float:
+    """``metrics[name]``, or the derived metric ``name`` (:data:`DERIVED_METRICS`)."""
+    if name in metrics:
+        return float(metrics[name])
+    if name in DERIVED_METRICS:
+        return float(DERIVED_METRICS[name](metrics))
+    raise KeyError(
+        f"metric {name!r} is neither in the run's metrics ({', '.join(metrics)}) nor derived "
+        f"({', '.join(DERIVED_METRICS)})"
+    )
 
 
 # --- data: the embedded set, each image rendered once per process --------------------------------

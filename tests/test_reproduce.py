@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import reproduce  # noqa: E402
-from reproduce_lib import Protocol, replace_proto  # noqa: E402
+from reproduce_lib import METRIC, Protocol, metric_value, replace_proto  # noqa: E402
 
 DEBUG = dict(
     family="debug",
@@ -51,7 +51,7 @@ def test_every_phase_ran_with_the_engine(results):
     assert {"base_debug-S_2_s0", "base_debug-S_4_s0", "base_debug-S_4_s1", "base_debug-L_4_s1"} <= set(runs)
     for key, run in runs.items():
         assert (out / "runs" / key / "final.pt").is_file()  # the engine wrote it
-        assert run["train_macs"] > 0 and 0 <= run["metrics"][reproduce.METRIC] <= 100
+        assert run["train_macs"] > 0 and 0 <= run["metrics"][METRIC] <= 100
     # a link trains fraction x the member's longest baseline schedule and costs its teacher's forward too
     link = runs["chain_f0p5_a500_debug-L_s0"]
     base = runs["base_debug-L_4_s0"]
@@ -88,3 +88,15 @@ def test_report_and_rerun_resumes(results, tmp_path):
 def test_unknown_protocol_field_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown protocol field 'bogus'"):
         reproduce.main(["--set", "bogus=1"])
+
+
+def test_rescoring_with_a_derived_metric_reuses_the_runs(results, tmp_path):
+    res, out, _ = results
+    proto = replace_proto(Protocol(), **DEBUG, metric="mean_retrieval_r10")
+    again = reproduce.run(proto, out, workers=1, log=lambda *a: None, report_dir=tmp_path)
+    assert again["metric"] == "mean_retrieval_r10" and (tmp_path / "results.json").is_file()
+    run = again["runs"]["base_debug-L_4_s0"]["metrics"]
+    expected = (run["retrieval/synthetic/i2t_r10"] + run["retrieval/synthetic/t2i_r10"]) / 2
+    assert again["baselines"]["debug-L"]["sweep"][4] == pytest.approx(expected)
+    with pytest.raises(KeyError, match="neither in the run's metrics"):
+        metric_value(run, "bogus")
