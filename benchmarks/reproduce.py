@@ -45,7 +45,7 @@ from reproduce_lib import (  # noqa: E402
 )
 
 QUICK = dict(
-    members=("micro-XXS", "micro-XS", "micro-S"),
+    members=("micro-XS", "micro-S", "micro-M"),
     three=(),
     prepend="",
     baseline_steps=(300,),
@@ -147,7 +147,14 @@ def _variant(proto, base, res, tag, members, fraction, alpha, seeds, first_of, *
         s: [
             j.key
             for j in chain_jobs(
-                proto, chain_name(tag, fraction, alpha), members, first_of(s), fraction, s, alpha, **kw
+                proto,
+                chain_name(tag, fraction, alpha, members[0]),
+                members,
+                first_of(s),
+                fraction,
+                s,
+                alpha,
+                **kw,
             )
         ]
         for s in seeds
@@ -179,7 +186,7 @@ def run(
     for f in proto.link_fractions:
         jobs += chain_jobs(
             proto,
-            chain_name("chain", f, proto.alpha),
+            chain_name("chain", f, proto.alpha, proto.members[0]),
             proto.members,
             first(proto.members[0])(s0),
             f,
@@ -201,7 +208,7 @@ def run(
     for s in proto.seeds[1:]:
         jobs += chain_jobs(
             proto,
-            chain_name("chain", chosen, proto.alpha),
+            chain_name("chain", chosen, proto.alpha, proto.members[0]),
             proto.members,
             first(proto.members[0])(s),
             chosen,
@@ -228,7 +235,7 @@ def run(
             )
     for tag, members, alpha, first_of, kw in studies:
         jobs += chain_jobs(
-            proto, chain_name(tag, chosen, alpha), members, first_of(s0), chosen, s0, alpha, **kw
+            proto, chain_name(tag, chosen, alpha, members[0]), members, first_of(s0), chosen, s0, alpha, **kw
         )
     log(f"phase 2: {len(jobs)} runs (chain seeds at fraction {chosen:g}, ablations)")
     res |= run_jobs(proto, jobs, str(out), workers, log)

@@ -53,7 +53,7 @@ def test_every_phase_ran_with_the_engine(results):
         assert (out / "runs" / key / "final.pt").is_file()  # the engine wrote it
         assert run["train_macs"] > 0 and 0 <= run["metrics"][METRIC] <= 100
     # a link trains fraction x the member's longest baseline schedule and costs its teacher's forward too
-    link = runs["chain_f0p5_a500_debug-L_s0"]
+    link = runs["chain-debug-S_f0p5_a500_debug-L_s0"]
     base = runs["base_debug-L_4_s0"]
     assert link["steps"] == 2 and link["job"]["teacher"] == "base_debug-S_4_s0"
     assert link["train_macs"] > base["train_macs"] / 2
