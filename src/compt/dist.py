@@ -114,6 +114,20 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
     if dev.type == "cuda":
         kwargs["device_id"] = dev  # binds NCCL to this GPU up front (no guessing in the first barrier)
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun --max-restarts keeps its store across restarts: a restarted rank that starts early
+        # reads the failed attempt's peer addresses and hangs connecting to dead processes. Fresh keys
+        # per attempt (tests/test_dist_fault.py).
+        store = torch_dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+            timeout=kwargs["timeout"],
+        )  # fmt: skip
+        kwargs |= {
+            "store": torch_dist.PrefixStore(f"compt/attempt_{restart}", store),
+            "rank": _env_int("RANK", 0),
+            "world_size": world,
+        }
     torch_dist.init_process_group(**kwargs)
     return DistInfo(
         torch_dist.get_rank(), local_rank, torch_dist.get_world_size(), dev, backend, owns_group=True
