@@ -180,10 +180,13 @@ def open_clip_run(args, work: Path, table: Path) -> dict:
         "--seed",
         "0",
     ]
-    code, wall, log = _run(cmd, work, args.timeout)
+    # OpenCLIP resolves the table's relative image paths against its working directory.
+    code, wall, log = _run(cmd, table.parent, args.timeout)
     if code != 0:
-        last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        return {"error": f"exit {code}: {last[0]}"}
+        lines = [line for line in log.strip().splitlines() if line.strip()]
+        # torch's own INFO chatter can follow a traceback; the exception line says what went wrong.
+        errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line)]
+        return {"error": f"exit {code}: {(errors or lines or ['(no output)'])[-1]}"}
     text = (logs / "bench" / "out.log").read_text() if (logs / "bench" / "out.log").is_file() else log
     # OpenCLIP logs "... Batch (t): 0.123, 520.3/s, 520.3/s/gpu ..." every --log-every-n-steps steps.
     rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s", text)]
