@@ -181,7 +181,14 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` ``step_*.pt`` checkpoints (and their sidecars)."""
+    """Delete all but the newest ``keep`` ``step_*.pt`` checkpoints (and their sidecars).
+
+    Also deletes temporary files that a process killed mid-write left behind (a checkpoint's worth
+    of disk each); this process's own are in use and kept.
+    """
+    for tmp in Path(folder).glob(".step_*.pt*.tmp*"):
+        if not tmp.name.endswith(f".tmp{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
     if keep <= 0:
         return
     found = sorted((int(m.group(1)), p) for p in Path(folder).glob("step_*.pt") if (m := _STEP_RE.search(p.name)))
