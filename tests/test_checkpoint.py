@@ -153,7 +153,8 @@ def test_a_full_filesystem_keeps_the_previous_checkpoint(small_tmpfs):
     assert not [p for p in small_tmpfs.iterdir() if ".tmp" in p.name]
 
 
-def test_prune_keeps_the_newest(tmp_path):
+def test_prune_keeps_the_newest_and_drops_temp_files_of_killed_writers(tmp_path):
+    (tmp_path / ".step_3.pt.tmp999999999").write_bytes(b"half a checkpoint")  # a writer killed mid-save
     for step in (1, 2, 10):
         save_checkpoint(tmp_path / f"step_{step}.pt", _payload())
     prune_checkpoints(tmp_path, keep=2)
@@ -163,6 +164,7 @@ def test_prune_keeps_the_newest(tmp_path):
         "step_2.pt",
         "step_2.pt.sha256",
     ]
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_not_a_checkpoint_and_missing_file_are_named(tmp_path):
