@@ -121,6 +121,7 @@ def test_until_lossless_without_baseline_is_a_clear_error(tmp_path):
         ({"members": ["debug-XL"]}, "Known: debug-S, debug-L"),
         ({"train": {"out_dir": "x"}}, "the chain sets it per member"),
         ({"train": {"lr": -1.0}}, "lr"),
+        ({"eval": {"metric": "mean_zeroshot_top5"}}, "not a metric compt computes"),
     ],
 )
 def test_bad_specs_fail_before_training(tmp_path, changes, message):

@@ -55,6 +55,14 @@ class EvalSpec:
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        # compt.evaluate's keys; a typo here would make until_lossless wait forever.
+        if self.metric not in ("mean_zeroshot_top1", "mean_retrieval_r1") and not (
+            self.metric.startswith(("zeroshot/", "retrieval/"))
+        ):
+            raise ValueError(
+                f"eval.metric {self.metric!r} is not a metric compt computes; use mean_zeroshot_top1, "
+                "mean_retrieval_r1, zeroshot/<task>/top1 or retrieval/<set>/{i2t,t2i}_r{1,5,10}"
+            )
 
 
 @dataclass(frozen=True)
