@@ -175,7 +175,11 @@ def _evaluator(spec: ChainSpec, member: Member):
     from compt.evaluate import build_evaluator
 
     return build_evaluator(
-        member.image_size, member.context_length, imagefolders=spec.eval.imagefolders, seed=spec.eval.seed
+        member.image_size,
+        member.context_length,
+        imagefolders=spec.eval.imagefolders,
+        seed=spec.eval.seed,
+        spec=spec.data.synthetic,  # held-out scenes from the vocabulary the chain trains on
     )
 
 

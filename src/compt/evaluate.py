@@ -221,14 +221,19 @@ def evaluate_model(
 
 
 def _eval_sets(
-    image_size: int, imagefolders: Sequence[str | Path], embedded: bool, seed: int, num_images: int | None
+    image_size: int,
+    imagefolders: Sequence[str | Path],
+    embedded: bool,
+    seed: int,
+    num_images: int | None,
+    spec: Any = None,
 ):
     from compt.data.evalsets import embedded_eval_sets, imagefolder_task
 
     tasks, rsets = [], []
     if embedded:
         sizes = {} if num_images is None else {"num_images": num_images, "num_retrieval": num_images}
-        tasks, rsets = embedded_eval_sets(image_size, seed=seed, **sizes)
+        tasks, rsets = embedded_eval_sets(image_size, seed=seed, spec=spec, **sizes)
     names = {t.name for t in tasks} | {r.name for r in rsets}
     for folder in imagefolders:
         name = Path(folder).resolve().name
@@ -250,12 +255,14 @@ def build_evaluator(
     seed: int = 0,
     num_images: int | None = None,
     batch_size: int = 256,
+    spec: Any = None,
 ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """An ``evaluate(model, step) -> metrics`` callback for ``compt.train.train_member``.
 
     The eval sets (embedded tasks at ``image_size`` plus one task per ImageFolder, named after the
     folder) and the tokenizer are built once, on the first call. ``num_images`` overrides the
     embedded sets' size (images per task and retrieval images; default: compt.data.evalsets').
+    ``spec`` (a ``SyntheticSpec``) renders the embedded sets with the vocabulary the run trained on.
     In a distributed run call it on rank 0 only.
     """
     from compt.data import tokenizer as make_tokenizer
@@ -264,7 +271,7 @@ def build_evaluator(
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
         if not cache:
-            cache["sets"] = _eval_sets(image_size, imagefolders, embedded, seed, num_images)
+            cache["sets"] = _eval_sets(image_size, imagefolders, embedded, seed, num_images, spec)
             cache["tok"] = make_tokenizer(context_length)
         tasks, rsets = cache["sets"]
         return evaluate_model(model, tasks, rsets, cache["tok"], batch_size)
