@@ -105,7 +105,8 @@ def render(results: dict[str, Any], figures: list[str]) -> str:
         "# compt reproduce: does the chain pay on the embedded data?",
         "",
         f"Command: `{results.get('command', '')}` ({results['workers']} workers, "
-        f"{results['wall_minutes']:.1f} min wall). Raw numbers: `results.json`.",
+        f"{results['wall_minutes']:.1f} min wall). Raw numbers: `results.json`. Findings and caveats "
+        "(a saturated metric passes trivially; seed spread): `docs/reproduce.md`.",
         "",
         f"Family `{Path(proto['family']).name}`, chain {' -> '.join(proto['members'])}; "
         f"metric `{results['metric']}` (zero-shot top-1 over {', '.join(proto['eval_tasks'])}, "
