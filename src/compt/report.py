@@ -366,6 +366,10 @@ def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path
             for r in runs
             for i, m in enumerate(r.members)
         ]
+        # Each run's members' final points joined: the family's metric/cost frontier of Fig. 1.
+        for r, color in zip(runs, (7, 8), strict=False):
+            ends = [pts[-1] for m in r.members if (pts := member_curve(r, m, metric))]
+            curves.append(Curve(f"{r.label} (family)", ends, color, r is baseline))
         label = f"{MAIN_METRICS.get(metric, metric)} (%)"
         plot_curves(
             curves,

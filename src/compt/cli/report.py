@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
     run_path, baseline = resolve_runs(args.run, args.baseline)
     out = args.out or (Path(args.run) / "report" if Path(args.run).is_dir() else None)
     report = write_report(run_path, baseline, out, metric=args.metric)
-    print(report)
+    print(f"report: {report} (figures: {', '.join(sorted(p.name for p in report.parent.glob('*.png')))})")
     return 0
