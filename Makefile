@@ -24,6 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/compt report runs/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -190,7 +190,7 @@ def test_allocate_epochs_end_fraction_and_monotone_in_target():
     epochs = allocate_epochs(members, 1000, target_ratio=3.0, end_fraction=0.5)
     assert epochs[-1] == pytest.approx(epochs[1] / 2, abs=1)
     faster = allocate_epochs(members, 1000, target_ratio=5.0)
-    assert all(f <= e for f, e in zip(faster, epochs))
+    assert all(f <= e for f, e in zip(faster, epochs, strict=False))
 
 
 def test_allocate_epochs_limits():

@@ -31,7 +31,7 @@ def test_plan_arithmetic_matches_member_costs():
     costs = [member_cost(n, m) for n in TINY]
     steps = samples // batch
     base_acc = chain_acc = 0
-    for i, (row, c, e) in enumerate(zip(plan.rows, costs, epochs)):
+    for i, (row, c, e) in enumerate(zip(plan.rows, costs, epochs, strict=False)):
         teacher_fwd = costs[i - 1].forward_macs if i else 0
         base = samples * base_epochs * c.train_macs + base_epochs * steps * c.update_macs
         chain = samples * e * (c.train_macs + teacher_fwd) + e * steps * c.update_macs
@@ -75,8 +75,20 @@ def test_plan_bad_arguments(kwargs, match):
 
 def test_cli_paper_vit_command_json(capsys):
     code, out, _ = _run(
-        capsys, "--family", "vit", "--members", "ViT-T/16,ViT-S-16,ViT-B/16,ViT-L-16", "--samples", "2753427",
-        "--baseline-epochs", "128", "--epochs", "128,24,18,15", "--captions", "4", "--json",
+        capsys,
+        "--family",
+        "vit",
+        "--members",
+        "ViT-T/16,ViT-S-16,ViT-B/16,ViT-L-16",
+        "--samples",
+        "2753427",
+        "--baseline-epochs",
+        "128",
+        "--epochs",
+        "128,24,18,15",
+        "--captions",
+        "4",
+        "--json",
     )
     assert code == 0
     doc = json.loads(out)
@@ -92,8 +104,9 @@ def test_cli_paper_vit_command_json(capsys):
 
 
 def test_cli_table_for_whole_family(capsys):
-    code, out, _ = _run(capsys, "--family", "tiny", "--samples", "5000", "--baseline-epochs", "10",
-                        "--batch-size", "64")
+    code, out, _ = _run(
+        capsys, "--family", "tiny", "--samples", "5000", "--baseline-epochs", "10", "--batch-size", "64"
+    )
     assert code == 0
     assert all(name in out for name in TINY)
     assert "allocated per §3.1.2" in out  # no --epochs: says the epochs were allocated
@@ -101,8 +114,17 @@ def test_cli_table_for_whole_family(capsys):
 
 
 def test_cli_members_without_family(capsys):
-    code, out, _ = _run(capsys, "--members", "debug-S,debug-L", "--samples", "2048", "--epochs", "4,2",
-                        "--baseline-epochs", "4")
+    code, out, _ = _run(
+        capsys,
+        "--members",
+        "debug-S,debug-L",
+        "--samples",
+        "2048",
+        "--epochs",
+        "4,2",
+        "--baseline-epochs",
+        "4",
+    )
     assert code == 0 and "debug-L" in out and "allocated" not in out
 
 

@@ -142,7 +142,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or train that member first)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; check the path (or train that member first)"
+        )
     if not verify_checkpoint(path):
         raise CheckpointError(
             f"checkpoint {path} is corrupted or truncated (SHA-256 mismatch); rerun the run that wrote it "
@@ -170,13 +172,13 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = sorted(
-        (int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _STEP_RE.search(p.name))
-    )
+    found = sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _STEP_RE.search(p.name)))
     for _, p in reversed(found):
         if verify_checkpoint(p):
             return p
-        warnings.warn(f"checkpoint {p} is corrupted or truncated; falling back to an earlier one", stacklevel=2)
+        warnings.warn(
+            f"checkpoint {p} is corrupted or truncated; falling back to an earlier one", stacklevel=2
+        )
     return None
 
 
@@ -191,7 +193,9 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
             tmp.unlink(missing_ok=True)
     if keep <= 0:
         return
-    found = sorted((int(m.group(1)), p) for p in Path(folder).glob("step_*.pt") if (m := _STEP_RE.search(p.name)))
+    found = sorted(
+        (int(m.group(1)), p) for p in Path(folder).glob("step_*.pt") if (m := _STEP_RE.search(p.name))
+    )
     for _, p in found[:-keep]:
         p.unlink(missing_ok=True)
         p.with_name(p.name + ".sha256").unlink(missing_ok=True)
@@ -210,7 +214,9 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
         missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise CheckpointError(f"{path}: weights do not match its model config ({first.strip()}); {how}") from e
+        raise CheckpointError(
+            f"{path}: weights do not match its model config ({first.strip()}); {how}"
+        ) from e
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match its model config (missing {missing[:3]}, "

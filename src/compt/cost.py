@@ -296,7 +296,9 @@ def allocate_epochs(
     ``DEFAULT_TARGET_RATIO``.
     """
     if isinstance(members, int):
-        raise TypeError("allocate_epochs needs the chain's members (Member objects or names), not their count")
+        raise TypeError(
+            "allocate_epochs needs the chain's members (Member objects or names), not their count"
+        )
     _check_positive_int(baseline_epochs, "baseline_epochs")
     target_ratio = DEFAULT_TARGET_RATIO if target_ratio is None else target_ratio
     if not target_ratio >= 1.0:
@@ -312,10 +314,10 @@ def allocate_epochs(
     span = math.log(sizes[-1] / sizes[1]) if len(costs) > 2 else 0.0
     position = [math.log(s / sizes[1]) / span if span > 0 else 0.0 for s in sizes[1:]]  # 0 .. 1
     weights = [1.0 - (1.0 - end_fraction) * x for x in position]
-    links = [c.train_macs + t.forward_macs for t, c in zip(costs, costs[1:])]
+    links = [c.train_macs + t.forward_macs for t, c in zip(costs, costs[1:], strict=False)]
     baseline = baseline_epochs * sum(c.train_macs for c in costs)
     budget = baseline / target_ratio - baseline_epochs * costs[0].train_macs
-    scale = max(budget, 0.0) / sum(w * link for w, link in zip(weights, links))
+    scale = max(budget, 0.0) / sum(w * link for w, link in zip(weights, links, strict=False))
     return [baseline_epochs] + [min(baseline_epochs, max(1, round(scale * w))) for w in weights]
 
 
@@ -414,11 +416,11 @@ def plan_chain(
         raise ValueError(
             f"got {len(epochs)} epoch values for {len(members)} members ({names}); give one per member"
         )
-    for m, e in zip(members, epochs):
+    for m, e in zip(members, epochs, strict=False):
         _check_positive_int(e, f"epochs of {m.name}")
     costs = [member_cost(m, num_captions) for m in members]
     rows, base_acc, chain_acc = [], 0, 0
-    for i, (c, e) in enumerate(zip(costs, epochs)):
+    for i, (c, e) in enumerate(zip(costs, epochs, strict=False)):
         teacher = costs[i - 1] if i > 0 else None
         base = run_macs(c, samples=samples, epochs=baseline_epochs, batch_size=batch_size)
         chain = run_macs(c, samples=samples, epochs=e, batch_size=batch_size, teacher=teacher)

@@ -179,7 +179,9 @@ def check_ascending(members: list[Member]) -> None:
     from compt.cost import count_params  # cost depends on families, not the other way round
 
     sizes = [count_params(m)["total"] for m in members]
-    for (a, sa), (b, sb) in zip(zip(members, sizes), zip(members[1:], sizes[1:])):
+    for (a, sa), (b, sb) in zip(
+        zip(members, sizes, strict=False), zip(members[1:], sizes[1:], strict=False), strict=False
+    ):
         if sb <= sa:
             raise ValueError(
                 f"members must be in ascending size, but {b.name} ({sb / 1e6:.2f}M params) follows "
@@ -260,7 +262,9 @@ def vit_member(
     return Member(name=name, family=family, model_cfg=cfg)
 
 
-def swin_member(name: str, family: str, *, timm_model_name: str, text_width: int, embed_dim: int = 512) -> Member:
+def swin_member(
+    name: str, family: str, *, timm_model_name: str, text_width: int, embed_dim: int = 512
+) -> Member:
     """A Swin CLIP member: timm Swin vision tower (random init, no pooling head) + a CLIP text tower."""
     cfg = {
         "embed_dim": embed_dim,
@@ -312,7 +316,9 @@ def _swin() -> list[Member]:
     return [swin_member(n, "swin", timm_model_name=t, text_width=w) for n, t, w in spec]
 
 
-@register_family("tiny", "A CPU family for learning and tests: 32 px, patch 4, context 32, head width 16, ~4x MACs a step.")
+@register_family(
+    "tiny", "A CPU family for learning and tests: 32 px, patch 4, context 32, head width 16, ~4x MACs a step."
+)
 def _tiny() -> list[Member]:
     """A CPU family for learning and tests (32 px images, short captions)."""
     # Each step is ~4x the training MACs of the previous one (the paper's expansion rule, §3.1.2);
@@ -325,8 +331,17 @@ def _tiny() -> list[Member]:
     ]
     return [
         vit_member(
-            n, "tiny", width=w, layers=d, text_width=w, text_layers=d, embed_dim=64, head_width=16,
-            patch_size=4, image_size=32, context_length=32,
+            n,
+            "tiny",
+            width=w,
+            layers=d,
+            text_width=w,
+            text_layers=d,
+            embed_dim=64,
+            head_width=16,
+            patch_size=4,
+            image_size=32,
+            context_length=32,
         )
         for n, w, d in spec
     ]
@@ -336,8 +351,19 @@ def _tiny() -> list[Member]:
 def _debug() -> list[Member]:
     """Two sub-second members for smoke tests."""
     return [
-        vit_member(n, "debug", width=w, layers=d, text_width=w, text_layers=d, embed_dim=32, head_width=16,
-                   patch_size=4, image_size=16, context_length=16)
+        vit_member(
+            n,
+            "debug",
+            width=w,
+            layers=d,
+            text_width=w,
+            text_layers=d,
+            embed_dim=32,
+            head_width=16,
+            patch_size=4,
+            image_size=16,
+            context_length=16,
+        )
         for n, w, d in (("debug-S", 16, 1), ("debug-L", 32, 2))
     ]
 
@@ -366,7 +392,9 @@ def load_family_yaml(path: str | Path) -> Family:
         raise ValueError(f"{path}: a family file needs a top-level 'members:' list")
     unknown = set(doc) - {"name", "description", "members"}
     if unknown:
-        raise ValueError(f"{path}: unknown top-level field(s) {sorted(unknown)}; allowed: name, description, members")
+        raise ValueError(
+            f"{path}: unknown top-level field(s) {sorted(unknown)}; allowed: name, description, members"
+        )
     fam_name = str(doc.get("name", path.stem))
     if not isinstance(doc["members"], (list, type(None))):
         raise ValueError(f"{path}: 'members' must be a list of members (one '- name: ...' entry each)")

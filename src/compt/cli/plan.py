@@ -32,24 +32,47 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--family", help="registered family (vit, swin, tiny, debug) or a family YAML file")
-    p.add_argument("--members", help="comma-separated members, smallest first (ViT-S/16 or ViT-S-16); "
-                   "default: every member of --family")
-    p.add_argument("--samples", type=int, default=CC3M_SAMPLES,
-                   help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)")
-    p.add_argument("--baseline-epochs", type=int, default=128,
-                   help="epochs of individual (baseline) training for every member (default 128, CC3M)")
-    p.add_argument("--epochs",
-                   help="comma-separated chain epochs, one per member; default: allocated per §3.1.2")
+    p.add_argument(
+        "--members",
+        help="comma-separated members, smallest first (ViT-S/16 or ViT-S-16); "
+        "default: every member of --family",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=CC3M_SAMPLES,
+        help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)",
+    )
+    p.add_argument(
+        "--baseline-epochs",
+        type=int,
+        default=128,
+        help="epochs of individual (baseline) training for every member (default 128, CC3M)",
+    )
+    p.add_argument(
+        "--epochs", help="comma-separated chain epochs, one per member; default: allocated per §3.1.2"
+    )
     p.add_argument("--captions", type=int, default=4, help="captions per image, M (default 4, Table G)")
-    p.add_argument("--batch-size", type=int, default=PAPER_BATCH_SIZE,
-                   help=f"global batch size; sets optimizer steps for the AdamW update MACs "
-                   f"(default {PAPER_BATCH_SIZE}, Table C)")
-    p.add_argument("--target-ratio", type=float, default=DEFAULT_TARGET_RATIO,
-                   help="accumulated acceleration aimed at when allocating epochs "
-                   f"(default {DEFAULT_TARGET_RATIO}, Table 2)")
-    p.add_argument("--end-fraction", type=float, default=DEFAULT_END_FRACTION,
-                   help="last member's epochs / second member's when allocating "
-                   f"(default {DEFAULT_END_FRACTION})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=PAPER_BATCH_SIZE,
+        help=f"global batch size; sets optimizer steps for the AdamW update MACs "
+        f"(default {PAPER_BATCH_SIZE}, Table C)",
+    )
+    p.add_argument(
+        "--target-ratio",
+        type=float,
+        default=DEFAULT_TARGET_RATIO,
+        help="accumulated acceleration aimed at when allocating epochs "
+        f"(default {DEFAULT_TARGET_RATIO}, Table 2)",
+    )
+    p.add_argument(
+        "--end-fraction",
+        type=float,
+        default=DEFAULT_END_FRACTION,
+        help=f"last member's epochs / second member's when allocating (default {DEFAULT_END_FRACTION})",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -113,23 +136,33 @@ def format_plan(plan: ChainPlan) -> str:
     fs, fu = _unit(max(r.train_macs for r in rows), _PER_SAMPLE_UNITS)
     rs, ru = _unit(plan.baseline_total_macs, _RUN_UNITS)
     header = [
-        "model", "params (M)", "w/o tok. emb. (M)", f"fwd/sample ({fu})", f"train/sample ({fu})", "epochs",
-        f"baseline indiv. ({ru})", f"baseline accum. ({ru})", f"chain indiv. ({ru})", f"chain accum. ({ru})",
+        "model",
+        "params (M)",
+        "w/o tok. emb. (M)",
+        f"fwd/sample ({fu})",
+        f"train/sample ({fu})",
+        "epochs",
+        f"baseline indiv. ({ru})",
+        f"baseline accum. ({ru})",
+        f"chain indiv. ({ru})",
+        f"chain accum. ({ru})",
     ]
     table = [header]
     for r in rows:
-        table.append([
-            r.name,
-            f"{r.params['total'] / 1e6:.2f}",
-            f"{r.params['total_no_embed'] / 1e6:.2f}",
-            f"{r.forward_macs / fs:.2f}",
-            f"{r.train_macs / fs:.2f}",
-            str(r.epochs),
-            f"{r.baseline_macs / rs:.2f}",
-            f"{r.baseline_accumulated_macs / rs:.2f}",
-            f"{r.chain_macs / rs:.2f} ({r.individual_acceleration:.2f}x)",
-            f"{r.chain_accumulated_macs / rs:.2f} ({r.accumulated_acceleration:.2f}x)",
-        ])
+        table.append(
+            [
+                r.name,
+                f"{r.params['total'] / 1e6:.2f}",
+                f"{r.params['total_no_embed'] / 1e6:.2f}",
+                f"{r.forward_macs / fs:.2f}",
+                f"{r.train_macs / fs:.2f}",
+                str(r.epochs),
+                f"{r.baseline_macs / rs:.2f}",
+                f"{r.baseline_accumulated_macs / rs:.2f}",
+                f"{r.chain_macs / rs:.2f} ({r.individual_acceleration:.2f}x)",
+                f"{r.chain_accumulated_macs / rs:.2f} ({r.accumulated_acceleration:.2f}x)",
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [
         f"samples/epoch {plan.samples:,}, 1 image + {plan.num_captions} captions per sample, "
