@@ -157,6 +157,9 @@ class Job:
     seed: int
     teacher: str = ""  # key of the teacher job
     alpha: Any = 500.0
+    width: str = "insert"  # grow strategies of a link ("none"/"none": IFD only, Table 4b)
+    depth: str = "duplicate"
+    distill_gate: bool = False  # TrainConfig.distill_gate (beyond the paper)
     deps: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -208,6 +211,9 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
         log_every_steps=max(1, job.steps // 10),
         teacher=teacher,
         alpha=job.alpha,
+        width=job.width,
+        depth=job.depth,
+        distill_gate=job.distill_gate,
         device="cpu",
     )
     start = time.perf_counter()
@@ -295,6 +301,19 @@ def chain_jobs(
         jobs.append(job)
         teacher = first if grow_all_from_first else job.key
     return jobs
+
+
+def link_variant_jobs(proto: Protocol, fraction: float, seed: int, alpha: Any = 500.0) -> list[Job]:
+    """The last link of the main chain, retrained from the finished chain's teacher (its second-largest
+    member at ``fraction`` and ``alpha``) in two variants: IFD only (no growth) and the gated IFD."""
+    teacher = f"{chain_name('chain', fraction, alpha, proto.members[0])}_{proto.members[-2]}_s{seed}"
+    steps = max(1, round(fraction * proto.baseline_steps[-1]))
+    m, tail = proto.members[-1], f"f{_fkey(fraction)}_a{_akey(alpha)}_{proto.members[-1]}_s{seed}"
+    common = dict(member=m, steps=steps, seed=seed, teacher=teacher, alpha=alpha)
+    return [
+        Job(key=f"ifd-only_{tail}", width="none", depth="none", **common),
+        Job(key=f"gate_{tail}", distill_gate=True, **common),
+    ]
 
 
 def chain_name(tag: str, fraction: float, alpha: Any, first: str) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,3 +110,63 @@ def test_smoothed_auto_alpha_resumes_from_its_state():
 def test_bad_alpha_is_rejected(teacher, alpha):
     with pytest.raises(ValueError, match="alpha"):
         Distiller(teacher, alpha=alpha)
+
+
+def _task(image: torch.Tensor, text: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
+    from compt.loss import multi_caption_clip_loss
+
+    return multi_caption_clip_loss(image, text, torch.tensor(scale))
+
+
+def test_gate_drops_ifd_once_the_student_beats_its_teacher(teacher):
+    """Beyond the paper: L_IFD counts only while the student's task loss is >= the teacher's."""
+    distiller = Distiller(teacher, alpha=500, gate=True)
+    images, texts = _batch(b=4)
+    t_img, t_txt = distiller.teacher_features(images, texts)  # a random-init teacher: near chance
+    scale = torch.tensor(10.0)
+    teacher_task = distiller.teacher_task_loss(t_img, t_txt, scale)
+    torch.testing.assert_close(teacher_task, _task(t_img, t_txt))  # the student's temperature
+    assert not teacher_task.requires_grad
+    # A student whose captions match their images: task loss below the teacher's -> gate closed.
+    g = torch.Generator().manual_seed(3)
+    good_img = torch.randn(4, 32, generator=g, requires_grad=True)
+    good_txt = good_img.detach()[:, None].repeat(1, 2, 1)
+    good_task = _task(good_img, good_txt)
+    assert good_task < teacher_task
+    closed = distiller.loss(good_img, good_txt, t_img, t_txt, good_task, teacher_task)
+    assert closed["distill_on"].item() == 0 and closed["loss"].item() == 0
+    assert closed["mse_image"] > 0  # the distance is still measured and logged
+    # A student whose captions are shuffled: task loss above the teacher's -> gate open, plain Eq. 1.
+    bad_txt = good_txt[[1, 2, 3, 0]]
+    bad_task = _task(good_img, bad_txt)
+    assert bad_task > teacher_task
+    opened = distiller.loss(good_img, bad_txt, t_img, t_txt, bad_task, teacher_task)
+    assert opened["distill_on"].item() == 1
+    want = 500 * (feature_mse(good_img, t_img) + feature_mse(bad_txt, t_txt)) / 2
+    torch.testing.assert_close(opened["loss"], want)
+    with pytest.raises(ValueError, match="teacher's task loss"):
+        distiller.loss(good_img, bad_txt, t_img, t_txt, bad_task)
+    # Without the gate nothing changes: IFD always on.
+    plain = Distiller(teacher, alpha=500).loss(good_img, good_txt, t_img, t_txt, good_task)
+    assert plain["distill_on"].item() == 1 and plain["loss"] > 0
+
+
+def test_link_with_the_gate_trains_and_logs_it(tmp_path):
+    from compt.data import DataConfig
+    from compt.runlog import read_metrics
+    from compt.train import TrainConfig, train_member
+
+    base = dict(data=DataConfig(kind="synthetic", num_samples=64), global_batch_size=16, log_every_steps=1)
+    base |= dict(save_every_steps=0, lr=1e-3)
+    t = train_member(TrainConfig(member="debug-S", out_dir=str(tmp_path / "t"), steps=2, **base))
+    cfg = TrainConfig(
+        member="debug-L", out_dir=str(tmp_path / "s"), steps=3, teacher=str(t.final_checkpoint), **base
+    )
+    result = train_member(replace(cfg, distill_gate=True))
+    assert result.steps == 3
+    records = read_metrics(tmp_path / "s" / "metrics.jsonl", "train")
+    assert len(records) == 3
+    for r in records:
+        assert r["distill_on"] in (0.0, 1.0) and math.isfinite(r["loss"])
+        assert r["distill_on"] == float(r["loss_task"] >= r["loss_teacher"])
+        assert (r["loss_ifd"] > 0) == (r["distill_on"] == 1.0)

@@ -499,6 +499,19 @@ def test_depth_fresh_layers_keep_student_init():
     assert report.tensors[key.format(1)].status == "fresh" and report.tensors[key.format(0)].status == "full"
 
 
+def test_none_none_keeps_the_student_init():
+    """The "IFD only" ablation: width/depth "none" take nothing from the teacher, logit_scale included."""
+    t_cfg, s_cfg = vit_cfg(vl=1), vit_cfg(vw=32, vl=3, embed=16)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    report = grow(teacher, student, width="none", depth="none")
+    assert student.state_dict().keys() == s0.keys()
+    assert all(torch.equal(v, s0[k]) for k, v in student.state_dict().items())
+    assert {t.status for t in report.tensors.values()} == {"fresh"}
+    assert report.summary()["params_inherited"] == 0
+    assert all(layers == [None] * len(layers) for layers in report.depth_maps.values())
+
+
 # --- API: checkpoints, state dicts, prefixes, registries ------------------------------------------
 
 

@@ -251,6 +251,18 @@ def test_link_grows_from_the_teacher_and_distills(tmp_path, teacher_ckpt):
     )  # teacher forward counted
 
 
+def test_ifd_only_link_keeps_the_students_own_init(tmp_path, teacher_ckpt):
+    """width/depth "none" (Table 4b's IFD only): the teacher only distills, nothing is grown."""
+    cfg = config(tmp_path, member="debug-L", teacher=str(teacher_ckpt), steps=1, lr=1e-30)
+    result = train_member(replace(cfg, width="none", depth="none"))
+    torch.manual_seed(cfg.seed)
+    student = get_member("debug-L").create()
+    final = load_checkpoint(result.final_checkpoint)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(final["model"][key], value, msg=key)
+    assert read_metrics(tmp_path / "metrics.jsonl", "train")[-1]["loss_ifd"] > 0
+
+
 def test_link_with_a_wider_embedding_trains_the_projection(tmp_path):
     family = tmp_path / "fam.yaml"
     family.write_text(

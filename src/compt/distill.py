@@ -21,6 +21,9 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with::
   runs under the student's autocast on the same batch (:meth:`Distiller.teacher_features`).
 - ``alpha="auto"`` (:class:`AutoAlpha`) sets alpha each step so that L_IFD / L_task stays near r
   (default 0.1, the optimum of App. D.2 / Fig. D).
+- The distillation gate (``gate=True``; beyond the paper, docs/reproduce.md finding 2): L_IFD gets
+  weight 0 on a step where the student's task loss is already below the teacher's on the same batch
+  (:meth:`Distiller.teacher_task_loss`), so a student never gets pulled back toward a weaker teacher.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from compt import dist
 from compt.checkpoint import model_from_checkpoint
 from compt.families import Member, get_member
+from compt.loss import multi_caption_clip_loss
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -158,11 +162,19 @@ class Distiller:
     """The frozen teacher of a chain link and the weight of its distillation loss (Eq. 1, 4).
 
     ``alpha``: a number (fixed weight, default 500) or ``"auto"`` (hold L_IFD / L_task near
-    ``ratio``). The projection T is *not* kept here: it is trained with the student (in the
+    ``ratio``); ``gate``: drop L_IFD on steps where the student beats its teacher (module docstring).
+    The projection T is *not* kept here: it is trained with the student (in the
     optimizer, synchronized by DDP), so the trainer owns it (see :func:`make_projection`).
     """
 
-    def __init__(self, teacher: nn.Module, alpha: float | str = DEFAULT_ALPHA, ratio: float = DEFAULT_RATIO):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        alpha: float | str = DEFAULT_ALPHA,
+        ratio: float = DEFAULT_RATIO,
+        gate: bool = False,
+    ):
+        self.gate = bool(gate)
         if isinstance(alpha, str):
             if alpha != "auto":
                 raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}")
@@ -188,6 +200,24 @@ class Distiller:
         text = self.teacher.encode_text(texts.reshape(b * m, length)).reshape(b, m, -1)
         return image, text
 
+    @torch.no_grad()
+    def teacher_task_loss(
+        self,
+        teacher_image: torch.Tensor,
+        teacher_text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        local_batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """The teacher's L_task (Eq. 2-3) on the batch, from its :meth:`teacher_features`; no gradient.
+
+        ``logit_scale`` is the *student's* (``exp`` already applied, as the student's task loss gets):
+        at the same temperature the gate compares only the two models' embeddings. Like the student's,
+        it is the global-batch loss, so every rank takes the same gate decision.
+        """
+        return multi_caption_clip_loss(
+            teacher_image, teacher_text, logit_scale.detach(), local_batch_size=local_batch_size
+        )
+
     def loss(
         self,
         student_image: torch.Tensor,
@@ -195,11 +225,14 @@ class Distiller:
         teacher_image: torch.Tensor,
         teacher_text: torch.Tensor,
         task_loss: torch.Tensor,
+        teacher_task: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """L_IFD of Eq. 1/4 from projected student and teacher embeddings.
 
         Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_image``, ``mse_text``, ``alpha``
-        (all tensors; ``alpha`` detached). ``task_loss`` is only read by the ``auto`` mode.
+        and ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all tensors, all but
+        ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate, ``teacher_task``
+        (:meth:`teacher_task_loss`) only by the gate, which needs it.
         """
         mse_image = feature_mse(student_image, teacher_image)
         mse_text = feature_mse(student_text, teacher_text)
@@ -208,11 +241,18 @@ class Distiller:
             alpha = self.auto(task_loss, distance)
         else:
             alpha = torch.tensor(self.alpha, device=distance.device)
+        on = torch.ones((), device=distance.device)
+        if self.gate:
+            if teacher_task is None:
+                raise ValueError("the distillation gate needs the teacher's task loss (teacher_task)")
+            # A tensor, not a Python bool: no host sync per step.
+            on = (task_loss.detach().float() >= teacher_task.detach().float()).float()
         return {
-            "loss": alpha * distance,
+            "loss": on * alpha * distance,
             "mse_image": mse_image.detach(),
             "mse_text": mse_text.detach(),
             "alpha": alpha.detach(),
+            "distill_on": on,
         }
 
     def state_dict(self) -> dict[str, Any]:

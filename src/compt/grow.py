@@ -313,7 +313,7 @@ def _maps(
     rule: Rule, t_sd, s_val: torch.Tensor, strategy: WidthStrategy, seed: int, cache: dict
 ) -> list[Map1D | None] | None:
     """The per-axis maps of one student tensor (``None``: the tensor stays fresh)."""
-    if rule.source is None:
+    if rule.source is None or not strategy.inherits:
         return None
     if rule.source not in t_sd:
         raise GrowError(

@@ -89,19 +89,22 @@ class WidthStrategy:
     name: str
     fn: WidthFn
     structured: bool  # False: every axis is one flat block (the official code's shape-only copy)
+    inherits: bool = True  # False: no tensor is taken from the teacher, not even ones that cannot grow
 
 
 _WIDTH: dict[str, WidthStrategy] = {}
 _DEPTH: dict[str, DepthFn] = {}
 
 
-def register_width(name: str, *, structured: bool = True) -> Callable[[WidthFn], WidthFn]:
+def register_width(
+    name: str, *, structured: bool = True, inherits: bool = True
+) -> Callable[[WidthFn], WidthFn]:
     """Decorator: register ``fn(n_teacher, n_student, ctx) -> Map1D`` as width strategy ``name``."""
 
     def deco(fn: WidthFn) -> WidthFn:
         if name in _WIDTH:
             raise ValueError(f"width strategy {name!r} is already registered")
-        _WIDTH[name] = WidthStrategy(name, fn, structured)
+        _WIDTH[name] = WidthStrategy(name, fn, structured, inherits)
         return fn
 
     return deco
@@ -197,6 +200,13 @@ def net2net(n_t: int, n_s: int, ctx: AxisContext) -> Map1D:
     return Map1D(g[:, None], weight[:, None], torch.ones(n_s, dtype=torch.bool))
 
 
+@register_width("none", inherits=False)
+def none_width(n_t: int, n_s: int, ctx: AxisContext) -> Map1D:
+    """No growth (the "IFD only" ablation, Table 4b): every student entry keeps its own init, and
+    tensors that cannot grow (``logit_scale``) are not copied either."""
+    return Map1D.select(torch.zeros(n_s), torch.zeros(n_s, dtype=torch.bool))
+
+
 # --- depth strategies (Fig. A d-f) ---------------------------------------------------------------
 
 
@@ -218,6 +228,12 @@ def interval_depth(n_t: int, n_s: int) -> list[int | None]:
 def constant_depth(n_t: int, n_s: int) -> list[int | None]:
     """Fig. A(d): the teacher's p layers fill the first p student layers; the rest stay fresh."""
     return [layer if layer < n_t else None for layer in range(n_s)]
+
+
+@register_depth("none")
+def none_depth(n_t: int, n_s: int) -> list[int | None]:
+    """No growth (the "IFD only" ablation): every student layer stays fresh."""
+    return [None] * n_s
 
 
 def depth_map(name: str, n_t: int, n_s: int) -> list[int | None]:

@@ -105,6 +105,7 @@ class TrainConfig:
         DEFAULT_ALPHA  # IFD weight of Eq. 1 (App. B.1: 500) or "auto" (hold L_IFD/L_task at alpha_ratio)
     )
     alpha_ratio: float = DEFAULT_RATIO  # target L_IFD / L_task of alpha="auto" (App. D.2: r = 0.1)
+    distill_gate: bool = False  # beyond the paper: no L_IFD on steps where student L_task < teacher L_task
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
 
     def __post_init__(self) -> None:
@@ -276,8 +277,15 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
                 if run.distiller is not None:
                     # The frozen teacher sees the same images and captions, at the same precision.
                     teacher_image, teacher_text = run.distiller.teacher_features(images, texts)
-                    ifd = run.distiller.loss(image_t, text_t, teacher_image, teacher_text, task)  # Eq. 1
+                    if run.distiller.gate:  # the teacher's L_task on this batch, for the gate
+                        parts["loss_teacher"] = run.distiller.teacher_task_loss(
+                            teacher_image, teacher_text, logit_scale, run.local_batch_size
+                        )
+                    ifd = run.distiller.loss(
+                        image_t, text_t, teacher_image, teacher_text, task, parts.get("loss_teacher")
+                    )  # Eq. 1
                     parts.update(loss_ifd=ifd["loss"], mse_image=ifd["mse_image"], mse_text=ifd["mse_text"])
+                    parts["distill_on"] = ifd["distill_on"]  # logged as the fraction of micro-batches
                     stats["alpha"] = ifd["alpha"]
             # Every rank holds the same global task loss, but its graph reaches only its own features
             # (compt.dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
@@ -469,7 +477,7 @@ def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: 
         report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
     projection = make_projection(member.model_cfg["embed_dim"], t_member.model_cfg["embed_dim"])
-    distiller = Distiller(teacher.to(device), cfg.alpha, cfg.alpha_ratio)
+    distiller = Distiller(teacher.to(device), cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate)
     teacher_macs = member_cost(t_member, cfg.data.num_captions).forward_macs
     return distiller, projection, {"checkpoint": str(cfg.teacher), "member": t_member.name}, teacher_macs
 
