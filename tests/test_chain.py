@@ -150,3 +150,22 @@ def test_spec_is_a_frozen_dataclass():
     spec = ChainSpec(family="debug", out_dir="x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.out_dir = "y"  # type: ignore[misc]
+
+
+def test_first_member_is_not_reused_across_different_configs(tmp_path):
+    spec = load_spec(_write(tmp_path, members=["debug-S"], epochs=[1], baseline_epochs=1))
+    run_chain(spec, individual=True)
+    other = load_spec(
+        _write(
+            tmp_path,
+            members=["debug-S"],
+            epochs=[1],
+            baseline_epochs=1,
+            train={**SPEC["train"], "lr": 2.0e-3},
+        )
+    )
+    with pytest.warns(UserWarning, match="another config"):
+        run_chain(other)
+    a = load_checkpoint(Path(spec.out_dir) / "individual" / "debug-S" / "final.pt")
+    b = load_checkpoint(Path(spec.out_dir) / "chain" / "debug-S" / "final.pt")
+    assert b["config"]["lr"] == 2.0e-3 and a["config"]["lr"] == 1.0e-3

@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compt import dist
-from compt.checkpoint import check_writable
+from compt.checkpoint import check_writable, load_checkpoint
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.cost import allocate_epochs
 from compt.data import DataConfig
@@ -188,6 +189,16 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
     here = Path(cfg.out_dir)
     other = _member_dir(spec, not individual, spec.resolved_members()[0])
     if (here / "final.pt").exists() or not (other / "final.pt").exists():
+        return
+    theirs = dict(load_checkpoint(other / "final.pt").get("config") or {})
+    ours = to_dict(cfg)
+    theirs.pop("out_dir", None), ours.pop("out_dir", None)
+    if theirs != ours:  # e.g. the other tree ran with a --set override: train this one afresh
+        warnings.warn(
+            f"{other / 'final.pt'} was trained with another config than {cfg.member} here; "
+            "not reusing it, training the first member again",
+            stacklevel=2,
+        )
         return
     here.mkdir(parents=True, exist_ok=True)
     # final.pt last and atomically: it marks the copy done, so a kill mid-copy is redone on rerun
