@@ -192,8 +192,10 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
         return
     theirs = dict(load_checkpoint(other / "final.pt").get("config") or {})
     ours = to_dict(cfg)
-    theirs.pop("out_dir", None), ours.pop("out_dir", None)
-    if theirs != ours:  # e.g. the other tree ran with a --set override: train this one afresh
+    shared = (theirs.keys() & ours.keys()) - {"out_dir"}  # fields added since that run are not a difference
+    if any(
+        theirs[k] != ours[k] for k in shared
+    ):  # e.g. the other tree ran with a --set override: train this one afresh
         warnings.warn(
             f"{other / 'final.pt'} was trained with another config than {cfg.member} here; "
             "not reusing it, training the first member again",
