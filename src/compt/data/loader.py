@@ -23,6 +23,7 @@ skipped in the epoch.
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from collections import Counter
@@ -130,7 +131,7 @@ def collate(samples: list[Sample], image_size: int, num_captions: int, context_l
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
-class Loader:
+class Loader(abc.ABC):
     """Iterable of ``(images, texts)`` per-rank batches with bad-sample accounting.
 
     ``len(loader)`` is the number of steps in a full epoch (drop_last), whatever ``start_step``;
@@ -192,8 +193,9 @@ class Loader:
                 log.warning("%s: %s", self.source, format_skips(self.skips))
             yield images, texts
 
+    @abc.abstractmethod
     def __iter__(self) -> Iterator[Sample]:
-        raise NotImplementedError
+        """The batches of steps ``start_step .. len-1`` (each kind of source yields its own way)."""
 
 
 class _StepBatches(torch.utils.data.Dataset):
