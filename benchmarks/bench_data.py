@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from compt.data import DataConfig, build_loader, tokenizer
+from compt.paradigms.clip.data import DataConfig, build_loader, tokenizer
 
 
 def main() -> None:

@@ -39,9 +39,9 @@ import numpy as np
 from PIL import Image
 
 from compt.cost import member_cost
-from compt.data import SyntheticSpec
-from compt.data.synthetic import describe, render, sample_scene
-from compt.export import default_preprocess_cfg
+from compt.paradigms.clip.data import SyntheticSpec
+from compt.paradigms.clip.data.synthetic import describe, render, sample_scene
+from compt.paradigms.clip.export import default_preprocess_cfg
 from compt.families import get_member
 
 

@@ -5,8 +5,8 @@ the metric stops improving), Table 2 (per-member metric and individual / accumul
 acceleration), Table 4a (chain vs every member grown from the smallest), Table 4b (IWI only = growth
 with alpha 0), Fig. 6 (prepending a smaller first member) and Fig. 7 (3 vs 4 members, same size range).
 
-Every run is one call of the engine (:func:`compt.train.train_member`) evaluated with
-:func:`compt.evaluate.evaluate_model`; costs are the engine's own MAC counts (:mod:`compt.cost`). A
+Every run is one call of the engine (:func:`compt.engine.train.train_member`) evaluated with
+:func:`compt.paradigms.clip.evaluate.evaluate_model`; costs are the engine's own MAC counts (:mod:`compt.cost`). A
 run is a :class:`Job`; its result lands in ``<out>/runs/<key>/result.json``, so a rerun skips finished
 work. Jobs run in a small process pool (one torch thread each), a job starting when its teacher is done.
 """
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compt.data import DataConfig, register_dataset, tokenizer
-from compt.data.synthetic import SyntheticDataset, SyntheticSpec
+from compt.paradigms.clip.data import DataConfig, register_dataset, tokenizer
+from compt.paradigms.clip.data.synthetic import SyntheticDataset, SyntheticSpec
 
 HERE = Path(__file__).resolve().parent
 MICRO_FAMILY = str(HERE / "micro_family.yaml")
@@ -114,8 +114,8 @@ class _CachedScenes:
         return len(self.base)
 
     def load(self, index: int, rng):
-        from compt.data.captions import sample_captions
-        from compt.data.synthetic import describe, render_tensor
+        from compt.paradigms.clip.data.captions import sample_captions
+        from compt.paradigms.clip.data.synthetic import describe, render_tensor
 
         hit = self.cache.get(index)
         if hit is None:
@@ -168,8 +168,8 @@ class Job:
 
 
 def _evaluator(proto: Protocol, image_size: int, context_length: int):
-    from compt.data.evalsets import embedded_eval_sets
-    from compt.evaluate import evaluate_model
+    from compt.paradigms.clip.data.evalsets import embedded_eval_sets
+    from compt.paradigms.clip.evaluate import evaluate_model
 
     tasks, rsets = embedded_eval_sets(
         image_size,
@@ -188,7 +188,7 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
     import torch
 
     from compt.families import get_member
-    from compt.train import TrainConfig, train_member
+    from compt.engine.train import TrainConfig, train_member
 
     torch.set_num_threads(1)  # the pool runs one job per core
     folder = Path(out) / "runs" / job.key
@@ -233,7 +233,7 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
 
 def run_jobs(proto: Protocol, jobs: list[Job], out: str, workers: int, log=print) -> dict[str, dict]:
     """Run ``jobs`` (each after its dependencies) on ``workers`` processes; returns key -> result."""
-    import compt.train  # noqa: F401  (imported before forking: workers share one snapshot of the code)
+    import compt.engine.train  # noqa: F401  (imported before forking: workers share one snapshot of the code)
 
     by_key = {j.key: j for j in jobs}
     results: dict[str, dict] = {}

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from compt.figures import BarPanel, Curve, plot_bar_panels, plot_curves
+from compt.report.figures import BarPanel, Curve, plot_bar_panels, plot_curves
 
 
 def _n(v: float, digits: int = 1) -> str:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from compt.chain import ChainSpec, load_spec, member_train_config, run_chain
-from compt.checkpoint import load_checkpoint
+from compt.engine.checkpoint import load_checkpoint
 from compt.cli import main as cli_main
 from compt.config import ConfigError
 

@@ -30,8 +30,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from compt.checkpoint import load_checkpoint, verify_checkpoint
-from compt.runlog import read_metrics
+from compt.engine.checkpoint import load_checkpoint, verify_checkpoint
+from compt.engine.runlog import read_metrics
 
 MEMBERS = ("debug-S", "debug-L")
 SPEC = {

@@ -1,4 +1,4 @@
-"""compt.checkpoint integrity: checksums catch damage, the last good file is used, failed saves harm nothing.
+"""compt.engine.checkpoint integrity: checksums catch damage, the last good file is used, failed saves harm nothing.
 
 Every failure here is a real file or filesystem condition (a truncated or bit-flipped file, a folder
 where a file should be, ENOSPC from ``/dev/full`` or a full tmpfs), never a mocked call.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compt.checkpoint import (
+from compt.engine.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -25,9 +25,9 @@ from compt.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from compt.data import DataConfig
+from compt.paradigms.clip.data import DataConfig
 from compt.families import get_member
-from compt.train import TrainConfig, TrainingInterrupted, train_member
+from compt.engine.train import TrainConfig, TrainingInterrupted, train_member
 
 
 def _payload(value: float = 1.0) -> dict:

@@ -1,4 +1,4 @@
-"""CSV/TSV tables (OpenCLIP format + DreamLIP long captions) on real JPEG files (compt.data.tsv)."""
+"""CSV/TSV tables (OpenCLIP format + DreamLIP long captions) on real JPEG files (compt.paradigms.clip.data.tsv)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.data import DREAMLIP_CAPTION_KEYS, DataConfig, DataError, build_dataset, build_loader
-from compt.data.captions import caption_pool, split_sentences
-from compt.data.loader import sample_rng
+from compt.paradigms.clip.data import DREAMLIP_CAPTION_KEYS, DataConfig, DataError, build_dataset, build_loader
+from compt.paradigms.clip.data.captions import caption_pool, split_sentences
+from compt.paradigms.clip.data.loader import sample_rng
 
 
 def _jpegs(folder, n, size=(40, 30)):
@@ -139,7 +139,7 @@ def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
         (names[0], "   "),
     ]
     path = _tsv(tmp_path, rows)
-    with caplog.at_level(logging.WARNING, logger="compt.data"):
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
         loader = _loader(path, gbs=10)
         # A trainer takes len(loader) batches and never sees the generator end: the summary is
         # logged before the last batch is handed out.

@@ -1,4 +1,4 @@
-"""compt.data.images: the eval transform equals open_clip's, pixel for pixel, on odd shapes."""
+"""compt.paradigms.clip.data.images: the eval transform equals open_clip's, pixel for pixel, on odd shapes."""
 
 import numpy as np
 import open_clip
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.data.images import eval_transform
+from compt.paradigms.clip.data.images import eval_transform
 
 
 @pytest.mark.parametrize("size", [(50, 37), (37, 50), (64, 64), (33, 100), (101, 40)])

@@ -1,4 +1,4 @@
-"""The embedded set and the loader's determinism contract (compt.data, compt.data.synthetic)."""
+"""The embedded set and the loader's determinism contract (compt.paradigms.clip.data, compt.paradigms.clip.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from compt.config import ConfigError, from_dict
-from compt.data import (
+from compt.paradigms.clip.data import (
     DataConfig,
     DataError,
     SyntheticSpec,
@@ -19,9 +19,9 @@ from compt.data import (
     register_dataset,
     tokenizer,
 )
-from compt.data.loader import Skip, sample_rng
-from compt.data.scene_captions import all_captions, describe
-from compt.data.synthetic import SyntheticDataset, sample_scene, scene_rng
+from compt.paradigms.clip.data.loader import Skip, sample_rng
+from compt.paradigms.clip.data.scene_captions import all_captions, describe
+from compt.paradigms.clip.data.synthetic import SyntheticDataset, sample_scene, scene_rng
 
 SMALL = DataConfig(num_samples=96, seed=3)
 

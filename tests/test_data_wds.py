@@ -1,4 +1,4 @@
-"""Webdataset shards in img2dataset layout, written as real tar files (compt.data.wds)."""
+"""Webdataset shards in img2dataset layout, written as real tar files (compt.paradigms.clip.data.wds)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.data import DataConfig, DataError, build_dataset, build_loader
-from compt.data.wds import dataset_size, expand_shards
+from compt.paradigms.clip.data import DataConfig, DataError, build_dataset, build_loader
+from compt.paradigms.clip.data.wds import dataset_size, expand_shards
 
 LONG = "A red square sits on a table. It is bright and shiny. Next to it lies a pen."
 
@@ -142,7 +142,7 @@ def test_truncated_tar_corrupt_image_missing_shard_are_counted(tmp_path, caplog)
     # Read in this order (shuffle off): missing shard, truncated shard (1 whole sample), shard 0.
     pattern = "::".join(str(tmp_path / "shards" / f) for f in ("00003.tar", "00002.tar", "00000.tar"))
     cfg = _cfg(pattern, num_samples=11, wds_shuffle_buffer=0, shuffle=False)
-    with caplog.at_level(logging.WARNING, logger="compt.data"):
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
         loader, batches = _run(cfg, gbs=11)
     assert loader.skips == {
         "corrupt_image": 1,

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from compt.cli import main as cli_main
-from compt.loss import multi_caption_clip_loss
-from compt.runlog import read_metrics
+from compt.paradigms.clip.loss import multi_caption_clip_loss
+from compt.engine.runlog import read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -99,8 +99,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 _UNEQUAL_BATCHES = textwrap.dedent(
     """
     import json, sys, torch
-    from compt import dist
-    from compt.loss import multi_caption_clip_loss
+    from compt.engine import dist
+    from compt.paradigms.clip.loss import multi_caption_clip_loss
     info = dist.init_distributed("cpu")
     g = torch.Generator().manual_seed(0)
     image, text = torch.randn(7, 8, generator=g), torch.randn(7, 3, 8, generator=g)

@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from compt.checkpoint import load_checkpoint
-from compt.runlog import read_metrics
+from compt.engine.checkpoint import load_checkpoint
+from compt.engine.runlog import read_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -113,7 +113,7 @@ def test_bad_alpha_is_rejected(teacher, alpha):
 
 
 def _task(image: torch.Tensor, text: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
-    from compt.loss import multi_caption_clip_loss
+    from compt.paradigms.clip.loss import multi_caption_clip_loss
 
     return multi_caption_clip_loss(image, text, torch.tensor(scale))
 
@@ -152,9 +152,9 @@ def test_gate_drops_ifd_once_the_student_beats_its_teacher(teacher):
 
 
 def test_link_with_the_gate_trains_and_logs_it(tmp_path):
-    from compt.data import DataConfig
-    from compt.runlog import read_metrics
-    from compt.train import TrainConfig, train_member
+    from compt.paradigms.clip.data import DataConfig
+    from compt.engine.runlog import read_metrics
+    from compt.engine.train import TrainConfig, train_member
 
     base = dict(data=DataConfig(kind="synthetic", num_samples=64), global_batch_size=16, log_every_steps=1)
     base |= dict(save_every_steps=0, lr=1e-3)

@@ -1,4 +1,4 @@
-"""Held-out zero-shot tasks and retrieval set; ImageFolder tasks on real files (compt.data.evalsets)."""
+"""Held-out zero-shot tasks and retrieval set; ImageFolder tasks on real files (compt.paradigms.clip.data.evalsets)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.data import DataConfig, DataError, build_dataset
-from compt.data.evalsets import (
+from compt.paradigms.clip.data import DataConfig, DataError, build_dataset
+from compt.paradigms.clip.data.evalsets import (
     DEFAULT_TEMPLATES,
     RetrievalSet,
     ZeroShotTask,
@@ -19,9 +19,9 @@ from compt.data.evalsets import (
     export_imagefolder,
     imagefolder_task,
 )
-from compt.data.loader import sample_rng
-from compt.data.scene_captions import relation
-from compt.data.synthetic import SyntheticSpec, sample_scene, scene_rng
+from compt.paradigms.clip.data.loader import sample_rng
+from compt.paradigms.clip.data.scene_captions import relation
+from compt.paradigms.clip.data.synthetic import SyntheticSpec, sample_scene, scene_rng
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""compt.evaluate: zero-shot top-1 and retrieval recall on real tiny models, checked against plain loops."""
+"""compt.paradigms.clip.evaluate: zero-shot top-1 and retrieval recall on real tiny models, checked against plain loops."""
 
 from __future__ import annotations
 
@@ -10,22 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.checkpoint import save_checkpoint
+from compt.engine.checkpoint import save_checkpoint
 from compt.cli import main as cli_main
-from compt.data import tokenizer as make_tokenizer
-from compt.evaluate import (
+from compt.paradigms.clip.data import tokenizer as make_tokenizer
+from compt.paradigms.clip.evaluate import (
     build_evaluator,
     evaluate_checkpoint,
     evaluate_model,
     retrieval_recall,
     zeroshot_top1,
 )
-from compt.export import export_member
+from compt.paradigms.clip.export import export_member
 from compt.families import get_member
 
 
 @dataclass
-class Task:  # the fields compt.data.evalsets.ZeroShotTask has
+class Task:  # the fields compt.paradigms.clip.data.evalsets.ZeroShotTask has
     name: str
     classnames: list[str]
     templates: list[str]
@@ -34,7 +34,7 @@ class Task:  # the fields compt.data.evalsets.ZeroShotTask has
 
 
 @dataclass
-class RSet:  # the fields compt.data.evalsets.RetrievalSet has
+class RSet:  # the fields compt.paradigms.clip.data.evalsets.RetrievalSet has
     name: str
     images: torch.Tensor
     captions: list[list[str]]

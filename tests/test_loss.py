@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compt.loss import clip_loss, multi_caption_clip_loss
+from compt.paradigms.clip.loss import clip_loss, multi_caption_clip_loss
 
 
 def _features(n: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compt import dist
-from compt.checkpoint import check_writable, load_checkpoint
+from compt.engine import dist
+from compt.engine.checkpoint import check_writable, load_checkpoint
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.cost import allocate_epochs
-from compt.data import DataConfig
+from compt.paradigms.clip.data import DataConfig
 from compt.families import Member, check_ascending, get_family
-from compt.train import TrainConfig, TrainResult, train_member
+from compt.engine.train import TrainConfig, TrainResult, train_member
 
 __all__ = ["ChainSpec", "UntilLossless", "EvalSpec", "load_spec", "run_chain", "member_train_config"]
 
@@ -56,7 +56,7 @@ class EvalSpec:
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps must be >= 0, got {self.every_steps}")
-        # compt.evaluate's keys; a typo here would make until_lossless wait forever.
+        # compt.paradigms.clip.evaluate's keys; a typo here would make until_lossless wait forever.
         if self.metric not in ("mean_zeroshot_top1", "mean_retrieval_r1") and not (
             self.metric.startswith(("zeroshot/", "retrieval/"))
         ):
@@ -173,7 +173,7 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
 
 def _evaluator(spec: ChainSpec, member: Member):
     """An ``evaluate(model, step)`` callback on the embedded (and ImageFolder) sets at the member's size."""
-    from compt.evaluate import build_evaluator
+    from compt.paradigms.clip.evaluate import build_evaluator
 
     return build_evaluator(
         member.image_size,
@@ -229,7 +229,7 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
 
     Idempotent and resumable: finished members are skipped, an interrupted one resumes.
     """
-    from compt.export import export_member, is_export_dir
+    from compt.paradigms.clip.export import export_member, is_export_dir
 
     members = spec.resolved_members()
     root = Path(spec.out_dir) / ("individual" if individual else "chain")

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compt import dist
-from compt.checkpoint import model_from_checkpoint
+from compt.engine import dist
+from compt.engine.checkpoint import model_from_checkpoint
 from compt.families import Member, get_member
-from compt.loss import multi_caption_clip_loss
+from compt.paradigms.clip.loss import multi_caption_clip_loss
 
 __all__ = [
     "DEFAULT_ALPHA",

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from compt.checkpoint import CheckpointError
+from compt.engine.checkpoint import CheckpointError
 
 # Order is the order shown by `compt --help`.
 _COMMANDS = ["plan", "grow", "train", "chain", "eval", "report", "export"]

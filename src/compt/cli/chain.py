@@ -55,9 +55,9 @@ def _load(args):
 
 
 def _run(args) -> int:
-    from compt import dist
+    from compt.engine import dist
     from compt.chain import run_chain
-    from compt.train import NonFiniteLossError, TrainingInterrupted
+    from compt.engine.train import NonFiniteLossError, TrainingInterrupted
 
     spec = _load(args)
     # One process group for the whole chain (train_member reuses it rather than making its own).

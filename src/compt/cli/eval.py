@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.checkpoint import CheckpointError
-    from compt.evaluate import evaluate_checkpoint
+    from compt.engine.checkpoint import CheckpointError
+    from compt.paradigms.clip.evaluate import evaluate_checkpoint
 
     try:
         metrics, info = evaluate_checkpoint(

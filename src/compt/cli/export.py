@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.checkpoint import CheckpointError
-    from compt.export import export_member
+    from compt.engine.checkpoint import CheckpointError
+    from compt.paradigms.clip.export import export_member
 
     try:
         out = export_member(args.ckpt, args.out_dir)

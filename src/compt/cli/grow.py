@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from compt.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from compt.families import get_member
 
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from compt import dist
+from compt.engine import dist
 from compt.config import ConfigError, from_dict, parse_value
 
 # flag -> TrainConfig field, for the flags that map one to one.
@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _data_spec(spec: str) -> dict[str, Any]:
     """``--data`` as DataConfig fields: a kind name, a table file or a shard pattern."""
-    from compt.data import list_datasets
+    from compt.paradigms.clip.data import list_datasets
 
     if spec in list_datasets():
         return {"kind": spec}
@@ -132,7 +132,7 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def build_config(args: argparse.Namespace):
     """The TrainConfig of the command line: YAML file, then flags, then ``--set`` overrides."""
-    from compt.train import TrainConfig
+    from compt.engine.train import TrainConfig
 
     raw: dict[str, Any] = {}
     if args.config:
@@ -161,7 +161,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.train import NonFiniteLossError, TrainingInterrupted, train_member
+    from compt.engine.train import NonFiniteLossError, TrainingInterrupted, train_member
 
     if not logging.getLogger().handlers:
         level = logging.INFO if dist.launch_rank() == 0 else logging.WARNING
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     evaluate = None
     if args.eval_every >= 0:
-        from compt.evaluate import build_evaluator
+        from compt.paradigms.clip.evaluate import build_evaluator
         from compt.families import get_member
 
         member = get_member(cfg.member, cfg.family)

@@ -18,7 +18,7 @@
           "accumulated_train_macs": 9.4e18,  # sum of train_macs of this and all earlier members
           "wall_s": 1873.2,               # this member's wall-clock seconds
           "accumulated_wall_s": 7416.0,
-          "metrics": {"mean_zeroshot_top1": 30.2, ...},  # final evaluation (compt.evaluate keys)
+          "metrics": {"mean_zeroshot_top1": 30.2, ...},  # final evaluation (compt.paradigms.clip.evaluate keys)
           "metrics_file": "ViT-S-16/metrics.jsonl" | null, # relative to the summary's folder
           "export": "ViT-S-16/export" | null,              # open_clip local-dir export, relative
           "until_lossless": {"stopped_at_step": 900, "epochs_needed": 17.1} | null
@@ -30,10 +30,10 @@
 
 Other keys (e.g. ``name``, a member's ``planned_epochs``) are allowed and ignored.
 
-``metrics.jsonl`` (one per member, written by ``compt.train``) holds one JSON object per line. Training
+``metrics.jsonl`` (one per member, written by ``compt.engine.train``) holds one JSON object per line. Training
 lines (``"kind": "train"``) carry ``step``, ``epoch``, ``samples_seen``, ``train_macs`` and ``wall_s``
 (both cumulative within the member), the losses (``loss``, ``loss_task``, ``loss_ifd``) and ``lr``;
-evaluation lines (``"kind": "eval"``) carry ``step`` and the metric keys of :mod:`compt.evaluate`
+evaluation lines (``"kind": "eval"``) carry ``step`` and the metric keys of :mod:`compt.paradigms.clip.evaluate`
 (``zeroshot/<task>/top1``, ``mean_zeroshot_top1``, ``retrieval/<set>/i2t_r1``, ...), and
 ``train_macs`` where known (otherwise it is interpolated from the other lines by step). The report
 reads only ``step``, ``train_macs`` and metric keys. All metrics are percentages.
@@ -355,7 +355,7 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
 
 def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path) -> list[str]:
     """Fig. 1 (metric vs cumulative MACs), Fig. 8 (epochs per link), Fig. 5 (acceleration ratios)."""
-    from compt.figures import BarPanel, Curve, plot_bar_panels, plot_curves
+    from compt.report.figures import BarPanel, Curve, plot_bar_panels, plot_curves
 
     runs = [r for r in (run, baseline) if r is not None]
     names = [m["name"] for m in run.members]

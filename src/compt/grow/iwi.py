@@ -10,10 +10,10 @@ into the initialization of the next, larger member of its chain.
     report = grow(teacher, student)                          # width="insert", depth="duplicate"
     print(report.format())
 
-Width strategies (Fig. A a-c, Table H) map each :class:`~compt.grow_layout.Space` (a residual width,
+Width strategies (Fig. A a-c, Table H) map each :class:`~compt.paradigms.clip.layout.Space` (a residual width,
 one layer's heads, one layer's MLP units) from teacher size to student size; depth strategies
 (Fig. A d-f) say which teacher layer each student layer starts from, per tower and per Swin stage.
-Both are registries (:mod:`compt.grow_strategies`): a new strategy is one decorated function::
+Both are registries (:mod:`compt.grow.strategies`): a new strategy is one decorated function::
 
     @register_width("zeros")           # fn(n_teacher, n_student, ctx) -> Map1D
     def zeros(n_t, n_s, ctx): ...
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compt.grow_layout import GrowError, ModelSpec, Rule, check_growable, describe, plan
-from compt.grow_strategies import (
+from compt.paradigms.clip.layout import GrowError, ModelSpec, Rule, check_growable, describe, plan
+from compt.grow.strategies import (
     AxisContext,
     Map1D,
     WidthStrategy,
@@ -284,7 +284,7 @@ def _grow(
         if key not in rules:
             raise GrowError(
                 f"no grow rule for student tensor {key!r} {tuple(s_val.shape)}; compt.grow knows "
-                "open_clip ViT/text towers and timm Swin (see compt/grow_layout.py)"
+                "open_clip ViT/text towers and timm Swin (see compt/paradigms/clip/layout.py)"
             )
         jobs.append((key, s_val, rules[key], _maps(rules[key], t_sd, s_val, strategy, seed, cache)))
     out: dict[str, torch.Tensor] = {}
@@ -374,7 +374,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _source(obj: Any, who: str) -> tuple[Mapping[str, torch.Tensor], _Hints]:
     if isinstance(obj, (str, Path)):
-        from compt.checkpoint import load_checkpoint
+        from compt.engine.checkpoint import load_checkpoint
 
         obj = load_checkpoint(obj)
     if isinstance(obj, nn.Module):

@@ -177,7 +177,7 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     L, but its autograd graph reaches only its own slice, so summing the ranks' parameter gradients
     gives exactly dL/dtheta (no backward communication beyond DDP's). DDP *averages* instead of
     summing, which is why the training step multiplies the task loss by the world size
-    (see :mod:`compt.train`). Every rank must pass a tensor of the same shape.
+    (see :mod:`compt.engine.train`). Every rank must pass a tensor of the same shape.
     """
     world = world_size()
     if world == 1:

@@ -7,13 +7,13 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 - ``optimizer`` (AdamW moments), ``scheduler`` (the cosine schedule; the lr is a function of the
   step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages);
 - ``rng``: the Python/NumPy/torch/CUDA generator states of *every* rank;
-- ``step``, ``epoch``, ``step_in_epoch``: the data position (``compt.data`` batches are a function of
+- ``step``, ``epoch``, ``step_in_epoch``: the data position (``compt.paradigms.clip.data`` batches are a function of
   seed, epoch and index, so the loader restarts mid-epoch exactly);
 - ``samples_seen``, ``train_macs``, ``wall_s``: the live cost counters (App. C.2);
 - ``config`` (the TrainConfig as a dict) and ``teacher`` (checkpoint path and member of a link).
 
 Resuming checks that the folder holds the same run (:func:`check_same_run`). The functions here
-take the trainer's run object (``compt.train._Run``); this module never imports the trainer.
+take the trainer's run object (``compt.engine.train._Run``); this module never imports the trainer.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from compt import dist
-from compt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from compt.engine import dist
+from compt.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from compt.config import to_dict
-from compt.data import build_loader, tokenizer
+from compt.paradigms.clip.data import build_loader, tokenizer
 
 __all__ = [
     "SAME_RUN_FIELDS",

@@ -2,7 +2,7 @@
 
 A baseline member is a chain link with ``teacher=None``: one loop, not two. A link grows its student
 from the teacher (:func:`compt.grow.grow`, inverse weight initialization) and adds the inverse
-feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss (:mod:`compt.loss`).
+feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss (:mod:`compt.paradigms.clip.loss`).
 
 Launch (docs/train.md)::
 
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from compt import dist
-from compt.checkpoint import (
+from compt.engine import dist
+from compt.engine.checkpoint import (
     check_writable,
     latest_checkpoint,
     load_checkpoint,
@@ -45,14 +45,14 @@ from compt.checkpoint import (
 )
 from compt.config import to_dict
 from compt.cost import member_cost
-from compt.data import DataConfig
+from compt.paradigms.clip.data import DataConfig
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
 from compt.families import Member, get_member
 from compt.grow import grow
-from compt.loss import multi_caption_clip_loss
-from compt.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, default_eps
-from compt.resume import DataStream, model_payload, restore_run, save_run, seed_all
-from compt.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
+from compt.paradigms.clip.loss import multi_caption_clip_loss
+from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, default_eps
+from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
+from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 
 __all__ = [
     "TrainConfig",
@@ -63,7 +63,7 @@ __all__ = [
     "train_member",
 ]
 
-_LOG = logging.getLogger("compt.train")
+_LOG = logging.getLogger("compt.engine.train")
 
 LOGIT_SCALE_MAX = math.log(100)  # CLIP clamps the learnable temperature at 1/100
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -74,7 +74,7 @@ class TrainConfig:
     """Everything that defines one training run of one member (baseline or chain link)."""
 
     member: str  # member name in the family registry, e.g. "ViT-B/16", "tiny-S"
-    data: DataConfig  # training data (compt.data): kind, path, num_captions (M), ...
+    data: DataConfig  # training data (compt.paradigms.clip.data): kind, path, num_captions (M), ...
     out_dir: str = "runs/train"  # folder of step_<N>.pt, final.pt and metrics.jsonl; resumed if present
     family: str | None = None  # family (name or YAML path) holding `member`; None: any registered family
     epochs: float = 1.0  # passes over the data (fractions allowed); ignored when `steps` is set
@@ -110,7 +110,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, DataConfig):
-            raise ValueError(f"train.data must be a compt.data.DataConfig, got {type(self.data).__name__}")
+            raise ValueError(f"train.data must be a compt.paradigms.clip.data.DataConfig, got {type(self.data).__name__}")
         get_member(self.member, self.family)  # an unknown member fails here, naming the nearest one
         alpha_ok = self.alpha == "auto" or (
             not isinstance(self.alpha, str) and math.isfinite(self.alpha) and self.alpha >= 0
@@ -288,7 +288,7 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
                     parts["distill_on"] = ifd["distill_on"]  # logged as the fraction of micro-batches
                     stats["alpha"] = ifd["alpha"]
             # Every rank holds the same global task loss, but its graph reaches only its own features
-            # (compt.dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
+            # (compt.engine.dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
             # is scaled by the world size to make that average the true gradient. L_IFD is a per-rank mean.
             objective = (task * world + parts.get("loss_ifd", 0.0)) / n  # Eq. 4
             if run.scaler is not None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # only for annotations: synthetic imports this module
-    from compt.data.synthetic import Obj, Scene
+    from compt.paradigms.clip.data.synthetic import Obj, Scene
 
 __all__ = ["all_captions", "describe", "relation", "NUMBER"]
 

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from compt import dist
-from compt.checkpoint import latest_checkpoint
+from compt.engine import dist
+from compt.engine.checkpoint import latest_checkpoint
 
 __all__ = ["RunLog", "read_metrics", "NonFiniteLossError", "log_step", "evaluate_now", "check_finite"]
 
-_LOG = logging.getLogger("compt.train")
+_LOG = logging.getLogger("compt.engine.train")
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -163,7 +163,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; no checkpoint was written after it, the last good one is intact."""
 
 
-# --- step-boundary work of the trainer (``run`` is compt.train's run object) -------------------
+# --- step-boundary work of the trainer (``run`` is compt.engine.train's run object) -------------------
 
 
 def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], bool]:

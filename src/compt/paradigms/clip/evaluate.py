@@ -3,10 +3,10 @@
 The paper reports zero-shot top-1 on ImageNet-1K and VTAB+ and R@1 on COCO after each member is
 trained. compt evaluates the same two kinds of task on whatever sets it is given:
 
-- a :class:`~compt.data.evalsets.ZeroShotTask` (class names, prompt templates, labelled images): the
+- a :class:`~compt.paradigms.clip.data.evalsets.ZeroShotTask` (class names, prompt templates, labelled images): the
   classifier is open_clip's own :func:`open_clip.build_zero_shot_classifier` (templates averaged per
   class, then normalized), and the score is top-1 accuracy;
-- a :class:`~compt.data.evalsets.RetrievalSet` (images, several captions each): R@1/5/10 in both
+- a :class:`~compt.paradigms.clip.data.evalsets.RetrievalSet` (images, several captions each): R@1/5/10 in both
   directions, image->text (a hit when any of the image's captions is in the top k) and text->image.
 
 All numbers are percentages (0-100), as in the paper's tables, so a "gap in points" reads directly.
@@ -45,7 +45,7 @@ RECALL_KS = (1, 5, 10)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
-class _Task(Protocol):  # the fields of compt.data.evalsets.ZeroShotTask that are read here
+class _Task(Protocol):  # the fields of compt.paradigms.clip.data.evalsets.ZeroShotTask that are read here
     name: str
     classnames: list[str]
     templates: list[str]
@@ -53,7 +53,7 @@ class _Task(Protocol):  # the fields of compt.data.evalsets.ZeroShotTask that ar
     labels: torch.Tensor
 
 
-class _RetrievalSet(Protocol):  # the fields of compt.data.evalsets.RetrievalSet that are read here
+class _RetrievalSet(Protocol):  # the fields of compt.paradigms.clip.data.evalsets.RetrievalSet that are read here
     name: str
     images: torch.Tensor
     captions: list[list[str]]
@@ -187,7 +187,7 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Evaluate ``model`` on zero-shot ``tasks`` and ``retrieval_sets``; keys as in the module docstring.
 
-    ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``compt.data.tokenizer``
+    ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``compt.paradigms.clip.data.tokenizer``
     or ``open_clip.get_tokenizer``). The model's train/eval mode is restored on return.
     """
     if batch_size <= 0:
@@ -228,7 +228,7 @@ def _eval_sets(
     num_images: int | None,
     spec: Any = None,
 ):
-    from compt.data.evalsets import embedded_eval_sets, imagefolder_task
+    from compt.paradigms.clip.data.evalsets import embedded_eval_sets, imagefolder_task
 
     tasks, rsets = [], []
     if embedded:
@@ -257,15 +257,15 @@ def build_evaluator(
     batch_size: int = 256,
     spec: Any = None,
 ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
-    """An ``evaluate(model, step) -> metrics`` callback for ``compt.train.train_member``.
+    """An ``evaluate(model, step) -> metrics`` callback for ``compt.engine.train.train_member``.
 
     The eval sets (embedded tasks at ``image_size`` plus one task per ImageFolder, named after the
     folder) and the tokenizer are built once, on the first call. ``num_images`` overrides the
-    embedded sets' size (images per task and retrieval images; default: compt.data.evalsets').
+    embedded sets' size (images per task and retrieval images; default: compt.paradigms.clip.data.evalsets').
     ``spec`` (a ``SyntheticSpec``) renders the embedded sets with the vocabulary the run trained on.
     In a distributed run call it on rank 0 only.
     """
-    from compt.data import tokenizer as make_tokenizer
+    from compt.paradigms.clip.data import tokenizer as make_tokenizer
 
     cache: dict[str, Any] = {}
 
@@ -294,7 +294,7 @@ def evaluate_checkpoint(
     ``info`` names the member, the file actually loaded, and the image size / context length used.
     The embedded eval sets are rendered at the checkpoint's own image size.
     """
-    from compt.export import load_model
+    from compt.paradigms.clip.export import load_model
 
     model, model_cfg, info = load_model(path)
     image_size = int(model_cfg["vision_cfg"].get("image_size", 224))

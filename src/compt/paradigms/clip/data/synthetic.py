@@ -6,7 +6,7 @@ generator seeded by ``(seed, stream, index)``, so the set is reproducible, needs
 as large as wanted (images are rendered on the fly). Each image carries a complete primary caption
 plus ``num_sub_captions`` (default 15, as App. A) sub-captions in varied phrasing, most of which
 mention only some attributes, so the multi-caption sampling of §3.2 is exercised for real (the
-phrasing lives in ``compt.data.scene_captions``).
+phrasing lives in ``compt.paradigms.clip.data.scene_captions``).
 
 Difficulty is deliberate: colours are jittered and lit unevenly, objects are small at 32 px,
 backgrounds are noisy or shaded, and 40% of scenes hold two different objects whose attributes must
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from compt.data.images import MEAN, STD
-from compt.data.scene_captions import all_captions, describe
+from compt.paradigms.clip.data.images import MEAN, STD
+from compt.paradigms.clip.data.scene_captions import all_captions, describe
 
 __all__ = [
     "SyntheticSpec",
@@ -394,7 +394,7 @@ class SyntheticDataset:
         return describe(scene, rng, self.spec.num_sub_captions)
 
     def load(self, index: int, rng: np.random.Generator):
-        from compt.data.captions import sample_captions
+        from compt.paradigms.clip.data.captions import sample_captions
 
         scene, srng = self.scene(index)
         image = render_tensor(scene, self.image_size, srng, self.spec)

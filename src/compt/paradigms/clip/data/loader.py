@@ -1,6 +1,6 @@
 """Deterministic batching of image + M-caption samples across ranks and workers (§3.2, §4).
 
-Two kinds of dataset plug in (see ``compt.data.register_dataset``):
+Two kinds of dataset plug in (see ``compt.paradigms.clip.data.register_dataset``):
 
 * a :class:`MapDataset` (embedded set, CSV/TSV) knows its length and loads sample ``i`` given a
   generator. The order of epoch ``e`` is ``torch.randperm`` from a ``torch.Generator`` seeded by
@@ -10,7 +10,7 @@ Two kinds of dataset plug in (see ``compt.data.register_dataset``):
   ``(seed, epoch, step)`` only: the same for any world size and any number of workers, and a resume
   at ``start_step`` skips whole batches without decoding them.
 * a :class:`StreamDataset` (webdataset shards) yields raw samples from a shard list split by rank
-  then worker; see ``compt.data.wds`` for what is and is not exact there.
+  then worker; see ``compt.paradigms.clip.data.wds`` for what is and is not exact there.
 
 This per-sample seeding is stronger than the per-rank/worker/epoch seeding the issue asks for; the
 official code instead reseeds the global RNG, which yields only 4 possible caption subsets.
@@ -47,7 +47,7 @@ __all__ = [
     "format_skips",
 ]
 
-log = logging.getLogger("compt.data")
+log = logging.getLogger("compt.paradigms.clip.data")
 _LOG_FIRST_SKIPS = 5  # skips logged one by one before only the summary is kept
 
 
@@ -78,7 +78,7 @@ class MapDataset(Protocol):
 
 @runtime_checkable
 class StreamDataset(Protocol):
-    """Streaming dataset (``compt.data.wds``): ``num_samples`` per epoch; builds its own :class:`Loader`."""
+    """Streaming dataset (``compt.paradigms.clip.data.wds``): ``num_samples`` per epoch; builds its own :class:`Loader`."""
 
     num_samples: int
 

@@ -3,12 +3,12 @@
 Every member of a chain trains on the same data (§4), each image with M = 4 captions drawn from its
 pool of raw + sub-captions (§3.2). A data source is a registered *kind*:
 
-* ``synthetic`` -- the embedded compositional set (no download, ``compt.data.synthetic``);
-* ``csv`` / ``tsv`` -- an OpenCLIP-style table, plus DreamLIP long-caption columns (``compt.data.tsv``);
-* ``wds`` -- img2dataset webdataset shards (``compt.data.wds``).
+* ``synthetic`` -- the embedded compositional set (no download, ``compt.paradigms.clip.data.synthetic``);
+* ``csv`` / ``tsv`` -- an OpenCLIP-style table, plus DreamLIP long-caption columns (``compt.paradigms.clip.data.tsv``);
+* ``wds`` -- img2dataset webdataset shards (``compt.paradigms.clip.data.wds``).
 
-Users add their own with one decorated function returning a :class:`~compt.data.loader.MapDataset`
-(or a :class:`~compt.data.loader.StreamDataset`)::
+Users add their own with one decorated function returning a :class:`~compt.paradigms.clip.data.loader.MapDataset`
+(or a :class:`~compt.paradigms.clip.data.loader.StreamDataset`)::
 
     @register_dataset("my-set")
     def my_set(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset:
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compt.data.loader import (
+from compt.paradigms.clip.data.loader import (
     DataError,
     Loader,
     MapDataset,
@@ -40,7 +40,7 @@ from compt.data.loader import (
     format_skips,
     sample_rng,
 )
-from compt.data.synthetic import SyntheticSpec
+from compt.paradigms.clip.data.synthetic import SyntheticSpec
 
 __all__ = [
     "DataConfig",
@@ -328,7 +328,7 @@ def build_loader(
 
 @register_dataset("synthetic")
 def _synthetic(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset:
-    from compt.data.synthetic import SyntheticDataset
+    from compt.paradigms.clip.data.synthetic import SyntheticDataset
 
     num_samples = cfg.num_samples or SYNTHETIC_DEFAULT_SAMPLES
     return SyntheticDataset(
@@ -343,7 +343,7 @@ def _synthetic(cfg: DataConfig, *, image_size: int, context_length: int) -> MapD
 
 @register_dataset("csv")
 def _csv(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset:
-    from compt.data.tsv import TableDataset
+    from compt.paradigms.clip.data.tsv import TableDataset
 
     return TableDataset(cfg, image_size=image_size, tokenize=tokenizer(context_length))
 
@@ -355,6 +355,6 @@ def _tsv(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset
 
 @register_dataset("wds")
 def _wds(cfg: DataConfig, *, image_size: int, context_length: int) -> StreamDataset:
-    from compt.data.wds import ShardDataset
+    from compt.paradigms.clip.data.wds import ShardDataset
 
     return ShardDataset(cfg, image_size=image_size, tokenize=tokenizer(context_length))

@@ -32,13 +32,13 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from compt.data.captions import caption_pool, parse_caption_cell, sample_captions
-from compt.data.images import ImageError, eval_transform, open_image, train_transform
-from compt.data.loader import DataError, Loader, Skip, collate, epoch_order
+from compt.paradigms.clip.data.captions import caption_pool, parse_caption_cell, sample_captions
+from compt.paradigms.clip.data.images import ImageError, eval_transform, open_image, train_transform
+from compt.paradigms.clip.data.loader import DataError, Loader, Skip, collate, epoch_order
 
 __all__ = ["ShardDataset", "StreamLoader", "expand_shards", "dataset_size"]
 
-log = logging.getLogger("compt.data")
+log = logging.getLogger("compt.paradigms.clip.data")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 

@@ -46,7 +46,7 @@ WEIGHTS_NAME = "open_clip_model.safetensors"  # first in open_clip's preferred o
 
 def default_preprocess_cfg(image_size: int) -> dict[str, Any]:
     """open_clip ``PreprocessCfg`` fields for a member trained by compt at ``image_size`` pixels."""
-    # compt.data normalizes with open_clip's (OpenAI CLIP) mean/std; the export must say the same.
+    # compt.paradigms.clip.data normalizes with open_clip's (OpenAI CLIP) mean/std; the export must say the same.
     from open_clip.constants import OPENAI_DATASET_MEAN as IMAGE_MEAN
     from open_clip.constants import OPENAI_DATASET_STD as IMAGE_STD
 
@@ -92,7 +92,7 @@ def _plain_state(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    from compt.evaluate import _unwrap as unwrap
+    from compt.paradigms.clip.evaluate import _unwrap as unwrap
 
     return unwrap(model)
 
@@ -177,7 +177,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[
     or folder read) and ``format`` (``checkpoint`` or ``export``). Raises FileNotFoundError naming
     the path when there is nothing to load.
     """
-    from compt.checkpoint import latest_checkpoint, model_from_checkpoint
+    from compt.engine.checkpoint import latest_checkpoint, model_from_checkpoint
 
     path = Path(path)
     if path.is_dir() and is_export_dir(path):

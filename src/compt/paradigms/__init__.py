@@ -1,0 +1,1 @@
+"""Pre-training paradigms: what differs between a CLIP family and another kind of family."""
