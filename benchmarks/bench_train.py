@@ -39,10 +39,10 @@ import numpy as np
 from PIL import Image
 
 from compt.cost import member_cost
+from compt.families import get_member
 from compt.paradigms.clip.data import SyntheticSpec
 from compt.paradigms.clip.data.synthetic import describe, render, sample_scene
 from compt.paradigms.clip.export import default_preprocess_cfg
-from compt.families import get_member
 
 
 def write_table(folder: Path, num_samples: int, image_size: int, seed: int = 0) -> Path:

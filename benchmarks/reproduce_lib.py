@@ -6,7 +6,8 @@ acceleration), Table 4a (chain vs every member grown from the smallest), Table 4
 with alpha 0), Fig. 6 (prepending a smaller first member) and Fig. 7 (3 vs 4 members, same size range).
 
 Every run is one call of the engine (:func:`compt.engine.train.train_member`) evaluated with
-:func:`compt.paradigms.clip.evaluate.evaluate_model`; costs are the engine's own MAC counts (:mod:`compt.cost`). A
+:func:`compt.paradigms.clip.evaluate.evaluate_model`; costs are the engine's own MAC counts
+(:mod:`compt.cost`). A
 run is a :class:`Job`; its result lands in ``<out>/runs/<key>/result.json``, so a rerun skips finished
 work. Jobs run in a small process pool (one torch thread each), a job starting when its teacher is done.
 """
@@ -187,8 +188,8 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
     """Train and evaluate ``job`` with the engine (or read its finished result); returns the result dict."""
     import torch
 
-    from compt.families import get_member
     from compt.engine.train import TrainConfig, train_member
+    from compt.families import get_member
 
     torch.set_num_threads(1)  # the pool runs one job per core
     folder = Path(out) / "runs" / job.key

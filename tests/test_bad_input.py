@@ -16,12 +16,12 @@ import yaml
 from PIL import Image
 
 from compt.chain import load_spec
-from compt.engine.checkpoint import CheckpointError, save_checkpoint
 from compt.cli import main as cli_main
+from compt.engine.checkpoint import CheckpointError, save_checkpoint
+from compt.engine.train import NonFiniteLossError, TrainConfig, train_member
+from compt.families import get_member
 from compt.paradigms.clip.data import DataConfig, build_loader, tokenizer
 from compt.paradigms.clip.data.evalsets import ZeroShotTask, imagefolder_task
-from compt.families import get_member
-from compt.engine.train import NonFiniteLossError, TrainConfig, train_member
 
 torch.set_num_threads(1)
 

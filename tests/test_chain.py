@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from compt.chain import ChainSpec, load_spec, member_train_config, run_chain
-from compt.engine.checkpoint import load_checkpoint
 from compt.cli import main as cli_main
 from compt.config import ConfigError
+from compt.engine.checkpoint import load_checkpoint
 
 SPEC = {
     "name": "t",

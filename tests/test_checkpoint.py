@@ -1,4 +1,4 @@
-"""compt.engine.checkpoint integrity: checksums catch damage, the last good file is used, failed saves harm nothing.
+"""Checkpoint integrity: checksums catch damage, the last good file is used, failed saves harm nothing.
 
 Every failure here is a real file or filesystem condition (a truncated or bit-flipped file, a folder
 where a file should be, ENOSPC from ``/dev/full`` or a full tmpfs), never a mocked call.
@@ -25,9 +25,9 @@ from compt.engine.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from compt.paradigms.clip.data import DataConfig
-from compt.families import get_member
 from compt.engine.train import TrainConfig, TrainingInterrupted, train_member
+from compt.families import get_member
+from compt.paradigms.clip.data import DataConfig
 
 
 def _payload(value: float = 1.0) -> dict:

@@ -1,4 +1,4 @@
-"""CSV/TSV tables (OpenCLIP format + DreamLIP long captions) on real JPEG files (compt.paradigms.clip.data.tsv)."""
+"""CSV/TSV tables (OpenCLIP format + DreamLIP long captions) on real JPEG files (clip data.tsv)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.paradigms.clip.data import DREAMLIP_CAPTION_KEYS, DataConfig, DataError, build_dataset, build_loader
+from compt.paradigms.clip.data import (
+    DREAMLIP_CAPTION_KEYS,
+    DataConfig,
+    DataError,
+    build_dataset,
+    build_loader,
+)
 from compt.paradigms.clip.data.captions import caption_pool, split_sentences
 from compt.paradigms.clip.data.loader import sample_rng
 

@@ -1,4 +1,4 @@
-"""The embedded set and the loader's determinism contract (compt.paradigms.clip.data, compt.paradigms.clip.data.synthetic)."""
+"""The embedded set and the loader's determinism contract (clip data, data.synthetic)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from compt.cli import main as cli_main
-from compt.paradigms.clip.loss import multi_caption_clip_loss
 from compt.engine.runlog import read_metrics
+from compt.paradigms.clip.loss import multi_caption_clip_loss
 
 pytestmark = pytest.mark.distributed
 

@@ -152,9 +152,9 @@ def test_gate_drops_ifd_once_the_student_beats_its_teacher(teacher):
 
 
 def test_link_with_the_gate_trains_and_logs_it(tmp_path):
-    from compt.paradigms.clip.data import DataConfig
     from compt.engine.runlog import read_metrics
     from compt.engine.train import TrainConfig, train_member
+    from compt.paradigms.clip.data import DataConfig
 
     base = dict(data=DataConfig(kind="synthetic", num_samples=64), global_batch_size=16, log_every_steps=1)
     base |= dict(save_every_steps=0, lr=1e-3)

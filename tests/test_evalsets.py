@@ -1,4 +1,4 @@
-"""Held-out zero-shot tasks and retrieval set; ImageFolder tasks on real files (compt.paradigms.clip.data.evalsets)."""
+"""Held-out zero-shot tasks and retrieval set; ImageFolder tasks on real files (clip data.evalsets)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""compt.paradigms.clip.evaluate: zero-shot top-1 and retrieval recall on real tiny models, checked against plain loops."""
+"""CLIP evaluation: zero-shot top-1 and retrieval recall on real tiny models, checked against plain loops."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from compt.engine.checkpoint import save_checkpoint
 from compt.cli import main as cli_main
+from compt.engine.checkpoint import save_checkpoint
+from compt.families import get_member
 from compt.paradigms.clip.data import tokenizer as make_tokenizer
 from compt.paradigms.clip.evaluate import (
     build_evaluator,
@@ -21,7 +22,6 @@ from compt.paradigms.clip.evaluate import (
     zeroshot_top1,
 )
 from compt.paradigms.clip.export import export_member
-from compt.families import get_member
 
 
 @dataclass

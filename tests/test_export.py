@@ -1,4 +1,4 @@
-"""compt.paradigms.clip.export writes open_clip's local-dir layout; open_clip alone reloads the same model and tokenizer."""
+"""CLIP export writes open_clip's local-dir layout; open_clip alone reloads the same model and tokenizer."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from compt.engine.checkpoint import model_from_checkpoint, save_checkpoint
 from compt.cli import main as cli_main
+from compt.engine.checkpoint import model_from_checkpoint, save_checkpoint
+from compt.families import get_family, get_member
 from compt.paradigms.clip.data import tokenizer as compt_tokenizer
 from compt.paradigms.clip.data.images import MEAN, STD, eval_transform
 from compt.paradigms.clip.export import CONFIG_NAME, WEIGHTS_NAME, export_member, load_model
-from compt.families import get_family, get_member
 
 CAPTIONS = ["a red circle on a black background", "two blue squares", "", "a photo of a striped star " * 8]
 

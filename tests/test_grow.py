@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.model import CLIP
 
-from compt.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from compt.cli import main as cli_main
+from compt.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from compt.families import get_family, get_member
 from compt.grow import (
     GrowError,

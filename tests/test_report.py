@@ -240,12 +240,12 @@ def test_members_without_metrics_still_render(tmp_path):
 
 
 def test_report_reads_a_real_training_run(tmp_path):
-    """metrics.jsonl as compt.engine.train writes it (eval lines without train_macs) places eval points by step."""
+    """metrics.jsonl as the engine writes it (eval lines without train_macs) places eval points by step."""
     torch = pytest.importorskip("torch")
+    from compt.engine.train import TrainConfig, train_member
+    from compt.families import get_member
     from compt.paradigms.clip.data import DataConfig
     from compt.paradigms.clip.evaluate import build_evaluator
-    from compt.families import get_member
-    from compt.engine.train import TrainConfig, train_member
 
     torch.manual_seed(0)
     member = get_member("debug-S")

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
 from compt.config import from_dict, to_dict
 from compt.cost import member_cost
-from compt.paradigms.clip.data import DataConfig
-from compt.families import get_member
-from compt.grow import grow
+from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
 from compt.engine.optim import CosineSchedule, default_eps, param_groups
 from compt.engine.runlog import read_metrics
 from compt.engine.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, train_member
+from compt.families import get_member
+from compt.grow import grow
+from compt.paradigms.clip.data import DataConfig
 
 torch.set_num_threads(1)
 

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compt.engine import dist
-from compt.engine.checkpoint import check_writable, load_checkpoint
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.cost import allocate_epochs
-from compt.paradigms.clip.data import DataConfig
-from compt.families import Member, check_ascending, get_family
+from compt.engine import dist
+from compt.engine.checkpoint import check_writable, load_checkpoint
 from compt.engine.train import TrainConfig, TrainResult, train_member
+from compt.families import Member, check_ascending, get_family
+from compt.paradigms.clip.data import DataConfig
 
 __all__ = ["ChainSpec", "UntilLossless", "EvalSpec", "load_spec", "run_chain", "member_train_config"]
 

@@ -55,8 +55,8 @@ def _load(args):
 
 
 def _run(args) -> int:
-    from compt.engine import dist
     from compt.chain import run_chain
+    from compt.engine import dist
     from compt.engine.train import NonFiniteLossError, TrainingInterrupted
 
     spec = _load(args)

@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from compt.engine import dist
 from compt.config import ConfigError, from_dict, parse_value
+from compt.engine import dist
 
 # flag -> TrainConfig field, for the flags that map one to one.
 _FLAGS = {
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     evaluate = None
     if args.eval_every >= 0:
-        from compt.paradigms.clip.evaluate import build_evaluator
         from compt.families import get_member
+        from compt.paradigms.clip.evaluate import build_evaluator
 
         member = get_member(cfg.member, cfg.family)
         evaluate = build_evaluator(member.image_size, member.context_length)

@@ -7,8 +7,8 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 - ``optimizer`` (AdamW moments), ``scheduler`` (the cosine schedule; the lr is a function of the
   step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages);
 - ``rng``: the Python/NumPy/torch/CUDA generator states of *every* rank;
-- ``step``, ``epoch``, ``step_in_epoch``: the data position (``compt.paradigms.clip.data`` batches are a function of
-  seed, epoch and index, so the loader restarts mid-epoch exactly);
+- ``step``, ``epoch``, ``step_in_epoch``: the data position (a paradigm's batches are a function
+  of seed, epoch and index, so the loader restarts mid-epoch exactly);
 - ``samples_seen``, ``train_macs``, ``wall_s``: the live cost counters (App. C.2);
 - ``config`` (the TrainConfig as a dict) and ``teacher`` (checkpoint path and member of a link).
 
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from compt.config import to_dict
 from compt.engine import dist
 from compt.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from compt.config import to_dict
 from compt.paradigms.clip.data import build_loader, tokenizer
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 A baseline member is a chain link with ``teacher=None``: one loop, not two. A link grows its student
 from the teacher (:func:`compt.grow.grow`, inverse weight initialization) and adds the inverse
-feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss (:mod:`compt.paradigms.clip.loss`).
+feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss
+(:mod:`compt.paradigms.clip.loss`).
 
 Launch (docs/train.md)::
 
@@ -35,6 +36,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from compt.config import to_dict
+from compt.cost import member_cost
+from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
 from compt.engine import dist
 from compt.engine.checkpoint import (
     check_writable,
@@ -43,16 +47,13 @@ from compt.engine.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from compt.config import to_dict
-from compt.cost import member_cost
-from compt.paradigms.clip.data import DataConfig
-from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
-from compt.families import Member, get_member
-from compt.grow import grow
-from compt.paradigms.clip.loss import multi_caption_clip_loss
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, default_eps
 from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
+from compt.families import Member, get_member
+from compt.grow import grow
+from compt.paradigms.clip.data import DataConfig
+from compt.paradigms.clip.loss import multi_caption_clip_loss
 
 __all__ = [
     "TrainConfig",
@@ -110,7 +111,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, DataConfig):
-            raise ValueError(f"train.data must be a compt.paradigms.clip.data.DataConfig, got {type(self.data).__name__}")
+            raise ValueError(
+                f"train.data must be a compt.paradigms.clip.data.DataConfig, got {type(self.data).__name__}"
+            )
         get_member(self.member, self.family)  # an unknown member fails here, naming the nearest one
         alpha_ok = self.alpha == "auto" or (
             not isinstance(self.alpha, str) and math.isfinite(self.alpha) and self.alpha >= 0
@@ -288,7 +291,7 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
                     parts["distill_on"] = ifd["distill_on"]  # logged as the fraction of micro-batches
                     stats["alpha"] = ifd["alpha"]
             # Every rank holds the same global task loss, but its graph reaches only its own features
-            # (compt.engine.dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
+            # (dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
             # is scaled by the world size to make that average the true gradient. L_IFD is a per-rank mean.
             objective = (task * world + parts.get("loss_ifd", 0.0)) / n  # Eq. 4
             if run.scaler is not None:

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compt.paradigms.clip.layout import GrowError, ModelSpec, Rule, check_growable, describe, plan
 from compt.grow.strategies import (
     AxisContext,
     Map1D,
@@ -51,6 +50,7 @@ from compt.grow.strategies import (
     register_width,
     width_strategy,
 )
+from compt.paradigms.clip.layout import GrowError, ModelSpec, Rule, check_growable, describe, plan
 
 __all__ = [
     "GrowError",

@@ -18,7 +18,7 @@
           "accumulated_train_macs": 9.4e18,  # sum of train_macs of this and all earlier members
           "wall_s": 1873.2,               # this member's wall-clock seconds
           "accumulated_wall_s": 7416.0,
-          "metrics": {"mean_zeroshot_top1": 30.2, ...},  # final evaluation (compt.paradigms.clip.evaluate keys)
+          "metrics": {"mean_zeroshot_top1": 30.2, ...},  # final evaluation (the paradigm's keys)
           "metrics_file": "ViT-S-16/metrics.jsonl" | null, # relative to the summary's folder
           "export": "ViT-S-16/export" | null,              # open_clip local-dir export, relative
           "until_lossless": {"stopped_at_step": 900, "epochs_needed": 17.1} | null
@@ -33,7 +33,7 @@ Other keys (e.g. ``name``, a member's ``planned_epochs``) are allowed and ignore
 ``metrics.jsonl`` (one per member, written by ``compt.engine.train``) holds one JSON object per line. Training
 lines (``"kind": "train"``) carry ``step``, ``epoch``, ``samples_seen``, ``train_macs`` and ``wall_s``
 (both cumulative within the member), the losses (``loss``, ``loss_task``, ``loss_ifd``) and ``lr``;
-evaluation lines (``"kind": "eval"``) carry ``step`` and the metric keys of :mod:`compt.paradigms.clip.evaluate`
+evaluation lines (``"kind": "eval"``) carry ``step`` and the metric keys of the paradigm's evaluation
 (``zeroshot/<task>/top1``, ``mean_zeroshot_top1``, ``retrieval/<set>/i2t_r1``, ...), and
 ``train_macs`` where known (otherwise it is interpolated from the other lines by step). The report
 reads only ``step``, ``train_macs`` and metric keys. All metrics are percentages.

@@ -3,11 +3,12 @@
 The paper reports zero-shot top-1 on ImageNet-1K and VTAB+ and R@1 on COCO after each member is
 trained. compt evaluates the same two kinds of task on whatever sets it is given:
 
-- a :class:`~compt.paradigms.clip.data.evalsets.ZeroShotTask` (class names, prompt templates, labelled images): the
-  classifier is open_clip's own :func:`open_clip.build_zero_shot_classifier` (templates averaged per
-  class, then normalized), and the score is top-1 accuracy;
-- a :class:`~compt.paradigms.clip.data.evalsets.RetrievalSet` (images, several captions each): R@1/5/10 in both
-  directions, image->text (a hit when any of the image's captions is in the top k) and text->image.
+- a :class:`~compt.paradigms.clip.data.evalsets.ZeroShotTask` (class names, prompt templates,
+  labelled images): the classifier is open_clip's own :func:`open_clip.build_zero_shot_classifier`
+  (templates averaged per class, then normalized), and the score is top-1 accuracy;
+- a :class:`~compt.paradigms.clip.data.evalsets.RetrievalSet` (images, several captions each):
+  R@1/5/10 in both directions, image->text (a hit when any of the image's captions is in the top k)
+  and text->image.
 
 All numbers are percentages (0-100), as in the paper's tables, so a "gap in points" reads directly.
 Keys of the returned dict::
@@ -45,7 +46,7 @@ RECALL_KS = (1, 5, 10)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
-class _Task(Protocol):  # the fields of compt.paradigms.clip.data.evalsets.ZeroShotTask that are read here
+class _Task(Protocol):  # the fields of data.evalsets.ZeroShotTask that are read here
     name: str
     classnames: list[str]
     templates: list[str]
@@ -53,7 +54,9 @@ class _Task(Protocol):  # the fields of compt.paradigms.clip.data.evalsets.ZeroS
     labels: torch.Tensor
 
 
-class _RetrievalSet(Protocol):  # the fields of compt.paradigms.clip.data.evalsets.RetrievalSet that are read here
+class _RetrievalSet(
+    Protocol
+):  # the fields of compt.paradigms.clip.data.evalsets.RetrievalSet that are read here
     name: str
     images: torch.Tensor
     captions: list[list[str]]
@@ -187,7 +190,7 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Evaluate ``model`` on zero-shot ``tasks`` and ``retrieval_sets``; keys as in the module docstring.
 
-    ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``compt.paradigms.clip.data.tokenizer``
+    ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``data.tokenizer``
     or ``open_clip.get_tokenizer``). The model's train/eval mode is restored on return.
     """
     if batch_size <= 0:

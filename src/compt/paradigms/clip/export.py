@@ -46,7 +46,7 @@ WEIGHTS_NAME = "open_clip_model.safetensors"  # first in open_clip's preferred o
 
 def default_preprocess_cfg(image_size: int) -> dict[str, Any]:
     """open_clip ``PreprocessCfg`` fields for a member trained by compt at ``image_size`` pixels."""
-    # compt.paradigms.clip.data normalizes with open_clip's (OpenAI CLIP) mean/std; the export must say the same.
+    # compt's CLIP data normalizes with open_clip's (OpenAI CLIP) mean/std; the export must say the same.
     from open_clip.constants import OPENAI_DATASET_MEAN as IMAGE_MEAN
     from open_clip.constants import OPENAI_DATASET_STD as IMAGE_STD
 

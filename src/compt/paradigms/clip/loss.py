@@ -17,8 +17,9 @@ depend on the batch size). For the v2t half Eq. 3 only says "by duality"; the pe
 the M captions of one image from competing with each other as negatives, so an image is matched to
 its j-th caption among the N j-th captions.
 
-N is the *global* batch: features are gathered from every rank (:func:`compt.engine.dist.gather_with_local_grad`)
-so a run on 8 GPUs optimizes the same loss as one process holding the whole batch.
+N is the *global* batch: features are gathered from every rank
+(:func:`compt.engine.dist.gather_with_local_grad`) so a run on 8 GPUs optimizes the same loss as one
+process holding the whole batch.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ Every member of a chain trains on the same data (§4), each image with M = 4 cap
 pool of raw + sub-captions (§3.2). A data source is a registered *kind*:
 
 * ``synthetic`` -- the embedded compositional set (no download, ``compt.paradigms.clip.data.synthetic``);
-* ``csv`` / ``tsv`` -- an OpenCLIP-style table, plus DreamLIP long-caption columns (``compt.paradigms.clip.data.tsv``);
+* ``csv`` / ``tsv`` -- an OpenCLIP-style table, plus DreamLIP long-caption columns (``...data.tsv``);
 * ``wds`` -- img2dataset webdataset shards (``compt.paradigms.clip.data.wds``).
 
-Users add their own with one decorated function returning a :class:`~compt.paradigms.clip.data.loader.MapDataset`
-(or a :class:`~compt.paradigms.clip.data.loader.StreamDataset`)::
+Users add their own with one decorated function returning a
+:class:`~compt.paradigms.clip.data.loader.MapDataset` (or a
+:class:`~compt.paradigms.clip.data.loader.StreamDataset`)::
 
     @register_dataset("my-set")
     def my_set(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset:

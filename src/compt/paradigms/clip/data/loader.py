@@ -78,7 +78,7 @@ class MapDataset(Protocol):
 
 @runtime_checkable
 class StreamDataset(Protocol):
-    """Streaming dataset (``compt.paradigms.clip.data.wds``): ``num_samples`` per epoch; builds its own :class:`Loader`."""
+    """Streaming dataset (``...data.wds``): ``num_samples`` per epoch; builds its own :class:`Loader`."""
 
     num_samples: int
 
