@@ -12,6 +12,9 @@ from torch import nn
 
 from compt.distill import AutoAlpha, Distiller, feature_mse, make_projection
 from compt.families import get_member
+from compt.paradigms import get_paradigm
+
+CLIP = get_paradigm("clip")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +53,12 @@ def test_feature_mse_is_on_normalized_embeddings():
 
 
 def test_teacher_is_frozen_and_sees_the_same_batch(teacher):
-    distiller = Distiller(teacher, alpha=500)
+    distiller = Distiller(teacher, CLIP, alpha=500)
     assert not distiller.teacher.training
     assert not any(p.requires_grad for p in distiller.teacher.parameters())
     images, texts = _batch()
-    t_image, t_text = distiller.teacher_features(images, texts)
+    feats = distiller.teacher_features((images, texts))
+    t_image, t_text = feats["image"], feats["text"]
     assert t_image.shape == (3, 32) and t_text.shape == (3, 2, 32)
     assert not t_image.requires_grad and not t_text.requires_grad
     with torch.no_grad():
@@ -63,18 +67,20 @@ def test_teacher_is_frozen_and_sees_the_same_batch(teacher):
 
 
 def test_teacher_runs_under_the_students_autocast(teacher):
-    distiller = Distiller(teacher)
+    distiller = Distiller(teacher, CLIP)
     images, texts = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        t_image, _ = distiller.teacher_features(images, texts)
+        t_image = distiller.teacher_features((images, texts))["image"]
     assert t_image.dtype == torch.bfloat16
 
 
 def test_fixed_alpha_loss_is_eq1_averaged_over_modalities(teacher):
-    distiller = Distiller(teacher, alpha=500)
+    distiller = Distiller(teacher, CLIP, alpha=500)
     s_img, s_txt = torch.randn(3, 32, requires_grad=True), torch.randn(3, 2, 32)
     t_img, t_txt = torch.randn(3, 32), torch.randn(3, 2, 32)
-    out = distiller.loss(s_img, s_txt, t_img, t_txt, task_loss=torch.tensor(4.0))
+    out = distiller.loss(
+        {"image": s_img, "text": s_txt}, {"image": t_img, "text": t_txt}, task_loss=torch.tensor(4.0)
+    )
     want = 500 * (feature_mse(s_img, t_img) + feature_mse(s_txt, t_txt)) / 2
     torch.testing.assert_close(out["loss"], want)
     assert out["alpha"].item() == 500
@@ -83,13 +89,13 @@ def test_fixed_alpha_loss_is_eq1_averaged_over_modalities(teacher):
 
 
 def test_auto_alpha_holds_the_ratio(teacher):
-    distiller = Distiller(teacher, alpha="auto", ratio=0.1)
+    distiller = Distiller(teacher, CLIP, alpha="auto", ratio=0.1)
     g = torch.Generator().manual_seed(2)
     for task_value in (5.0, 3.0, 1.5):
         s_img, s_txt = torch.randn(4, 32, generator=g), torch.randn(4, 2, 32, generator=g)
         t_img, t_txt = torch.randn(4, 32, generator=g), torch.randn(4, 2, 32, generator=g)
         task = torch.tensor(task_value)
-        out = distiller.loss(s_img, s_txt, t_img, t_txt, task)
+        out = distiller.loss({"image": s_img, "text": s_txt}, {"image": t_img, "text": t_txt}, task)
         assert (out["loss"] / task).item() == pytest.approx(0.1, rel=1e-5)
         assert not out["alpha"].requires_grad
 
@@ -109,7 +115,7 @@ def test_smoothed_auto_alpha_resumes_from_its_state():
 @pytest.mark.parametrize("alpha", ["half", -1.0, float("nan")])
 def test_bad_alpha_is_rejected(teacher, alpha):
     with pytest.raises(ValueError, match="alpha"):
-        Distiller(teacher, alpha=alpha)
+        Distiller(teacher, CLIP, alpha=alpha)
 
 
 def _task(image: torch.Tensor, text: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
@@ -120,11 +126,12 @@ def _task(image: torch.Tensor, text: torch.Tensor, scale: float = 10.0) -> torch
 
 def test_gate_drops_ifd_once_the_student_beats_its_teacher(teacher):
     """Beyond the paper: L_IFD counts only while the student's task loss is >= the teacher's."""
-    distiller = Distiller(teacher, alpha=500, gate=True)
+    distiller = Distiller(teacher, CLIP, alpha=500, gate=True)
     images, texts = _batch(b=4)
-    t_img, t_txt = distiller.teacher_features(images, texts)  # a random-init teacher: near chance
+    feats = distiller.teacher_features((images, texts))  # a random-init teacher: near chance
+    t_img, t_txt = feats["image"], feats["text"]
     scale = torch.tensor(10.0)
-    teacher_task = distiller.teacher_task_loss(t_img, t_txt, scale)
+    teacher_task = distiller.teacher_task_loss(feats, {"logit_scale": scale}, 4)
     torch.testing.assert_close(teacher_task, _task(t_img, t_txt))  # the student's temperature
     assert not teacher_task.requires_grad
     # A student whose captions match their images: task loss below the teacher's -> gate closed.
@@ -133,21 +140,27 @@ def test_gate_drops_ifd_once_the_student_beats_its_teacher(teacher):
     good_txt = good_img.detach()[:, None].repeat(1, 2, 1)
     good_task = _task(good_img, good_txt)
     assert good_task < teacher_task
-    closed = distiller.loss(good_img, good_txt, t_img, t_txt, good_task, teacher_task)
+    closed = distiller.loss(
+        {"image": good_img, "text": good_txt}, {"image": t_img, "text": t_txt}, good_task, teacher_task
+    )
     assert closed["distill_on"].item() == 0 and closed["loss"].item() == 0
     assert closed["mse_image"] > 0  # the distance is still measured and logged
     # A student whose captions are shuffled: task loss above the teacher's -> gate open, plain Eq. 1.
     bad_txt = good_txt[[1, 2, 3, 0]]
     bad_task = _task(good_img, bad_txt)
     assert bad_task > teacher_task
-    opened = distiller.loss(good_img, bad_txt, t_img, t_txt, bad_task, teacher_task)
+    opened = distiller.loss(
+        {"image": good_img, "text": bad_txt}, {"image": t_img, "text": t_txt}, bad_task, teacher_task
+    )
     assert opened["distill_on"].item() == 1
     want = 500 * (feature_mse(good_img, t_img) + feature_mse(bad_txt, t_txt)) / 2
     torch.testing.assert_close(opened["loss"], want)
     with pytest.raises(ValueError, match="teacher's task loss"):
-        distiller.loss(good_img, bad_txt, t_img, t_txt, bad_task)
+        distiller.loss({"image": good_img, "text": bad_txt}, {"image": t_img, "text": t_txt}, bad_task)
     # Without the gate nothing changes: IFD always on.
-    plain = Distiller(teacher, alpha=500).loss(good_img, good_txt, t_img, t_txt, good_task)
+    plain = Distiller(teacher, CLIP, alpha=500).loss(
+        {"image": good_img, "text": good_txt}, {"image": t_img, "text": t_txt}, good_task
+    )
     assert plain["distill_on"].item() == 1 and plain["loss"] > 0
 
 

@@ -83,7 +83,8 @@ def test_check_ascending_names_the_pair():
     members = [get_member("tiny-S"), get_member("tiny-XS")]
     with pytest.raises(ValueError, match=r"tiny-XS .* follows tiny-S"):
         check_ascending(members)
-    with pytest.raises(ValueError, match="ascending"):
+    # A member listed twice is named as such (issue 11: "reorder them" did not say what was wrong).
+    with pytest.raises(ValueError, match="tiny-S appears twice"):
         check_ascending([get_member("tiny-S"), get_member("tiny-S")])
 
 

@@ -51,3 +51,25 @@ def test_low_modules_do_not_import_high_ones(path):
             if imported == high or imported.startswith(high + "."):
                 owner = next((k for k in ALLOWED if importer == k or importer.startswith(k + ".")), importer)
                 assert owner in ALLOWED[high] or owner == high, f"{importer} imports {imported}"
+
+
+SHARED = (
+    "compt.engine",
+    "compt.grow",
+    "compt.chain",
+    "compt.cost",
+    "compt.plan",
+    "compt.distill",
+    "compt.report",
+)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[_module_name(p) for p in MODULES])
+def test_shared_layers_name_no_paradigm(path):
+    """Issue 14: the engine, chain, growth, cost, distillation and reports know no paradigm by name;
+    they reach a paradigm only through the registry in compt.paradigms."""
+    importer = _module_name(path)
+    if not importer.startswith(SHARED):
+        return
+    for imported in _imports(path):
+        assert not imported.startswith("compt.paradigms."), f"{importer} imports {imported}"

@@ -1,4 +1,4 @@
-"""Tests for the chain plan (compt.cost.plan_chain) and the ``compt plan`` command."""
+"""Tests for the chain plan (compt.plan.plan_chain) and the ``compt plan`` command."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from compt.cli import main
-from compt.cost import member_cost, plan_chain
+from compt.cost import member_cost
 from compt.families import get_family
+from compt.plan import plan_chain
 
 torch.set_num_threads(1)
 
@@ -27,7 +28,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_plan_arithmetic_matches_member_costs():
     samples, base_epochs, epochs, m, batch = 10_000, 20, [20, 6, 4, 3], 3, 128
-    plan = plan_chain(TINY, samples, base_epochs, epochs, m, batch_size=batch)
+    plan = plan_chain(TINY, samples, base_epochs, epochs, sample={"num_captions": m}, batch_size=batch)
     costs = [member_cost(n, m) for n in TINY]
     steps = samples // batch
     base_acc = chain_acc = 0

@@ -15,7 +15,7 @@ import torch
 from compt.config import from_dict, to_dict
 from compt.cost import member_cost
 from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
-from compt.engine.optim import CosineSchedule, default_eps, param_groups
+from compt.engine.optim import CosineSchedule, param_groups
 from compt.engine.runlog import read_metrics
 from compt.engine.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, train_member
 from compt.families import get_member
@@ -114,8 +114,9 @@ def test_weight_decay_skips_norms_biases_embeddings_and_logit_scale():
     assert {"visual.conv1.weight", "text_projection", "visual.proj"} <= decayed
     assert all("bias" not in n and "ln_" not in n for n in decayed)
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
-    assert default_eps(get_member("debug-S").vision_kind) == 1e-6
-    assert default_eps(get_member("Swin-T").vision_kind) == 1e-8
+    for name, eps in (("debug-S", 1e-6), ("Swin-T", 1e-8)):
+        member = get_member(name)
+        assert member.paradigm.default_eps(member) == eps
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_per_step():

@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
-from compt.cost import allocate_epochs
 from compt.engine import dist
 from compt.engine.checkpoint import check_writable, load_checkpoint
 from compt.engine.train import TrainConfig, TrainResult, train_member
 from compt.families import Member, check_ascending, get_family
-from compt.paradigms.clip.data import DataConfig
+from compt.plan import allocate_epochs
 
 __all__ = ["ChainSpec", "UntilLossless", "EvalSpec", "load_spec", "run_chain", "member_train_config"]
 
@@ -49,21 +48,13 @@ class EvalSpec:
     """Which evaluations run after each member (and every ``every_steps`` if > 0)."""
 
     every_steps: int = 0  # evaluate during training every N optimizer steps; 0: only at the end
-    imagefolders: tuple[str, ...] = ()  # extra ImageFolder zero-shot sets (a class per sub-folder)
-    metric: str = "mean_zeroshot_top1"  # headline metric (percent) used by reports and until_lossless
+    imagefolders: tuple[str, ...] = ()  # CLIP: extra ImageFolder zero-shot sets (a class per sub-folder)
+    metric: str = "mean_zeroshot_top1"  # headline metric used by reports and until_lossless (paradigm's key)
     seed: int = 0  # seed of the embedded evaluation sets
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps must be >= 0, got {self.every_steps}")
-        # compt.paradigms.clip.evaluate's keys; a typo here would make until_lossless wait forever.
-        if self.metric not in ("mean_zeroshot_top1", "mean_retrieval_r1") and not (
-            self.metric.startswith(("zeroshot/", "retrieval/"))
-        ):
-            raise ValueError(
-                f"eval.metric {self.metric!r} is not a metric compt computes; use mean_zeroshot_top1, "
-                "mean_retrieval_r1, zeroshot/<task>/top1 or retrieval/<set>/{i2t,t2i}_r{1,5,10}"
-            )
 
 
 @dataclass(frozen=True)
@@ -89,7 +80,7 @@ class ChainSpec:
     family: str  # a registered family name or a family YAML file
     out_dir: str  # root of the run tree (see module docstring)
     members: tuple[str, ...] = ()  # members in chain order; empty: the whole family
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = None  # the family's paradigm's data config (CLIP: compt.paradigms.clip.data.DataConfig)
     baseline_epochs: float = 1.0  # epochs of every individually trained member and of the first link
     epochs: tuple[float, ...] = ()  # per-member chain epochs (first = baseline_epochs); empty: allocate
     target_ratio: float = 0.0  # for allocation without `epochs`: last link's epochs = baseline / ratio
@@ -100,6 +91,15 @@ class ChainSpec:
     name: str = "chain"
 
     def __post_init__(self) -> None:
+        paradigm = get_family(self.family).paradigm
+        data = {} if self.data is None else self.data
+        if isinstance(data, dict):
+            object.__setattr__(self, "data", from_dict(paradigm.data_config, data, where="data"))
+        elif not isinstance(data, paradigm.data_config):
+            raise ValueError(
+                f"data must be a mapping of {paradigm.data_config.__name__} fields, got {data!r}"
+            )
+        paradigm.check_metric(self.eval.metric)  # a typo would make until_lossless wait forever
         if self.baseline_epochs <= 0:
             raise ValueError(f"baseline_epochs must be > 0, got {self.baseline_epochs}")
         if self.epochs and len(self.epochs) != len(self.resolved_members()):
@@ -127,7 +127,7 @@ class ChainSpec:
                 self.resolved_members(),
                 int(self.baseline_epochs),
                 self.target_ratio or None,
-                num_captions=self.data.num_captions,
+                sample=get_family(self.family).paradigm.cost_sample(self.data),
             )
         ]
 
@@ -172,16 +172,9 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
 
 
 def _evaluator(spec: ChainSpec, member: Member):
-    """An ``evaluate(model, step)`` callback on the embedded (and ImageFolder) sets at the member's size."""
-    from compt.paradigms.clip.evaluate import build_evaluator
-
-    return build_evaluator(
-        member.image_size,
-        member.context_length,
-        imagefolders=spec.eval.imagefolders,
-        seed=spec.eval.seed,
-        spec=spec.data.synthetic,  # held-out scenes from the vocabulary the chain trains on
-    )
+    """An ``evaluate(model, step)`` callback on the paradigm's held-out sets at the member's size."""
+    options = {"imagefolders": spec.eval.imagefolders} if spec.eval.imagefolders else {}
+    return member.paradigm.evaluator(member, data_cfg=spec.data, seed=spec.eval.seed, **options)
 
 
 def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> None:
@@ -229,9 +222,8 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
 
     Idempotent and resumable: finished members are skipped, an interrupted one resumes.
     """
-    from compt.paradigms.clip.export import export_member, is_export_dir
-
     members = spec.resolved_members()
+    paradigm = members[0].paradigm
     root = Path(spec.out_dir) / ("individual" if individual else "chain")
     rows: list[dict[str, Any]] = []
     acc_macs = acc_wall = 0.0
@@ -250,8 +242,8 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
         export_dir = Path(cfg.out_dir) / "export"
         # The config is written after the weights: only with it is an export complete (a kill
         # between the two must not leave a folder that open_clip cannot load).
-        if dist.is_main() and not is_export_dir(export_dir):
-            export_member(result.final_checkpoint, export_dir)
+        if dist.is_main() and not paradigm.is_export_dir(export_dir):
+            paradigm.export(result.final_checkpoint, export_dir)
         rows.append(_summary_row(spec, cfg, result, i, individual, acc_macs, acc_wall, root))
         dist.barrier()
     summary = {

@@ -1,10 +1,12 @@
 """Inverse feature distillation (§3.1.1 Eq. 1, §3.2 Eq. 4, App. D.2): a small teacher guides a larger student.
 
-A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with::
+A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP::
 
     L_IFD = alpha * ( MSE(v_t, T(v_s)) + MSE(t_t, T(t_s)) ) / 2        (Eq. 1, averaged over modalities)
 
-- ``v``/``t`` are the final image/text embeddings (open_clip ``encode_image``/``encode_text`` with
+- which features are compared is the paradigm's (:meth:`compt.paradigms.Paradigm.teacher_features`
+  and the student's ``out["distill"]``); L_IFD averages the MSE of every feature pair. For CLIP,
+  ``v``/``t`` are the final image/text embeddings (open_clip ``encode_image``/``encode_text`` with
   ``normalize=False``), of the same images and the same M captions for teacher and student.
 - Normalization: both sides are **L2-normalized** before the MSE. The task loss (Eq. 2) only ever
   sees normalized embeddings, so the knowledge worth transferring is their direction; the raw norm
@@ -39,7 +41,6 @@ from torch import nn
 from compt.engine import dist
 from compt.engine.checkpoint import model_from_checkpoint
 from compt.families import Member, get_member
-from compt.paradigms.clip.loss import multi_caption_clip_loss
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -59,24 +60,26 @@ def load_teacher(path: str | Path, student: Member) -> tuple[nn.Module, dict[str
     """The teacher of a chain link from its checkpoint: ``(model, payload, member)``.
 
     The member is the registered one when its config matches the checkpoint, else one built from the
-    checkpoint's ``model_cfg`` (a custom family). Teacher and student must read the same batch, so
-    their image size and context length must match.
+    checkpoint's ``model_cfg`` (a custom family). The paradigm checks that teacher and student can read
+    the same batch (for CLIP: the same image size and context length).
     """
     model, payload = model_from_checkpoint(path)
-    member = Member(name=str(payload["member"]), family="checkpoint", model_cfg=payload["model_cfg"])
+    kind = student.paradigm
+    if payload.get("paradigm", kind.name) != kind.name:
+        raise ValueError(
+            f"teacher {path} is a {payload['paradigm']} model but the student {student.name} is a "
+            f"{kind.name} model; a chain grows within one paradigm"
+        )
+    member = kind.member_class(
+        name=str(payload["member"]), family="checkpoint", model_cfg=payload["model_cfg"]
+    )
     try:
         registered = get_member(member.name)
         if registered.model_cfg == member.model_cfg:
             member = registered
     except KeyError:
         pass
-    for what in ("image_size", "context_length"):
-        if getattr(member, what) != getattr(student, what):
-            raise ValueError(
-                f"teacher {path} ({member.name}) has {what} {getattr(member, what)} but the student "
-                f"{student.name} has {getattr(student, what)}; a link feeds both the same batch, so they "
-                "must match"
-            )
+    kind.check_link(member, student, str(path))
     return model, payload, member
 
 
@@ -170,10 +173,12 @@ class Distiller:
     def __init__(
         self,
         teacher: nn.Module,
+        paradigm: Any,
         alpha: float | str = DEFAULT_ALPHA,
         ratio: float = DEFAULT_RATIO,
         gate: bool = False,
     ):
+        self.paradigm = paradigm  # compt.paradigms.Paradigm: which features the teacher gives
         self.gate = bool(gate)
         if isinstance(alpha, str):
             if alpha != "auto":
@@ -188,55 +193,37 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def teacher_features(
-        self, images: torch.Tensor, texts: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher embeddings of the student's batch: images ``[B, D_t]`` and texts ``[B, M, D_t]``.
-
-        Call it inside the student's autocast context so both run at the same precision.
-        """
-        b, m, length = texts.shape
-        image = self.teacher.encode_image(images)
-        text = self.teacher.encode_text(texts.reshape(b * m, length)).reshape(b, m, -1)
-        return image, text
+    def teacher_features(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The teacher's features of the student's batch (call it inside the student's autocast)."""
+        return self.paradigm.teacher_features(self.teacher, batch)
 
     @torch.no_grad()
     def teacher_task_loss(
-        self,
-        teacher_image: torch.Tensor,
-        teacher_text: torch.Tensor,
-        logit_scale: torch.Tensor,
-        local_batch_size: int | None = None,
+        self, teacher: dict[str, torch.Tensor], out: dict[str, Any], local_batch_size: int
     ) -> torch.Tensor:
-        """The teacher's L_task (Eq. 2-3) on the batch, from its :meth:`teacher_features`; no gradient.
-
-        ``logit_scale`` is the *student's* (``exp`` already applied, as the student's task loss gets):
-        at the same temperature the gate compares only the two models' embeddings. Like the student's,
-        it is the global-batch loss, so every rank takes the same gate decision.
-        """
-        return multi_caption_clip_loss(
-            teacher_image, teacher_text, logit_scale.detach(), local_batch_size=local_batch_size
-        )
+        """The teacher's task loss on the batch (for the gate), from :meth:`teacher_features`."""
+        return self.paradigm.teacher_task_loss(teacher, out, local_batch_size)
 
     def loss(
         self,
-        student_image: torch.Tensor,
-        student_text: torch.Tensor,
-        teacher_image: torch.Tensor,
-        teacher_text: torch.Tensor,
+        student: dict[str, torch.Tensor],
+        teacher: dict[str, torch.Tensor],
         task_loss: torch.Tensor,
         teacher_task: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """L_IFD of Eq. 1/4 from projected student and teacher embeddings.
+        """L_IFD of Eq. 1/4 from projected student features and the teacher's (same keys).
 
-        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_image``, ``mse_text``, ``alpha``
-        and ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all tensors, all but
+        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` per feature, ``alpha`` and
+        ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all tensors, all but
         ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate, ``teacher_task``
         (:meth:`teacher_task_loss`) only by the gate, which needs it.
         """
-        mse_image = feature_mse(student_image, teacher_image)
-        mse_text = feature_mse(student_text, teacher_text)
-        distance = (mse_image + mse_text) / 2
+        if set(student) != set(teacher):
+            raise ValueError(
+                f"student features {sorted(student)} and teacher features {sorted(teacher)} differ"
+            )
+        mse = {key: feature_mse(student[key], teacher[key]) for key in student}
+        distance = torch.stack(list(mse.values())).mean()  # Eq. 4: averaged over the feature pairs
         if self.auto is not None:
             alpha = self.auto(task_loss, distance)
         else:
@@ -249,8 +236,7 @@ class Distiller:
             on = (task_loss.detach().float() >= teacher_task.detach().float()).float()
         return {
             "loss": on * alpha * distance,
-            "mse_image": mse_image.detach(),
-            "mse_text": mse_text.detach(),
+            **{f"mse_{key}": value.detach() for key, value in mse.items()},
             "alpha": alpha.detach(),
             "distill_on": on,
         }

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         interpolate_pos=args.interpolate_pos,
         in_place=True,  # the fresh student's tensors are ours: no second copy of a large model
+        paradigm=member.paradigm_name,
     )
     grow_s = time.perf_counter() - grow_start
     grow_entry = {"teacher": str(args.teacher), "teacher_member": teacher.get("member"), **report.summary()}
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         {
             "model": new_sd,
-            "model_cfg": member.open_clip_config(),
+            "model_cfg": member.model_config(),
             "member": member.name,
+            "paradigm": member.paradigm_name,
             "grow": grow_entry,
         },
     )

@@ -12,14 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from compt.cost import (
-    DEFAULT_END_FRACTION,
-    DEFAULT_TARGET_RATIO,
-    PAPER_BATCH_SIZE,
-    ChainPlan,
-    plan_chain,
-)
+from compt.cost import PAPER_BATCH_SIZE
 from compt.families import Member, get_family, get_member
+from compt.plan import DEFAULT_END_FRACTION, DEFAULT_TARGET_RATIO, ChainPlan, plan_chain
 
 CC3M_SAMPLES = 2_753_427  # valid CC3M images (paper Table A)
 
@@ -101,12 +96,13 @@ def _epochs(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    members = _members(args)
     plan = plan_chain(
-        _members(args),
+        members,
         samples=args.samples,
         baseline_epochs=args.baseline_epochs,
         epochs=_epochs(args.epochs),
-        num_captions=args.captions,
+        sample={"num_captions": args.captions},
         batch_size=args.batch_size,
         target_ratio=args.target_ratio,
         end_fraction=args.end_fraction,
@@ -114,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        print(format_plan(plan))
+        print(format_plan(plan, members[0].paradigm.describe_sample(plan.sample)))
     return 0
 
 
@@ -130,7 +126,7 @@ _PER_SAMPLE_UNITS = [(1e9, "G"), (1e6, "M"), (1e3, "K"), (1.0, "")]
 _RUN_UNITS = [(1e19, "1e10 G"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1.0, "")]
 
 
-def format_plan(plan: ChainPlan) -> str:
+def format_plan(plan: ChainPlan, sample: str) -> str:
     """The plan as a text table shaped like the cost columns of the paper's Table 2."""
     rows = plan.rows
     fs, fu = _unit(max(r.train_macs for r in rows), _PER_SAMPLE_UNITS)
@@ -153,7 +149,7 @@ def format_plan(plan: ChainPlan) -> str:
             [
                 r.name,
                 f"{r.params['total'] / 1e6:.2f}",
-                f"{r.params['total_no_embed'] / 1e6:.2f}",
+                f"{r.params.get('total_no_embed', r.params['total']) / 1e6:.2f}",
                 f"{r.forward_macs / fs:.2f}",
                 f"{r.train_macs / fs:.2f}",
                 str(r.epochs),
@@ -165,7 +161,7 @@ def format_plan(plan: ChainPlan) -> str:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [
-        f"samples/epoch {plan.samples:,}, 1 image + {plan.num_captions} captions per sample, "
+        f"samples/epoch {plan.samples:,}, {sample} per sample, "
         f"baseline {plan.baseline_epochs} epochs, batch {plan.batch_size}",
     ]
     if plan.allocated:

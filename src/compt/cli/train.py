@@ -103,24 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _data_spec(spec: str) -> dict[str, Any]:
-    """``--data`` as DataConfig fields: a kind name, a table file or a shard pattern."""
-    from compt.paradigms.clip.data import list_datasets
-
-    if spec in list_datasets():
-        return {"kind": spec}
-    low = spec.lower()
-    if low.endswith((".csv", ".tsv")):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"--data {spec}: no such file")
-        return {"kind": low[-3:], "path": spec, **({"csv_separator": ","} if low.endswith(".csv") else {})}
-    if ".tar" in low:
-        return {"kind": "wds", "path": spec}
-    raise ValueError(
-        f"--data {spec!r}: expected one of {', '.join(list_datasets())}, a .csv/.tsv table or .tar shards"
-    )
-
-
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -147,7 +129,12 @@ def build_config(args: argparse.Namespace):
         if value is not None:
             raw[field] = parse_value(value) if flag == "alpha" else value
     if args.data:
-        raw["data"] = {**(raw.get("data") or {}), **_data_spec(args.data)}
+        from compt.families import get_member
+
+        if not raw.get("member"):
+            raise ConfigError("say which member to train: --member NAME (e.g. tiny-S, ViT-B/16)")
+        paradigm = get_member(str(raw["member"]), raw.get("family")).paradigm
+        raw["data"] = {**(raw.get("data") or {}), **paradigm.data_flag(args.data)}
     raw.setdefault("data", {})
     for item in args.set:
         if "=" not in item:
@@ -170,10 +157,9 @@ def run(args: argparse.Namespace) -> int:
     evaluate = None
     if args.eval_every >= 0:
         from compt.families import get_member
-        from compt.paradigms.clip.evaluate import build_evaluator
 
         member = get_member(cfg.member, cfg.family)
-        evaluate = build_evaluator(member.image_size, member.context_length)
+        evaluate = member.paradigm.evaluator(member, data_cfg=cfg.data)
         cfg = replace(cfg, eval_every_steps=args.eval_every)
     try:
         result = train_member(cfg, evaluate=evaluate)

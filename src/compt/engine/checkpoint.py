@@ -3,8 +3,10 @@
 A checkpoint is one ``torch.save`` payload (a dict). compt always stores at least:
 
 - ``model``: the model's state dict (plain, never DDP/compile-prefixed),
-- ``model_cfg``: the open_clip model config, so a checkpoint alone rebuilds its model,
-- ``member``: the member's name.
+- ``model_cfg``: the paradigm's model config (open_clip's for CLIP), so a checkpoint alone rebuilds
+  its model,
+- ``member``: the member's name, and ``paradigm`` its paradigm (absent in checkpoints older than
+  paradigms: CLIP).
 
 The training engine adds optimizer, scheduler, scaler, RNG states, data position and cost counters.
 Writes go to a temporary file in the same folder, are fsynced, then renamed over the target, so a
@@ -202,13 +204,21 @@ def prune_checkpoints(folder: str | Path, keep: int) -> None:
 
 
 def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the open_clip ``CLIP`` stored in a checkpoint; returns ``(model, payload)``."""
-    from open_clip.model import CLIP
+    """Rebuild the model stored in a checkpoint (its paradigm's, e.g. an open_clip ``CLIP``).
+
+    Returns ``(model, payload)``. A checkpoint written before paradigms existed has no ``paradigm``
+    entry and is read as CLIP (:data:`compt.paradigms.DEFAULT_PARADIGM`).
+    """
+    from compt.paradigms import get_paradigm
 
     payload = load_checkpoint(path, map_location)
     if "model_cfg" not in payload:
         raise CheckpointError(f"{path} holds no 'model_cfg'; it was not written by compt")
-    model = CLIP(**payload["model_cfg"])
+    try:
+        paradigm = get_paradigm(payload.get("paradigm"))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {e.args[0]}") from None
+    model = paradigm.build(payload["model_cfg"])
     how = "it was not saved by compt for this model; pass the checkpoint its run wrote (final.pt)"
     try:
         missing, unexpected = model.load_state_dict(payload["model"], strict=False)

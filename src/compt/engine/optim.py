@@ -2,8 +2,7 @@
 
 - AdamW, betas (0.9, 0.98), weight decay 0.1, applied to weight matrices only: norms, biases,
   embeddings (token, positional, class) and the logit scale are not decayed (as OpenCLIP does).
-- eps per model kind, as the official code (OpenCLIP's defaults): 1e-6 for ViT towers, 1e-8 otherwise.
-  Table C prints 1e-8 for both; the code the paper's numbers come from uses 1e-6 for ViTs.
+- eps per model kind is the paradigm's default (:meth:`compt.paradigms.Paradigm.default_eps`).
 - A cosine decay with linear warmup, stepped per optimizer step (not per epoch): 8000 warmup steps
   for a baseline member and 1000 for a chain link in the paper.
 """
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PAPER_WARMUP_STEPS", "default_eps", "param_groups", "build_optimizer", "CosineSchedule"]
+__all__ = ["PAPER_WARMUP_STEPS", "param_groups", "build_optimizer", "CosineSchedule"]
 
 # Table C: warmup iterations of a baseline (individually trained) member and of a chain link.
 PAPER_WARMUP_STEPS = {"baseline": 8000, "link": 1000}
@@ -26,11 +25,6 @@ PAPER_WARMUP_STEPS = {"baseline": 8000, "link": 1000}
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
-
-
-def default_eps(vision_kind: str) -> float:
-    """AdamW eps of the official code: 1e-6 for a ViT (``vision_kind == 'vit'``), 1e-8 otherwise."""
-    return 1e-6 if vision_kind == "vit" else 1e-8
 
 
 def _no_decay_names(module: nn.Module) -> set[str]:

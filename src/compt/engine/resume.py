@@ -29,7 +29,6 @@ import torch
 from compt.config import to_dict
 from compt.engine import dist
 from compt.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
-from compt.paradigms.clip.data import build_loader, tokenizer
 
 __all__ = [
     "SAME_RUN_FIELDS",
@@ -143,13 +142,7 @@ class DataStream:
                 "use a multiple of the number of processes"
             )
         self._it, self._at, self.skips = None, None, 0
-        # Caught here, not as an IndexError deep in the first forward pass.
-        vocab, need = member.model_cfg["text_cfg"].get("vocab_size", 49408), tokenizer(2).vocab_size
-        if vocab < need:
-            raise ValueError(
-                f"member {member.name} has text_cfg.vocab_size={vocab}, but compt's data uses open_clip's "
-                f"tokenizer with {need} token ids; set vocab_size: {need} in its family definition"
-            )
+        member.paradigm.check_data(cfg.data, member)
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -159,10 +152,9 @@ class DataStream:
 
     def _open(self):
         st = self.state
-        self._loader = build_loader(
+        self._loader = self.member.paradigm.build_loader(
             self.cfg.data,
-            image_size=self.member.image_size,
-            context_length=self.member.context_length,
+            self.member,
             global_batch_size=self.micro_batch,
             rank=self.info.rank,
             world_size=self.info.world_size,
@@ -172,7 +164,7 @@ class DataStream:
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader
 
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next(self) -> list[tuple[torch.Tensor, ...]]:
         """The ``accum_steps`` micro-batches of the step at the current data position."""
         if self._at != (self.state.epoch, self.state.step_in_epoch):  # a new epoch, or resumed elsewhere
             self._open()
@@ -187,8 +179,9 @@ def model_payload(run: Any) -> dict[str, Any]:
     st = run.state
     return {
         "model": run.model.state_dict(),
-        "model_cfg": run.member.open_clip_config(),
+        "model_cfg": run.member.model_config(),
         "member": run.member.name,
+        "paradigm": run.member.paradigm_name,
         "steps": st.step,
         "epoch": st.epoch,
         "samples_seen": st.samples_seen,

@@ -198,7 +198,7 @@ def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], boo
 
 def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
     """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
-    local = [k for k in ("loss_ifd", "mse_image", "mse_text") if k in stats]
+    local = [k for k in stats if k == "loss_ifd" or k.startswith("mse_")]  # per-rank means
     if local and run.info.world_size > 1:
         stats = {
             **stats,

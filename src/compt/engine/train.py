@@ -2,8 +2,9 @@
 
 A baseline member is a chain link with ``teacher=None``: one loop, not two. A link grows its student
 from the teacher (:func:`compt.grow.grow`, inverse weight initialization) and adds the inverse
-feature distillation loss (:mod:`compt.distill`) to the multi-caption CLIP loss
-(:mod:`compt.paradigms.clip.loss`).
+feature distillation loss (:mod:`compt.distill`) to the task loss. What a batch, the task loss and
+the distilled features are is the member's paradigm's (:mod:`compt.paradigms`; for CLIP the
+multi-caption contrastive loss of Eq. 2-3); this module knows no paradigm.
 
 Launch (docs/train.md)::
 
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from compt.config import to_dict
+from compt.config import from_dict, to_dict
 from compt.cost import member_cost
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
 from compt.engine import dist
@@ -47,13 +48,12 @@ from compt.engine.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, default_eps
+from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer
 from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
 from compt.grow import grow
-from compt.paradigms.clip.data import DataConfig
-from compt.paradigms.clip.loss import multi_caption_clip_loss
+from compt.paradigms import Paradigm
 
 __all__ = [
     "TrainConfig",
@@ -66,7 +66,6 @@ __all__ = [
 
 _LOG = logging.getLogger("compt.engine.train")
 
-LOGIT_SCALE_MAX = math.log(100)  # CLIP clamps the learnable temperature at 1/100
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -75,7 +74,7 @@ class TrainConfig:
     """Everything that defines one training run of one member (baseline or chain link)."""
 
     member: str  # member name in the family registry, e.g. "ViT-B/16", "tiny-S"
-    data: DataConfig  # training data (compt.paradigms.clip.data): kind, path, num_captions (M), ...
+    data: Any  # the paradigm's data config (CLIP: compt.paradigms.clip.data.DataConfig), or its dict
     out_dir: str = "runs/train"  # folder of step_<N>.pt, final.pt and metrics.jsonl; resumed if present
     family: str | None = None  # family (name or YAML path) holding `member`; None: any registered family
     epochs: float = 1.0  # passes over the data (fractions allowed); ignored when `steps` is set
@@ -89,7 +88,7 @@ class TrainConfig:
     )
     weight_decay: float = 0.1  # AdamW decoupled decay, not on norms, biases, embeddings, logit scale
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (Table C)
-    eps: float | None = None  # AdamW eps; None: 1e-6 for ViT members, 1e-8 otherwise (official code)
+    eps: float | None = None  # AdamW eps; None: the paradigm's default (CLIP: 1e-6 for ViTs, official code)
     grad_clip: float = 0.0  # max global gradient L2 norm; 0 disables clipping
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a grad scaler)
     compile: bool = False  # torch.compile the student's forward
@@ -110,11 +109,15 @@ class TrainConfig:
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
 
     def __post_init__(self) -> None:
-        if not isinstance(self.data, DataConfig):
+        # An unknown member fails here, naming the nearest one; its paradigm reads the data config.
+        data_config = get_member(self.member, self.family).paradigm.data_config
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", from_dict(data_config, self.data, where="train.data"))
+        if not isinstance(self.data, data_config):
             raise ValueError(
-                f"train.data must be a compt.paradigms.clip.data.DataConfig, got {type(self.data).__name__}"
+                f"train.data must be a {data_config.__module__}.{data_config.__name__} (or its fields as a "
+                f"mapping) for member {self.member}, got {type(self.data).__name__}"
             )
-        get_member(self.member, self.family)  # an unknown member fails here, naming the nearest one
         alpha_ok = self.alpha == "auto" or (
             not isinstance(self.alpha, str) and math.isfinite(self.alpha) and self.alpha >= 0
         )
@@ -198,20 +201,6 @@ class TrainingInterrupted(SystemExit):
         return self.message
 
 
-class _StudentForward(nn.Module):
-    """The student and the IFD projection T as one module, so DDP synchronizes T's gradients too."""
-
-    def __init__(self, model: nn.Module, projection: nn.Module):
-        super().__init__()
-        self.model, self.projection = model, projection
-
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        b, m, length = texts.shape  # M captions per image are encoded as one [B*M, L] batch
-        image = self.model.encode_image(images)
-        text = self.model.encode_text(texts.reshape(b * m, length)).reshape(b, m, -1)
-        return image, text, self.model.logit_scale.exp(), self.projection(image), self.projection(text)
-
-
 @dataclass
 class _Run:
     """Everything one run holds while it trains (built by :func:`_setup`)."""
@@ -219,9 +208,10 @@ class _Run:
     cfg: TrainConfig
     info: dist.DistInfo
     member: Member
+    paradigm: Paradigm  # the member's: batch, task loss, distilled features
     model: nn.Module  # the plain student (what checkpoints store)
-    projection: nn.Module  # T of Eq. 1 (identity for a baseline or equal embedding dims)
-    forward: nn.Module  # _StudentForward, maybe compiled and DDP-wrapped
+    projection: nn.Module  # T of Eq. 1 (identity for a baseline or equal feature dims)
+    forward: nn.Module  # the paradigm's student forward, maybe compiled and DDP-wrapped
     distiller: Distiller | None
     optimizer: torch.optim.Optimizer
     schedule: CosineSchedule
@@ -261,39 +251,38 @@ class _Run:
 # --- the training step ---------------------------------------------------------------------------
 
 
-def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """One optimizer step of Eq. 4 over ``accum_steps`` micro-batches; returns detached stats."""
     device, world, n = run.info.device, run.info.world_size, len(micro_batches)
     lr = run.schedule.apply(run.optimizer, run.state.step)  # cosine with warmup, per iteration
+    # A global task loss (CLIP's gathered contrastive loss) is the same on every rank but its graph
+    # reaches only the rank's own features (compt.engine.dist.gather_with_local_grad); DDP *averages*
+    # gradients over ranks, so it is scaled by the world size to make that average the true gradient.
+    task_scale = world if run.paradigm.task_loss_is_global else 1
     stats: dict[str, torch.Tensor] = {}
-    for i, (images, texts) in enumerate(micro_batches):
-        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+    for i, batch in enumerate(micro_batches):
+        batch = tuple(x.to(device, non_blocking=True) for x in batch)
         # DDP all-reduces gradients only on the last micro-batch of the step.
         sync = run.forward.no_sync() if world > 1 and i < n - 1 else nullcontext()
         with sync:
             with run.autocast():
-                image, text, logit_scale, image_t, text_t = run.forward(images, texts)
-                task = multi_caption_clip_loss(
-                    image, text, logit_scale, local_batch_size=run.local_batch_size
-                )  # Eq. 2-3
+                out = run.forward(*batch)
+                task = run.paradigm.task_loss(out, run.local_batch_size)
                 parts = {"loss_task": task}
                 if run.distiller is not None:
-                    # The frozen teacher sees the same images and captions, at the same precision.
-                    teacher_image, teacher_text = run.distiller.teacher_features(images, texts)
+                    # The frozen teacher sees the same batch, at the same precision.
+                    teacher = run.distiller.teacher_features(batch)
                     if run.distiller.gate:  # the teacher's L_task on this batch, for the gate
                         parts["loss_teacher"] = run.distiller.teacher_task_loss(
-                            teacher_image, teacher_text, logit_scale, run.local_batch_size
+                            teacher, out, run.local_batch_size
                         )
                     ifd = run.distiller.loss(
-                        image_t, text_t, teacher_image, teacher_text, task, parts.get("loss_teacher")
+                        out["distill"], teacher, task, parts.get("loss_teacher")
                     )  # Eq. 1
-                    parts.update(loss_ifd=ifd["loss"], mse_image=ifd["mse_image"], mse_text=ifd["mse_text"])
-                    parts["distill_on"] = ifd["distill_on"]  # logged as the fraction of micro-batches
-                    stats["alpha"] = ifd["alpha"]
-            # Every rank holds the same global task loss, but its graph reaches only its own features
-            # (dist.gather_with_local_grad); DDP *averages* gradients over ranks, so the task loss
-            # is scaled by the world size to make that average the true gradient. L_IFD is a per-rank mean.
-            objective = (task * world + parts.get("loss_ifd", 0.0)) / n  # Eq. 4
+                    parts["loss_ifd"] = ifd.pop("loss")
+                    stats["alpha"] = ifd.pop("alpha")
+                    parts.update(ifd)  # mse_<feature>, distill_on (logged as the fraction of micro-batches)
+            objective = (task * task_scale + parts.get("loss_ifd", 0.0)) / n  # Eq. 4; L_IFD: a per-rank mean
             if run.scaler is not None:
                 run.scaler.scale(objective).backward()
             else:
@@ -311,11 +300,9 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        run.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)  # temperature >= 1/100, as CLIP
+    stats.update(run.paradigm.after_step(run.model))  # e.g. CLIP's temperature clamp
     stats["loss"] = stats["loss_task"] + stats.get("loss_ifd", 0.0)
     stats["lr"] = torch.tensor(lr)
-    stats["logit_scale"] = run.model.logit_scale.detach().exp()
     # Remember the first step whose loss was not finite, without a host sync (read at log/save time).
     bad = ~torch.isfinite(stats["loss"])
     run.first_bad_step = torch.where(bad & (run.first_bad_step < 0), run.state.step, run.first_bad_step)
@@ -479,9 +466,10 @@ def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: 
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
         report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
-    projection = make_projection(member.model_cfg["embed_dim"], t_member.model_cfg["embed_dim"])
-    distiller = Distiller(teacher.to(device), cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate)
-    teacher_macs = member_cost(t_member, cfg.data.num_captions).forward_macs
+    paradigm = member.paradigm
+    projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    distiller = Distiller(teacher.to(device), paradigm, cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate)
+    teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
     return distiller, projection, {"checkpoint": str(cfg.teacher), "member": t_member.name}, teacher_macs
 
 
@@ -496,6 +484,7 @@ def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
 def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     """Build the student (grown for a link), teacher, optimizer, data and log; restore a checkpoint."""
     member, device = get_member(cfg.member, cfg.family), info.device
+    paradigm = member.paradigm
     amp_dtype, use_scaler = _precision(cfg, device)
     _configure_torch(cfg, device)
     state = TrainState()
@@ -510,14 +499,15 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
         distiller, projection, teacher_info, teacher_macs = link
     model.to(device).train()
     projection.to(device)
-    eps = cfg.eps or default_eps(member.vision_kind)
+    eps = cfg.eps or paradigm.default_eps(member)
     params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
     optimizer = build_optimizer([model, projection], **params)
     schedule = CosineSchedule(cfg.lr, total_steps, _warmup_steps(cfg, total_steps), cfg.min_lr_ratio)
-    cost = member_cost(member, cfg.data.num_captions)
+    cost = member_cost(member, **paradigm.cost_sample(cfg.data))
     macs_per_step = cfg.global_batch_size * (cost.train_macs + teacher_macs) + cost.update_macs
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    run = _Run(cfg=cfg, info=info, member=member, model=model, projection=projection, forward=None,
+    run = _Run(cfg=cfg, info=info, member=member, paradigm=paradigm, model=model, projection=projection,
+               forward=None,
                distiller=distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
                amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
                macs_per_step=macs_per_step, teacher_info=teacher_info)  # fmt: skip
@@ -526,7 +516,7 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
         _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
-    run.forward = _wrap(_StudentForward(model, projection), cfg, info)
+    run.forward = _wrap(paradigm.student(model, projection), cfg, info)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
                      start_wall_s=state.wall_s)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Inverse weight initialization (IWI, paper §3.1.1, App. D.1, Fig. A, Table H): grow a trained small CLIP
+"""Inverse weight initialization (IWI, paper §3.1.1, App. D.1, Fig. A, Table H): grow a trained small member
 into the initialization of the next, larger member of its chain.
 
 ::
@@ -10,9 +10,11 @@ into the initialization of the next, larger member of its chain.
     report = grow(teacher, student)                          # width="insert", depth="duplicate"
     print(report.format())
 
-Width strategies (Fig. A a-c, Table H) map each :class:`~compt.paradigms.clip.layout.Space` (a residual width,
+Width strategies (Fig. A a-c, Table H) map each :class:`~compt.grow.layout.Space` (a residual width,
 one layer's heads, one layer's MLP units) from teacher size to student size; depth strategies
-(Fig. A d-f) say which teacher layer each student layer starts from, per tower and per Swin stage.
+(Fig. A d-f) say which teacher layer each student layer starts from, per stack of layers (a tower, a
+Swin stage). Which tensor axis is which space is the paradigm's layout (for CLIP,
+:mod:`compt.paradigms.clip.layout`).
 Both are registries (:mod:`compt.grow.strategies`): a new strategy is one decorated function::
 
     @register_width("zeros")           # fn(n_teacher, n_student, ctx) -> Map1D
@@ -21,7 +23,8 @@ Both are registries (:mod:`compt.grow.strategies`): a new strategy is one decora
     @register_depth("last")            # fn(n_teacher, n_student) -> [teacher layer or None] * n_student
     def last(n_t, n_s): ...
 
-``logit_scale`` (and ``logit_bias``, if present) is copied from the teacher, as the official code does.
+For CLIP, ``logit_scale`` (and ``logit_bias``, if present) is copied from the teacher, as the official
+code does.
 Everything works on state dicts (:func:`grow_state_dict`, a pure function); :func:`grow` is the thin
 wrapper for models and checkpoint payloads.
 """
@@ -34,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from compt.grow.layout import GrowError, GrowLayout, Rule
 from compt.grow.strategies import (
     AxisContext,
     Map1D,
@@ -50,7 +53,6 @@ from compt.grow.strategies import (
     register_width,
     width_strategy,
 )
-from compt.paradigms.clip.layout import GrowError, ModelSpec, Rule, check_growable, describe, plan
 
 __all__ = [
     "GrowError",
@@ -149,14 +151,6 @@ def _short(layers: list[int | None]) -> str:
     return f"[{text}]" if len(text) <= 80 else f"[{text[:77]}...]"
 
 
-def _resample_pos(pos: torch.Tensor, grid_s: int) -> torch.Tensor:
-    """A ViT positional embedding on a new patch grid (bicubic), class-token row kept."""
-    grid_t = round((pos.shape[0] - 1) ** 0.5)
-    grid = pos[1:].float().reshape(1, grid_t, grid_t, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(grid_s, grid_s), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1].float(), grid.permute(0, 2, 3, 1).reshape(grid_s * grid_s, -1)]).to(pos.dtype)
-
-
 # --- the pure function on state dicts ------------------------------------------------------------
 
 
@@ -173,49 +167,6 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@dataclass(frozen=True)
-class _Hints:
-    """What a state dict's shapes do not tell: the tower kind, head counts, the (Swin) image size."""
-
-    vision_kind: str
-    vision_heads: int | None
-    text_heads: int
-    image_size: int
-
-
-def _hints_from_cfg(cfg: Mapping[str, Any], who: str) -> _Hints:
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    try:
-        v, t = CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"])
-    except (KeyError, TypeError) as e:
-        raise GrowError(f"the {who} model config is not an open_clip CLIP config ({e})") from e
-    name = v.timm_model_name or ""
-    kind = "vit" if not name else "swin" if "swin" in name and "swinv2" not in name else name
-    size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
-    return _Hints(kind, v.width // v.head_width, t.heads, int(size))
-
-
-def _hints_from_model(model: nn.Module, who: str) -> _Hints:
-    from open_clip.model import CLIP
-    from open_clip.timm_model import TimmModel
-    from open_clip.transformer import VisionTransformer
-
-    if not isinstance(model, CLIP):
-        raise GrowError(f"the {who} is a {type(model).__name__}; compt.grow grows open_clip CLIP models")
-    visual = model.visual
-    if isinstance(visual, VisionTransformer):
-        kind, heads = "vit", visual.transformer.resblocks[0].attn.num_heads
-    elif isinstance(visual, TimmModel):
-        name = type(visual.trunk).__name__
-        kind, heads = ("swin" if name == "SwinTransformer" else name), None
-    else:
-        raise GrowError(
-            f"the {who}'s vision tower is a {type(visual).__name__}; compt.grow handles ViT and Swin"
-        )
-    return _Hints(kind, heads, model.transformer.resblocks[0].attn.num_heads, int(visual.image_size[0]))
-
-
 def grow_state_dict(
     teacher_sd: Mapping[str, torch.Tensor],
     teacher_cfg: Mapping[str, Any],
@@ -227,19 +178,22 @@ def grow_state_dict(
     seed: int = 0,
     interpolate_pos: bool = False,
     in_place: bool = False,
+    paradigm: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], GrowReport]:
     """Grow ``teacher_sd`` into a new student state dict; returns ``(new_student_sd, report)``.
 
-    ``*_cfg`` are open_clip model configs (``embed_dim``, ``vision_cfg``, ``text_cfg``), as stored in a
-    compt checkpoint's ``model_cfg``. ``student_sd`` supplies the random init of every entry not
-    inherited. A pure function unless ``in_place=True``, which writes into ``student_sd``'s tensors
-    (saving a copy of the student; nothing is written unless every check passes).
+    ``*_cfg`` are the paradigm's model configs, as stored in a compt checkpoint's ``model_cfg``
+    (open_clip configs for CLIP, the default ``paradigm``). ``student_sd`` supplies the random init of
+    every entry not inherited. A pure function unless ``in_place=True``, which writes into
+    ``student_sd``'s tensors (saving a copy of the student; nothing is written unless every check passes).
     """
+    layout = _layout(paradigm)
     return _grow(
         teacher_sd,
-        _hints_from_cfg(teacher_cfg, "teacher"),
+        layout.hints_from_cfg(teacher_cfg, "teacher"),
         student_sd,
-        _hints_from_cfg(student_cfg, "student"),
+        layout.hints_from_cfg(student_cfg, "student"),
+        layout,
         width,
         depth,
         seed,
@@ -248,11 +202,18 @@ def grow_state_dict(
     )
 
 
+def _layout(paradigm: str | None) -> GrowLayout:
+    from compt.paradigms import get_paradigm
+
+    return get_paradigm(paradigm).layout
+
+
 def _grow(
     t_sd,
-    t_hints: _Hints,
+    t_hints: Any,
     s_sd,
-    s_hints: _Hints,
+    s_hints: Any,
+    layout: GrowLayout,
     width: str,
     depth: str,
     seed: int,
@@ -262,20 +223,17 @@ def _grow(
     strategy = width_strategy(width)
     depth_map(depth, 1, 1)  # an unknown name fails here, before any work
     t_sd, s_sd = strip_prefixes(t_sd), strip_prefixes(s_sd)
-    t = _describe(t_sd, t_hints, "teacher")
-    s = _describe(s_sd, s_hints, "student")
-    check_growable(t, s, interpolate_pos=interpolate_pos)
-    report = GrowReport(width, depth, seed)
-    if t.grid != s.grid:
-        t_sd = {
-            **t_sd,
-            "visual.positional_embedding": _resample_pos(t_sd["visual.positional_embedding"], s.grid),
-        }
-        report.notes.append(
-            f"visual.positional_embedding resampled from a {t.grid}x{t.grid} to a "
-            f"{s.grid}x{s.grid} grid (bicubic)"
-        )
-    rules, report.depth_maps = plan(t, s, lambda a, b: depth_map(depth, a, b))
+    plan = layout.plan(
+        t_sd,
+        t_hints,
+        s_sd,
+        s_hints,
+        depth=lambda a, b: depth_map(depth, a, b),
+        width=width,
+        interpolate_pos=interpolate_pos,
+    )
+    report = GrowReport(width, depth, seed, depth_maps=plan.depth_maps, notes=list(plan.notes))
+    t_sd, rules = plan.teacher_sd, plan.rules
     cache: dict = {}
     # Plan every tensor first (this is where bad input raises), then write: an error leaves the
     # student as it was.
@@ -283,8 +241,8 @@ def _grow(
     for key, s_val in s_sd.items():
         if key not in rules:
             raise GrowError(
-                f"no grow rule for student tensor {key!r} {tuple(s_val.shape)}; compt.grow knows "
-                "open_clip ViT/text towers and timm Swin (see compt/paradigms/clip/layout.py)"
+                f"no grow rule for student tensor {key!r} {tuple(s_val.shape)}; the paradigm's grow "
+                "layout does not know it (see compt/paradigms/<paradigm>/layout.py)"
             )
         jobs.append((key, s_val, rules[key], _maps(rules[key], t_sd, s_val, strategy, seed, cache)))
     out: dict[str, torch.Tensor] = {}
@@ -294,19 +252,7 @@ def _grow(
         else:
             out[key], inherited = grow_tensor(t_sd[rule.source], s_val, maps, in_place)
         report.tensors[key] = TensorGrowth(rule.source if inherited else None, s_val.numel(), inherited)
-    report.notes += _net2net_notes(t, s) if width == "net2net" else []
     return out, report
-
-
-def _describe(sd, hints: _Hints, who: str) -> ModelSpec:
-    return describe(
-        sd,
-        vision_kind=hints.vision_kind,
-        vision_heads=hints.vision_heads,
-        text_heads=hints.text_heads,
-        image_size=hints.image_size,
-        who=who,
-    )
 
 
 def _maps(
@@ -333,33 +279,6 @@ def _maps(
     ]
 
 
-def _net2net_notes(t: ModelSpec, s: ModelSpec) -> list[str]:
-    """Where Net2Net widening is not exactly function-preserving."""
-    notes = []
-    for ts, ss in zip((*t.vision, t.text), (*s.vision, s.text), strict=True):
-        if ss.width % ts.width:
-            notes.append(
-                f"net2net: {ss.name} width {ts.width} -> {ss.width} is not an integer ratio, so its "
-                "LayerNorms see uneven copies; the function changes slightly"
-            )
-        if ss.head_width != ts.head_width:
-            notes.append(
-                f"net2net: {ss.name} head width {ts.head_width} -> {ss.head_width} changes the "
-                "attention scale; the function changes"
-            )
-        if ss.layers != ts.layers:
-            notes.append(
-                f"net2net: {ss.name} depth {ts.layers} -> {ss.layers}: the added layers are not "
-                "identities, so the function changes"
-            )
-    if s.embed_dim % t.embed_dim:
-        notes.append(
-            f"net2net: embed_dim {t.embed_dim} -> {s.embed_dim} is not an integer ratio; "
-            "the cosine similarities change slightly"
-        )
-    return notes
-
-
 # --- models and checkpoints ----------------------------------------------------------------------
 
 
@@ -372,18 +291,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _source(obj: Any, who: str) -> tuple[Mapping[str, torch.Tensor], _Hints]:
+def _source(obj: Any, who: str) -> tuple[Mapping[str, torch.Tensor], Any, GrowLayout]:
+    from compt.paradigms import get_paradigm, paradigm_of_model
+
     if isinstance(obj, (str, Path)):
         from compt.engine.checkpoint import load_checkpoint
 
         obj = load_checkpoint(obj)
     if isinstance(obj, nn.Module):
         model = _unwrap(obj)
-        return model.state_dict(), _hints_from_model(model, who)
+        try:
+            layout = paradigm_of_model(model).layout
+        except ValueError as e:
+            raise GrowError(f"the {who}: {e}") from e
+        return model.state_dict(), layout.hints_from_model(model, who), layout
     if isinstance(obj, Mapping) and "model" in obj and "model_cfg" in obj:
-        return obj["model"], _hints_from_cfg(obj["model_cfg"], who)
+        layout = get_paradigm(obj.get("paradigm")).layout
+        return obj["model"], layout.hints_from_cfg(obj["model_cfg"], who), layout
     raise GrowError(
-        f"the {who} must be an open_clip CLIP, a checkpoint payload with 'model' and "
+        f"the {who} must be a model (e.g. an open_clip CLIP), a checkpoint payload with 'model' and "
         f"'model_cfg', or a checkpoint path; got {type(obj).__name__}"
     )
 
@@ -410,14 +336,17 @@ def grow(
             "the student must be a CLIP or a checkpoint payload (it is initialized in place), "
             "not a path; load it first, or use `compt grow --out`"
         )
-    t_sd, t_hints = _source(teacher, "teacher")
-    s_sd, s_hints = _source(student, "student")
+    t_sd, t_hints, layout = _source(teacher, "teacher")
+    s_sd, s_hints, s_layout = _source(student, "student")
+    if s_layout is not layout:
+        raise GrowError("the teacher and the student are models of different paradigms")
     # A module's state-dict tensors share storage with its parameters: writing them in place is the init.
     new_sd, report = _grow(
         t_sd,
         t_hints,
         s_sd,
         s_hints,
+        layout,
         width,
         depth,
         seed,

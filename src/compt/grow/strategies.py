@@ -2,7 +2,7 @@
 
 A width strategy maps one size to a larger one, ``fn(n_teacher, n_student, ctx) -> Map1D``: for each
 student entry, which teacher entries (and weights) it comes from, or that it keeps its own init.
-:mod:`compt.paradigms.clip.layout` says which axis of which tensor is which space (residual width, heads x
+A paradigm's layout (:mod:`compt.grow.layout`) says which axis of which tensor is which space (heads x
 head width, MLP units), and :func:`axis_map` composes the strategy over that structure, so a
 strategy never needs to know about q/k/v packing or PatchMerging. A depth strategy,
 ``fn(n_teacher, n_student) -> [teacher layer or None per student layer]``, runs per tower and per
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compt.paradigms.clip.layout import Axis, GrowError
+from compt.grow.layout import Axis, GrowError
 
 __all__ = [
     "Map1D",

@@ -1,69 +1,33 @@
-"""The structure inverse weight initialization respects (paper §3.1.1, App. D.1): which axis is which width.
+"""How an open_clip CLIP grows (paper §3.1.1, App. D.1): which axis of which tensor is which width.
 
 IWI copies a small teacher into a larger student. A shape-only copy goes wrong as soon as a dimension
 is *packed*: attention's ``in_proj_weight`` stacks q, k and v (each ``heads x head_width``), Swin's
 ``PatchMerging`` concatenates 4 neighbours, a relative-position-bias table has one column per head.
-This module names, for every tensor of an open_clip ``CLIP`` (ViT or timm-Swin vision tower, text
-tower), what each of its axes indexes:
+This module names, in :mod:`compt.grow.layout`'s vocabulary (spaces, axes, rules), what each axis of
+every tensor of an open_clip ``CLIP`` (ViT or timm-Swin vision tower, text tower) indexes: a tower's
+residual width, one layer's heads (``units`` = heads, ``dims`` = head width), one layer's MLP hidden
+units, the joint embedding; q/k/v are 3 packed groups of the heads, PatchMerging 4 of the previous
+stage's width, a relative-position-bias table has one column per head (``with_dims=False``).
 
-- a :class:`Space` is one width shared by several tensors: a tower's residual width, one layer's
-  heads (``units`` = heads, ``dims`` = head width), one layer's MLP hidden units, the joint
-  embedding. Width strategies map spaces, so q, k, v and out_proj of a layer agree on which teacher
-  head feeds which student head.
-- an :class:`Axis` places a space in a tensor: ``groups`` packed copies (3 for q/k/v, 4 for
-  PatchMerging), ``with_dims=False`` for one entry per head, ``role`` ``"in"`` when the tensor
-  consumes the space (its columns), which Net2Net needs to split outgoing weights.
-
-Everything here is read from state-dict shapes plus the head counts, so it works on checkpoints as
-well as on models. :mod:`compt.grow` applies the strategies.
+Everything is read from state-dict shapes plus the head counts (:class:`ClipHints`), so it works on
+checkpoints as well as on models. :data:`LAYOUT` is the CLIP paradigm's
+:class:`~compt.grow.layout.GrowLayout`; :mod:`compt.grow` applies the strategies.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["GrowError", "Space", "Axis", "Rule", "Stack", "ModelSpec", "describe", "check_growable", "plan"]
+from compt.grow.layout import FIXED, Axis, DepthFn, GrowError, GrowPlan, Rule, Space
 
-
-class GrowError(ValueError):
-    """A teacher cannot be grown into a student (sizes, kinds or tensors do not fit)."""
-
-
-@dataclass(frozen=True)
-class Space:
-    """One width shared by several tensors: ``units`` (e.g. heads) of ``dims`` entries (e.g. head width)."""
-
-    key: str
-    units_t: int
-    units_s: int
-    dims_t: int = 1
-    dims_s: int = 1
-    normed: bool = False  # normalized over (LayerNorm, or CLIP's L2 norm of the embedding)
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One axis of a tensor: ``groups`` packed copies of a space (``None``: sizes must be equal)."""
-
-    space: Space | None = None
-    role: str = "out"  # "out": the tensor produces the space (rows); "in": it consumes it (columns)
-    groups: int = 1
-    with_dims: bool = True  # False: one entry per unit (a bias-table column per head)
-
-
-FIXED = Axis()
-
-
-@dataclass(frozen=True)
-class Rule:
-    """How one student tensor is grown: from teacher tensor ``source`` (``None``: keep its init)."""
-
-    source: str | None
-    axes: tuple[Axis, ...]
+__all__ = ["Stack", "ModelSpec", "ClipHints", "ClipLayout", "LAYOUT", "describe", "check_growable", "plan"]
 
 
 @dataclass(frozen=True)
@@ -337,9 +301,6 @@ def _tower_axes(t: ModelSpec, s: ModelSpec) -> dict[str, tuple[Axis, ...]]:
     return axes
 
 
-DepthFn = Callable[[int, int], list]
-
-
 def plan(t: ModelSpec, s: ModelSpec, depth: DepthFn) -> tuple[dict[str, Rule], dict[str, list[int | None]]]:
     """Rules for every student tensor compt knows, and per stack the depth map (student layer ->
     teacher layer)."""
@@ -352,3 +313,117 @@ def plan(t: ModelSpec, s: ModelSpec, depth: DepthFn) -> tuple[dict[str, Rule], d
                 source = None if src is None else f"{ts.prefix}.{src}.{suffix}"
                 rules[f"{ss.prefix}.{layer}.{suffix}"] = Rule(source, axes)
     return rules, depth_maps
+
+
+# --- the CLIP paradigm's GrowLayout ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipHints:
+    """What a CLIP state dict's shapes do not tell: the tower kind, head counts, the (Swin) image size."""
+
+    vision_kind: str
+    vision_heads: int | None
+    text_heads: int
+    image_size: int
+
+
+def _resample_pos(pos: torch.Tensor, grid_s: int) -> torch.Tensor:
+    """A ViT positional embedding on a new patch grid (bicubic), class-token row kept."""
+    grid_t = round((pos.shape[0] - 1) ** 0.5)
+    grid = pos[1:].float().reshape(1, grid_t, grid_t, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(grid_s, grid_s), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1].float(), grid.permute(0, 2, 3, 1).reshape(grid_s * grid_s, -1)]).to(pos.dtype)
+
+
+def _net2net_notes(t: ModelSpec, s: ModelSpec) -> list[str]:
+    """Where Net2Net widening is not exactly function-preserving."""
+    notes = []
+    for ts, ss in zip((*t.vision, t.text), (*s.vision, s.text), strict=True):
+        if ss.width % ts.width:
+            notes.append(
+                f"net2net: {ss.name} width {ts.width} -> {ss.width} is not an integer ratio, so its "
+                "LayerNorms see uneven copies; the function changes slightly"
+            )
+        if ss.head_width != ts.head_width:
+            notes.append(
+                f"net2net: {ss.name} head width {ts.head_width} -> {ss.head_width} changes the "
+                "attention scale; the function changes"
+            )
+        if ss.layers != ts.layers:
+            notes.append(
+                f"net2net: {ss.name} depth {ts.layers} -> {ss.layers}: the added layers are not "
+                "identities, so the function changes"
+            )
+    if s.embed_dim % t.embed_dim:
+        notes.append(
+            f"net2net: embed_dim {t.embed_dim} -> {s.embed_dim} is not an integer ratio; "
+            "the cosine similarities change slightly"
+        )
+    return notes
+
+
+class ClipLayout:
+    """The :class:`~compt.grow.layout.GrowLayout` of open_clip CLIP models (ViT or Swin + text tower)."""
+
+    def hints_from_cfg(self, cfg: Mapping[str, Any], who: str) -> ClipHints:
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+        try:
+            v, t = CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"])
+        except (KeyError, TypeError) as e:
+            raise GrowError(f"the {who} model config is not an open_clip CLIP config ({e})") from e
+        name = v.timm_model_name or ""
+        kind = "vit" if not name else "swin" if "swin" in name and "swinv2" not in name else name
+        size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
+        return ClipHints(kind, v.width // v.head_width, t.heads, int(size))
+
+    def hints_from_model(self, model: nn.Module, who: str) -> ClipHints:
+        from open_clip.model import CLIP
+        from open_clip.timm_model import TimmModel
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(model, CLIP):
+            raise GrowError(f"the {who} is a {type(model).__name__}; compt.grow grows open_clip CLIP models")
+        visual = model.visual
+        if isinstance(visual, VisionTransformer):
+            kind, heads = "vit", visual.transformer.resblocks[0].attn.num_heads
+        elif isinstance(visual, TimmModel):
+            name = type(visual.trunk).__name__
+            kind, heads = ("swin" if name == "SwinTransformer" else name), None
+        else:
+            raise GrowError(
+                f"the {who}'s vision tower is a {type(visual).__name__}; compt.grow handles ViT and Swin"
+            )
+        return ClipHints(
+            kind, heads, model.transformer.resblocks[0].attn.num_heads, int(visual.image_size[0])
+        )
+
+    def plan(
+        self,
+        teacher_sd: Mapping[str, torch.Tensor],
+        teacher_hints: ClipHints,
+        student_sd: Mapping[str, torch.Tensor],
+        student_hints: ClipHints,
+        *,
+        depth: DepthFn,
+        width: str,
+        interpolate_pos: bool,
+    ) -> GrowPlan:
+        t = describe(teacher_sd, who="teacher", **vars(teacher_hints))
+        s = describe(student_sd, who="student", **vars(student_hints))
+        check_growable(t, s, interpolate_pos=interpolate_pos)
+        notes = []
+        if t.grid != s.grid:
+            resampled = _resample_pos(teacher_sd["visual.positional_embedding"], s.grid)
+            teacher_sd = {**teacher_sd, "visual.positional_embedding": resampled}
+            notes.append(
+                f"visual.positional_embedding resampled from a {t.grid}x{t.grid} to a "
+                f"{s.grid}x{s.grid} grid (bicubic)"
+            )
+        rules, depth_maps = plan(t, s, depth)
+        notes += _net2net_notes(t, s) if width == "net2net" else []
+        return GrowPlan(rules=rules, depth_maps=depth_maps, teacher_sd=teacher_sd, notes=notes)
+
+
+LAYOUT = ClipLayout()
