@@ -156,6 +156,28 @@ def test_yaml_malformed_family_is_explained(tmp_path, text, match):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        (
+            "width: 64, heads: 4",
+            "width: 64, heads: 5",
+            "text_cfg.width 64 is not divisible by text_cfg.heads 5",
+        ),
+        ("width: 64, layers: 2, head_width: 16", "width: 60, layers: 2, head_width: 16", "not a multiple"),
+        ("description:", "paradigm: clipp\ndescription:", "Did you mean 'clip'"),
+    ],
+)
+def test_yaml_sizes_that_cannot_build_fail_at_load(tmp_path, old, new, match):
+    """Issue 11: heads that do not divide the width failed inside torch when the model was built."""
+    path = tmp_path / "bad.yaml"
+    assert old in _GOOD
+    path.write_text(_GOOD.replace(old, new, 1))
+    with pytest.raises(ValueError, match=match) as err:
+        load_family_yaml(path)
+    assert str(path) in str(err.value)
+
+
 def test_yaml_duplicate_member_names_are_refused(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(_GOOD.replace("name: my-L", "name: my-s"))
