@@ -30,6 +30,7 @@ from compt import dist
 from compt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from compt.config import to_dict
 from compt.data import build_loader, tokenizer
+from compt.data.loader import pin_batches
 
 __all__ = [
     "SAME_RUN_FIELDS",
@@ -168,6 +169,7 @@ class DataStream:
             world_size=self.info.world_size,
             epoch=st.epoch,
             start_step=st.step_in_epoch * self.cfg.accum_steps,
+            pin_memory=pin_batches(self.info.device, self.cfg.data.workers),
         )
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader

@@ -45,6 +45,7 @@ __all__ = [
     "sample_rng",
     "epoch_order",
     "format_skips",
+    "pin_batches",
 ]
 
 log = logging.getLogger("compt.data")
@@ -115,6 +116,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return torch.randperm(num_samples, generator=gen)
 
 
+def pin_batches(device: torch.device, workers: int) -> bool:
+    """Whether batches are put in page-locked memory: when they go to a CUDA device from workers.
+
+    The DataLoader's pin thread copies each batch into pinned memory while the step runs, and the
+    trainer's ``non_blocking`` host-to-device copy then returns at once; from pageable memory that
+    copy waits for the transfer. In-process loading (``workers=0``) keeps pageable batches: pinning
+    there would be one more copy in the training thread (issue 17).
+    """
+    return device.type == "cuda" and workers > 0
+
+
 def format_skips(skips: dict[str, int]) -> str:
     """``skipped N: reason=count, ...`` (the line logged and written to the metrics file)."""
     total = sum(skips.values())
@@ -136,7 +148,10 @@ class Loader(abc.ABC):
 
     ``len(loader)`` is the number of steps in a full epoch (drop_last), whatever ``start_step``;
     iterating yields the steps ``start_step .. len-1``. ``skips`` maps reason -> count so far.
+    ``pin_memory`` (set by :func:`compt.data.build_loader`): workers hand over pinned batches.
     """
+
+    pin_memory = False
 
     def __init__(self, *, steps: int, start_step: int, max_skips: int, source: str):
         if not 0 <= start_step <= steps:
@@ -283,6 +298,7 @@ class MapLoader(Loader):
                     num_workers=self.workers,
                     collate_fn=_identity,
                     prefetch_factor=2,
+                    pin_memory=self.pin_memory,
                 )
             )
         else:

@@ -267,7 +267,11 @@ class StreamLoader(Loader):
 
     def __iter__(self):
         if self.workers > 0 and self.start_step < self.steps:
-            it = iter(torch.utils.data.DataLoader(self.streams, batch_size=None, num_workers=self.workers))
+            it = iter(
+                torch.utils.data.DataLoader(
+                    self.streams, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory
+                )
+            )
         else:
             it = iter(self.streams)
         yield from self._deliver(it)
