@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PAPER_WARMUP_STEPS", "default_eps", "param_groups", "build_optimizer", "CosineSchedule"]
+__all__ = [
+    "PAPER_WARMUP_STEPS",
+    "default_eps",
+    "fused_adamw",
+    "param_groups",
+    "build_optimizer",
+    "CosineSchedule",
+]
 
 # Table C: warmup iterations of a baseline (individually trained) member and of a chain link.
 PAPER_WARMUP_STEPS = {"baseline": 8000, "link": 1000}
@@ -31,6 +38,16 @@ if hasattr(nn, "RMSNorm"):
 def default_eps(vision_kind: str) -> float:
     """AdamW eps of the official code: 1e-6 for a ViT (``vision_kind == 'vit'``), 1e-8 otherwise."""
     return 1e-6 if vision_kind == "vit" else 1e-8
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW runs as torch's fused kernel on ``device``: exactly on CUDA (issue 17).
+
+    The fused kernel updates every parameter in one launch and takes the fp16 grad scaler's
+    inf check on the device, so ``GradScaler.step`` needs no host sync; it agrees with the
+    default (foreach) update to float rounding. On CPU the default is kept.
+    """
+    return device.type == "cuda"
 
 
 def _no_decay_names(module: nn.Module) -> set[str]:
@@ -82,9 +99,7 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over ``modules`` (the student and the IFD projection; never the teacher)."""
     groups = param_groups(modules, weight_decay)
-    # The fused CUDA kernel is one launch for all parameters; on CPU the default (foreach) is used.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused_adamw(device) or None)
 
 
 @dataclass
