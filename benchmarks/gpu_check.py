@@ -208,7 +208,8 @@ def _ddp(plan: Plan) -> list[Command]:
 
 
 def _tests(plan: Plan) -> list[Command]:
-    argv = [sys.executable, *"-m pytest -q -m gpu tests -p no:cacheprovider".split()]
+    # -v: the log names each test as it ends, so a stage killed at its budget still says how far it got.
+    argv = [sys.executable, *"-m pytest -v -m gpu tests -p no:cacheprovider".split()]
     return [Command([*argv, f"--junitxml={plan.work / 'gpu_tests.xml'}"], cwd=REPO, kind="pytest")]
 
 
@@ -444,14 +445,14 @@ def _check(stages: list[Stage], out: Path, work: Path, log, cuda: bool, peak: fl
                 rec.status, rec.error = "invalid", f"{type(e).__name__}: {e}"
         else:
             say(f"[{stage.name}] {stage.what} (budget {stage.budget_s:.0f} s)")
-            commands = stage.commands(plan)
-            rec.commands = [shlex.join(c.argv) for c in commands]
-            rec.status, rec.wall_s, rec.error = run_stage(commands, stage.budget_s, log)
-            try:  # read what it wrote, also after a failure or a timeout
-                rec.result = stage.read(plan)
-            except Exception as e:
-                rec.error = rec.error or f"its output cannot be read: {type(e).__name__}: {e}"
-                rec.status = "failed" if rec.status == "ok" else rec.status
+            try:
+                commands = stage.commands(plan)
+                rec.commands = [shlex.join(c.argv) for c in commands]
+                rec.status, rec.wall_s, rec.error = run_stage(commands, stage.budget_s, log)
+                rec.result = stage.read(plan)  # what it wrote, also after a failure or a timeout
+            except Exception as e:  # one stage's crash is its finding; the next stage still runs
+                rec.error = rec.error or f"{type(e).__name__}: {e}"
+                rec.status = "failed" if rec.status in ("ok", "pending") else rec.status
         report["stages"][stage.name] = asdict(rec)
         report["summary"] = summarize(report["stages"])
         _write_json(out / "gpu_check.json", report)
