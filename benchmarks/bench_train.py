@@ -70,68 +70,109 @@ def _run(cmd: list[str], cwd: Path, timeout_s: float) -> tuple[int, float, str]:
     return proc.returncode, time.perf_counter() - start, proc.stdout + proc.stderr
 
 
-def _steady(rates: list[float]) -> float:
+def steady(rates: list[float]) -> float:
     """Median samples/s over log windows, the first (start-up, tokenizer load, first batches) dropped."""
     rates = rates[1:] if len(rates) > 2 else rates
     return statistics.median(rates) if rates else float("nan")
 
 
-def compt_run(args, out: Path, data: list[str], extra: list[str] = ()) -> dict:
-    cmd = [
+def compt_command(
+    member: str,
+    data: list[str],
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    log_every: int,
+    device: str,
+    workers: int,
+    extra: list[str] = (),
+) -> list[str]:
+    """``compt train`` of ``member`` on ``data`` (its --data/--set arguments), no checkpoints but final.pt."""
+    return [
         sys.executable,
         "-m",
         "compt",
         "train",
         "--member",
-        args.member,
+        member,
         *data,
         "--steps",
-        str(args.steps),
+        str(steps),
         "--batch-size",
-        str(args.batch_size),
+        str(batch_size),
         "--lr",
         "1e-3",
         "--warmup-steps",
         "10",
         "--log-every",
-        str(args.log_every),
+        str(log_every),
         "--save-every",
         "0",
         "--device",
-        args.device,
+        device,
         "--out",
         str(out),
         "--set",
-        f"data.workers={args.workers}",
+        f"data.workers={workers}",
         *extra,
     ]
+
+
+def compt_rates(out: Path) -> list[float]:
+    """samples/s of every ``train`` record of a compt run's metrics.jsonl (one per log window)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["samples_per_s"] for r in records if r.get("kind") == "train"]
+
+
+def compt_run(args, out: Path, data: list[str], extra: list[str] = ()) -> dict:
+    cmd = compt_command(
+        args.member,
+        data,
+        out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        log_every=args.log_every,
+        device=args.device,
+        workers=args.workers,
+        extra=extra,
+    )
     code, wall, log = _run(cmd, out.parent, args.timeout)
     if code != 0:
         raise SystemExit(f"compt train failed ({code}):\n{log[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["samples_per_s"] for r in records if r.get("kind") == "train"]
-    return {"samples_per_s": _steady(rates), "process_s": wall}
+    return {"samples_per_s": steady(compt_rates(out)), "process_s": wall}
 
 
-def open_clip_run(args, work: Path, table: Path) -> dict:
-    """OpenCLIP's trainer on the same member/table/batch; {'error': why} when it cannot run."""
-    model_dir = work / "open_clip_model"
-    model_dir.mkdir(exist_ok=True)
-    member = get_member(args.member)
-    (model_dir / "open_clip_config.json").write_text(
-        json.dumps(
-            {
-                "model_cfg": member.open_clip_config(),
-                "preprocess_cfg": default_preprocess_cfg(member.image_size),
-            }
-        )
-    )
-    cuda = args.device.startswith("cuda")
-    steps_per_epoch = max(1, (sum(1 for _ in open(table)) - 1) // args.batch_size)
-    epochs = max(1, -(-args.steps // steps_per_epoch))
-    logs = work / "open_clip_logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    cmd = [
+def write_open_clip_model(folder: Path, member_name: str) -> Path:
+    """``member_name`` as an open_clip ``local-dir:`` model folder (its config only, no weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    member = get_member(member_name)
+    config = {
+        "model_cfg": member.open_clip_config(),
+        "preprocess_cfg": default_preprocess_cfg(member.image_size),
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def open_clip_command(
+    model_dir: Path,
+    table: Path,
+    logs: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    log_every: int,
+    device: str,
+    workers: int,
+    compile: bool = False,
+) -> list[str]:
+    """``python -m open_clip_train.main`` on the same member (``model_dir``), table, batch and steps."""
+    cuda = device.startswith("cuda")
+    steps_per_epoch = max(1, (sum(1 for _ in open(table)) - 1) // batch_size)
+    epochs = max(1, -(-steps // steps_per_epoch))
+    # OpenCLIP's default trainer, as its users run it; --torchcompile only when asked.
+    return [
         sys.executable,
         "-m",
         "open_clip_train.main",
@@ -148,7 +189,7 @@ def open_clip_run(args, work: Path, table: Path) -> dict:
         "--csv-caption-key",
         "title",
         "--batch-size",
-        str(args.batch_size),
+        str(batch_size),
         "--epochs",
         str(epochs),
         "--lr",
@@ -158,7 +199,7 @@ def open_clip_run(args, work: Path, table: Path) -> dict:
         "--warmup",
         "10",
         "--workers",
-        str(args.workers),
+        str(workers),
         "--precision",
         "amp_bf16" if cuda else "fp32",
         "--device",
@@ -174,25 +215,56 @@ def open_clip_run(args, work: Path, table: Path) -> dict:
         "--val-frequency",
         "0",
         "--log-every-n-steps",
-        str(args.log_every),
+        str(log_every),
         "--report-to",
         "",
         "--seed",
         "0",
+        *(["--torchcompile"] if compile else []),
     ]
+
+
+def open_clip_rates(text: str, batch_size: int) -> list[float]:
+    """samples/s per log window of an OpenCLIP training log (``batch_size`` per step, one process).
+
+    OpenCLIP logs ``Batch (t): AVG, RATE/s`` where AVG is the window's mean step time and RATE is
+    the batch over the *last* step's time alone. On a GPU that last step is only the launch of
+    its kernels (the log's .item() waits for them after the timer stopped), so RATE overstates the
+    speed; the window mean, which includes that wait in the next window, is read instead.
+    """
+    return [batch_size / float(avg) for avg in re.findall(r"Batch \(t\): ([\d.]+),", text) if float(avg) > 0]
+
+
+def open_clip_error(code: int, log: str) -> str:
+    """The line that says why OpenCLIP's trainer failed (its exception line, not torch's chatter)."""
+    lines = [line for line in log.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line)]
+    return f"exit {code}: {(errors or lines or ['(no output)'])[-1]}"
+
+
+def open_clip_run(args, work: Path, table: Path) -> dict:
+    """OpenCLIP's trainer on the same member/table/batch; {'error': why} when it cannot run."""
+    logs = work / "open_clip_logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    cmd = open_clip_command(
+        write_open_clip_model(work / "open_clip_model", args.member),
+        table,
+        logs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        log_every=args.log_every,
+        device=args.device,
+        workers=args.workers,
+    )
     # OpenCLIP resolves the table's relative image paths against its working directory.
     code, wall, log = _run(cmd, table.parent, args.timeout)
     if code != 0:
-        lines = [line for line in log.strip().splitlines() if line.strip()]
-        # torch's own INFO chatter can follow a traceback; the exception line says what went wrong.
-        errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line)]
-        return {"error": f"exit {code}: {(errors or lines or ['(no output)'])[-1]}"}
+        return {"error": open_clip_error(code, log)}
     text = (logs / "bench" / "out.log").read_text() if (logs / "bench" / "out.log").is_file() else log
-    # OpenCLIP logs "... Batch (t): 0.123, 520.3/s, 520.3/s/gpu ..." every --log-every-n-steps steps.
-    rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.]+)/s", text)]
+    rates = open_clip_rates(text, args.batch_size)
     if not rates:
-        return {"error": "ran, but its log holds no 'Batch (t): ..., N/s' line to read the speed from"}
-    return {"samples_per_s": _steady(rates), "process_s": wall}
+        return {"error": "ran, but its log holds no 'Batch (t): ...' line to read the speed from"}
+    return {"samples_per_s": steady(rates), "process_s": wall}
 
 
 def _best(sides: list, repeats: int) -> list[dict]:

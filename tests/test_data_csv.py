@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from compt.engine.loader import sample_rng
 from compt.paradigms.clip.data import (
     DREAMLIP_CAPTION_KEYS,
     DataConfig,
@@ -18,7 +19,6 @@ from compt.paradigms.clip.data import (
     build_loader,
 )
 from compt.paradigms.clip.data.captions import caption_pool, split_sentences
-from compt.paradigms.clip.data.loader import sample_rng
 
 
 def _jpegs(folder, n, size=(40, 30)):
@@ -145,7 +145,7 @@ def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
         (names[0], "   "),
     ]
     path = _tsv(tmp_path, rows)
-    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+    with caplog.at_level(logging.WARNING, logger="compt.data"):
         loader = _loader(path, gbs=10)
         # A trainer takes len(loader) batches and never sees the generator end: the summary is
         # logged before the last batch is handed out.

@@ -10,6 +10,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from compt.config import ConfigError, from_dict
+from compt.engine.loader import Skip, pin_batches, sample_rng
 from compt.paradigms.clip.data import (
     DataConfig,
     DataError,
@@ -19,7 +20,6 @@ from compt.paradigms.clip.data import (
     register_dataset,
     tokenizer,
 )
-from compt.paradigms.clip.data.loader import Skip, sample_rng
 from compt.paradigms.clip.data.scene_captions import all_captions, describe
 from compt.paradigms.clip.data.synthetic import SyntheticDataset, sample_scene, scene_rng
 
@@ -208,3 +208,22 @@ def test_data_config_loads_from_a_nested_dict():
     assert cfg.synthetic.shapes == ("circle", "square") and cfg.synthetic.max_count == 3
     with pytest.raises(ConfigError, match="did you mean 'num_samples'"):
         from_dict(DataConfig, {"num_sample": 5})
+
+
+def test_batches_are_pinned_only_when_workers_feed_a_cuda_device():
+    assert pin_batches(torch.device("cuda", 0), workers=2)
+    assert not pin_batches(torch.device("cuda", 0), workers=0)  # in-process: no extra copy
+    assert not pin_batches(torch.device("cpu"), workers=2)
+    assert not build_loader(SMALL, image_size=32, context_length=32, global_batch_size=16).pin_memory
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_worker_batches_arrive_pinned():
+    cfg = DataConfig(num_samples=64, seed=3, workers=1)
+    pin = pin_batches(torch.device("cuda"), cfg.workers)
+    loader = build_loader(cfg, image_size=32, context_length=32, global_batch_size=16, pin_memory=pin)
+    pinned = next(iter(loader))
+    assert pinned[0].is_pinned() and pinned[1].is_pinned()
+    plain = next(iter(build_loader(cfg, image_size=32, context_length=32, global_batch_size=16)))
+    assert torch.equal(pinned[0], plain[0]) and torch.equal(pinned[1], plain[1])  # same batch

@@ -142,7 +142,7 @@ def test_truncated_tar_corrupt_image_missing_shard_are_counted(tmp_path, caplog)
     # Read in this order (shuffle off): missing shard, truncated shard (1 whole sample), shard 0.
     pattern = "::".join(str(tmp_path / "shards" / f) for f in ("00003.tar", "00002.tar", "00000.tar"))
     cfg = _cfg(pattern, num_samples=11, wds_shuffle_buffer=0, shuffle=False)
-    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+    with caplog.at_level(logging.WARNING, logger="compt.data"):
         loader, batches = _run(cfg, gbs=11)
     assert loader.skips == {
         "corrupt_image": 1,

@@ -183,3 +183,22 @@ def test_link_with_the_gate_trains_and_logs_it(tmp_path):
         assert r["distill_on"] in (0.0, 1.0) and math.isfinite(r["loss"])
         assert r["distill_on"] == float(r["loss_task"] >= r["loss_teacher"])
         assert (r["loss_ifd"] > 0) == (r["distill_on"] == 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("alpha", [500.0, "auto"])
+def test_cuda_ifd_loss_does_not_sync_with_the_host(teacher, alpha):
+    # Issue 17: a fixed alpha was made with torch.tensor(alpha, device=cuda), one host sync per step.
+    distiller = Distiller(teacher, alpha=alpha)
+    s_img, s_txt = torch.randn(3, 32, device="cuda"), torch.randn(3, 2, 32, device="cuda")
+    t_img, t_txt = torch.randn(3, 32, device="cuda"), torch.randn(3, 2, 32, device="cuda")
+    task = torch.full((), 4.0, device="cuda")
+    distiller.loss(s_img, s_txt, t_img, t_txt, task_loss=task)  # first call: lazy CUDA set-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = distiller.loss(s_img, s_txt, t_img, t_txt, task_loss=task)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out["loss"].device.type == "cuda" and math.isfinite(out["loss"].item())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from compt.engine.loader import sample_rng
 from compt.paradigms.clip.data import DataConfig, DataError, build_dataset
 from compt.paradigms.clip.data.evalsets import (
     DEFAULT_TEMPLATES,
@@ -19,7 +20,6 @@ from compt.paradigms.clip.data.evalsets import (
     export_imagefolder,
     imagefolder_task,
 )
-from compt.paradigms.clip.data.loader import sample_rng
 from compt.paradigms.clip.data.scene_captions import relation
 from compt.paradigms.clip.data.synthetic import SyntheticSpec, sample_scene, scene_rng
 

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import signal
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 
 from compt.config import from_dict, to_dict
 from compt.cost import member_cost
-from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
-from compt.engine.optim import CosineSchedule, param_groups
+from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from compt.engine.optim import CosineSchedule, build_optimizer, fused_adamw, param_groups
 from compt.engine.runlog import read_metrics
 from compt.engine.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, train_member
 from compt.families import get_member
@@ -372,3 +373,81 @@ def test_cuda_mixed_precision_link(tmp_path, teacher_ckpt, precision):
     assert all(math.isfinite(r["loss"]) for r in train) and result.steps == 6
     start = read_metrics(tmp_path / "metrics.jsonl", "start")[0]
     assert start["device"].startswith("cuda") and precision[-2:] in start["precision"]
+
+
+# --- CUDA paths (issue 17; benchmarks/gpu_check.py runs the `gpu` tests on a GPU machine) --------
+
+
+def test_adamw_is_fused_exactly_on_cuda():
+    assert fused_adamw(torch.device("cuda", 0)) and fused_adamw(torch.device("cuda"))
+    assert not fused_adamw(torch.device("cpu")) and not fused_adamw(torch.device("meta"))
+    model = get_member("debug-S").create()
+    params = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    opt = build_optimizer([model], **params, device=torch.device("cpu"))
+    assert not opt.defaults["fused"]  # CPU keeps torch's default (foreach) update
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _host_syncs(out: Path, steps: int, **kw) -> int:
+    """Synchronizing CUDA calls made by a whole run that logs only after its last step."""
+    cfg = config(out, device="cuda", steps=steps, log_every_steps=steps, **kw)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_member(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "bf16-link"])
+def test_cuda_steps_do_not_sync_with_the_host(tmp_path, teacher_ckpt, kind):
+    # Losses stay on the device until a log step; 8 steps must sync exactly as often as 4.
+    kw = {"precision": kind[:4]}
+    if kind.endswith("link"):
+        kw |= {"member": "debug-L", "teacher": str(teacher_ckpt)}  # fixed alpha (App. B.1: 500)
+    _host_syncs(tmp_path / "warm-up", 2, **kw)  # one-time CUDA/cuBLAS set-up syncs happen here
+    assert _host_syncs(tmp_path / "long", 8, **kw) == _host_syncs(tmp_path / "short", 4, **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp16_overflow_step_is_skipped_and_the_scale_backs_off(tmp_path):
+    # step_1.pt, step_2.pt and final.pt (the last step writes final.pt only)
+    cfg = config(tmp_path, device="cuda", precision="fp16", steps=3, save_every_steps=1, keep_last=0)
+    train_member(cfg)
+    one, two = (load_checkpoint(tmp_path / f"step_{k}.pt") for k in (1, 2))
+    assert one["optimizer"]["param_groups"][0]["fused"]  # fused AdamW on CUDA
+    assert any(not torch.equal(one["model"][k], two["model"][k]) for k in one["model"])  # a real step
+    # Resume from step 1 with a scale that overflows fp16 gradients: steps 2 and 3 change nothing.
+    for stale in ("step_2.pt", "step_2.pt.sha256", "final.pt", "final.pt.sha256"):
+        (tmp_path / stale).unlink(missing_ok=True)
+    save_checkpoint(tmp_path / "step_1.pt", one | {"scaler": one["scaler"] | {"scale": 2.0**60}})
+    train_member(cfg)
+    skipped = load_checkpoint(tmp_path / "step_2.pt")
+    assert all(torch.equal(one["model"][k], skipped["model"][k]) for k in one["model"])
+    assert skipped["scaler"]["scale"] == 2.0**59  # backoff factor 0.5
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl", "train"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("member", ["debug-S", "debug-L"])  # debug-L: a link, its teacher stays eager
+def test_cuda_compiled_student_trains_like_the_eager_one(tmp_path, teacher_ckpt, member):
+    kw = dict(member=member, device="cuda", precision="bf16", steps=3)
+    if member == "debug-L":
+        kw["teacher"] = str(teacher_ckpt)
+    eager = train_member(config(tmp_path / "eager", **kw))
+    compiled = train_member(config(tmp_path / "compiled", compile=True, **kw))
+    assert compiled.steps == eager.steps == 3
+    losses = [
+        [r["loss"] for r in read_metrics(run / "metrics.jsonl", "train")]
+        for run in (tmp_path / "eager", tmp_path / "compiled")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert torch.get_float32_matmul_precision() == "high"  # TF32 for the fp32 parts of AMP on CUDA

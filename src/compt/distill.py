@@ -227,7 +227,8 @@ class Distiller:
         if self.auto is not None:
             alpha = self.auto(task_loss, distance)
         else:
-            alpha = torch.tensor(self.alpha, device=distance.device)
+            # A fill on the device: torch.tensor(x, device=cuda) is a host-to-device copy that syncs.
+            alpha = torch.full((), self.alpha, device=distance.device)
         on = torch.ones((), device=distance.device)
         if self.gate:
             if teacher_task is None:

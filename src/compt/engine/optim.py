@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PAPER_WARMUP_STEPS", "param_groups", "build_optimizer", "CosineSchedule"]
+__all__ = [
+    "PAPER_WARMUP_STEPS",
+    "fused_adamw",
+    "param_groups",
+    "build_optimizer",
+    "CosineSchedule",
+]
 
 # Table C: warmup iterations of a baseline (individually trained) member and of a chain link.
 PAPER_WARMUP_STEPS = {"baseline": 8000, "link": 1000}
@@ -25,6 +31,16 @@ PAPER_WARMUP_STEPS = {"baseline": 8000, "link": 1000}
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW runs as torch's fused kernel on ``device``: exactly on CUDA (issue 17).
+
+    The fused kernel updates every parameter in one launch and takes the fp16 grad scaler's
+    inf check on the device, so ``GradScaler.step`` needs no host sync; it agrees with the
+    default (foreach) update to float rounding. On CPU the default is kept.
+    """
+    return device.type == "cuda"
 
 
 def _no_decay_names(module: nn.Module) -> set[str]:
@@ -76,9 +92,7 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over ``modules`` (the student and the IFD projection; never the teacher)."""
     groups = param_groups(modules, weight_decay)
-    # The fused CUDA kernel is one launch for all parameters; on CPU the default (foreach) is used.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused_adamw(device) or None)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from compt.config import to_dict
 from compt.engine import dist
 from compt.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from compt.engine.loader import pin_batches
 
 __all__ = [
     "SAME_RUN_FIELDS",
@@ -160,6 +161,7 @@ class DataStream:
             world_size=self.info.world_size,
             epoch=st.epoch,
             start_step=st.step_in_epoch * self.cfg.accum_steps,
+            pin_memory=pin_batches(self.info.device, self.cfg.data.workers),
         )
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader

@@ -6,7 +6,8 @@
 - ``train``: every ``log_every_steps`` steps: ``loss`` (= ``loss_task`` + ``loss_ifd``), ``loss_task``
   (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted),
   ``alpha`` and ``ifd_ratio`` (= loss_ifd / loss_task, App. D.2's r); ``lr``, ``logit_scale``,
-  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``;
+  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``; on CUDA
+  ``cuda_max_allocated_gib`` / ``cuda_max_reserved_gib`` (this rank's peak memory since its start);
 - ``eval``: the metrics returned by the ``evaluate`` callback;
 - ``final`` / ``error``: the end of the run.
 
@@ -38,7 +39,7 @@ from compt.engine.checkpoint import latest_checkpoint
 
 __all__ = ["RunLog", "read_metrics", "NonFiniteLossError", "log_step", "evaluate_now", "check_finite"]
 
-_LOG = logging.getLogger("compt.engine.train")
+_LOG = logging.getLogger("compt.train")
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -221,6 +222,9 @@ def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
         samples_per_s=speed,
         data_skips=run.data.skips,
     )
+    if run.info.device.type == "cuda":  # allocator counters, read on the host: no sync (issue 17)
+        record["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(run.info.device) / 2**30
+        record["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved(run.info.device) / 2**30
     run.log.write(record)
     eta_s = (run.total_steps - st.step) * window_s / max(window_steps, 1)
     run.log.progress(st.step, run.total_steps, values, speed, eta_s, st.wall_s)

@@ -64,7 +64,7 @@ __all__ = [
     "train_member",
 ]
 
-_LOG = logging.getLogger("compt.engine.train")
+_LOG = logging.getLogger("compt.train")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

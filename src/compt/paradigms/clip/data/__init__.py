@@ -8,8 +8,8 @@ pool of raw + sub-captions (§3.2). A data source is a registered *kind*:
 * ``wds`` -- img2dataset webdataset shards (``compt.paradigms.clip.data.wds``).
 
 Users add their own with one decorated function returning a
-:class:`~compt.paradigms.clip.data.loader.MapDataset` (or a
-:class:`~compt.paradigms.clip.data.loader.StreamDataset`)::
+:class:`~compt.engine.loader.MapDataset` (or a
+:class:`~compt.engine.loader.StreamDataset`)::
 
     @register_dataset("my-set")
     def my_set(cfg: DataConfig, *, image_size: int, context_length: int) -> MapDataset:
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compt.paradigms.clip.data.loader import (
+from compt.engine.loader import (
     DataError,
     Loader,
     MapDataset,
@@ -278,12 +278,14 @@ def build_loader(
     world_size: int = 1,
     epoch: int = 0,
     start_step: int = 0,
+    pin_memory: bool = False,
 ) -> Loader:
     """Rank ``rank``'s batches of ``epoch``, starting at ``start_step`` (exact mid-epoch resume).
 
     Yields ``(images float32 [B, 3, H, W], texts int64 [B, M, context_length])`` with
     ``B = global_batch_size // world_size``, minus any bad samples skipped. ``len(loader)`` is the
-    number of full global batches in the epoch.
+    number of full global batches in the epoch. ``pin_memory``: worker processes hand over
+    page-locked batches (for a CUDA device, see :func:`compt.engine.loader.pin_batches`).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in 0..{world_size - 1} (world_size={world_size})")
@@ -295,7 +297,7 @@ def build_loader(
     source = f"data.kind={cfg.kind}" + (f" ({cfg.path})" if cfg.path else "")
     collate_args = (image_size, cfg.num_captions, context_length)
     if isinstance(dataset, StreamDataset):
-        return dataset.make_loader(
+        loader = dataset.make_loader(
             cfg=cfg,
             epoch=epoch,
             global_batch_size=global_batch_size,
@@ -304,11 +306,13 @@ def build_loader(
             start_step=start_step,
             source=source,
         )
+        loader.pin_memory = pin_memory  # an attribute: StreamDataset.make_loader keeps its signature
+        return loader
     if not isinstance(dataset, MapDataset):
         raise DataError(
             f"data.kind={cfg.kind} returned {type(dataset).__name__}, not a MapDataset/StreamDataset"
         )
-    return MapLoader(
+    loader = MapLoader(
         dataset,
         seed=cfg.seed,
         epoch=epoch,
@@ -322,6 +326,8 @@ def build_loader(
         collate_args=collate_args,
         source=source,
     )
+    loader.pin_memory = pin_memory
+    return loader
 
 
 # --- built-in kinds (implementations imported lazily: no cost for kinds not used) -----------------

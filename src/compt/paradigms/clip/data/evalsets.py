@@ -28,8 +28,8 @@ import torch
 import yaml
 from PIL import Image
 
+from compt.engine.loader import DataError
 from compt.paradigms.clip.data.images import MEAN, STD, ImageError, eval_transform, open_image
-from compt.paradigms.clip.data.loader import DataError
 from compt.paradigms.clip.data.scene_captions import NUMBER, all_captions, relation
 from compt.paradigms.clip.data.synthetic import Scene, SyntheticSpec, render_tensor, sample_scene, scene_rng
 
@@ -43,7 +43,7 @@ __all__ = [
     "DEFAULT_TEMPLATES",
 ]
 
-log = logging.getLogger("compt.paradigms.clip.data")
+log = logging.getLogger("compt.data")
 DEFAULT_TASKS = ("shape", "colour", "count", "binding")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from compt.engine.loader import DataError, Skip
 from compt.paradigms.clip.data.captions import caption_pool, sample_captions
 from compt.paradigms.clip.data.images import ImageError, eval_transform, open_image, train_transform
-from compt.paradigms.clip.data.loader import DataError, Skip
 
 __all__ = ["TableDataset", "index_table"]
 

@@ -32,13 +32,13 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from compt.engine.loader import DataError, Loader, Skip, collate, epoch_order
 from compt.paradigms.clip.data.captions import caption_pool, parse_caption_cell, sample_captions
 from compt.paradigms.clip.data.images import ImageError, eval_transform, open_image, train_transform
-from compt.paradigms.clip.data.loader import DataError, Loader, Skip, collate, epoch_order
 
 __all__ = ["ShardDataset", "StreamLoader", "expand_shards", "dataset_size"]
 
-log = logging.getLogger("compt.paradigms.clip.data")
+log = logging.getLogger("compt.data")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -267,7 +267,11 @@ class StreamLoader(Loader):
 
     def __iter__(self):
         if self.workers > 0 and self.start_step < self.steps:
-            it = iter(torch.utils.data.DataLoader(self.streams, batch_size=None, num_workers=self.workers))
+            it = iter(
+                torch.utils.data.DataLoader(
+                    self.streams, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory
+                )
+            )
         else:
             it = iter(self.streams)
         yield from self._deliver(it)

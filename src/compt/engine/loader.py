@@ -1,6 +1,7 @@
-"""Deterministic batching of image + M-caption samples across ranks and workers (§3.2, §4).
+"""Deterministic batching of samples across ranks and workers (§3.2, §4), for every paradigm.
 
-Two kinds of dataset plug in (see ``compt.paradigms.clip.data.register_dataset``):
+The examples are the CLIP paradigm's (image + M captions per sample, ``compt.paradigms.clip.data``);
+two kinds of dataset plug in (see ``compt.paradigms.clip.data.register_dataset``):
 
 * a :class:`MapDataset` (embedded set, CSV/TSV) knows its length and loads sample ``i`` given a
   generator. The order of epoch ``e`` is ``torch.randperm`` from a ``torch.Generator`` seeded by
@@ -45,9 +46,10 @@ __all__ = [
     "sample_rng",
     "epoch_order",
     "format_skips",
+    "pin_batches",
 ]
 
-log = logging.getLogger("compt.paradigms.clip.data")
+log = logging.getLogger("compt.data")
 _LOG_FIRST_SKIPS = 5  # skips logged one by one before only the summary is kept
 
 
@@ -115,6 +117,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -
     return torch.randperm(num_samples, generator=gen)
 
 
+def pin_batches(device: torch.device, workers: int) -> bool:
+    """Whether batches are put in page-locked memory: when they go to a CUDA device from workers.
+
+    The DataLoader's pin thread copies each batch into pinned memory while the step runs, and the
+    trainer's ``non_blocking`` host-to-device copy then returns at once; from pageable memory that
+    copy waits for the transfer. In-process loading (``workers=0``) keeps pageable batches: pinning
+    there would be one more copy in the training thread (issue 17).
+    """
+    return device.type == "cuda" and workers > 0
+
+
 def format_skips(skips: dict[str, int]) -> str:
     """``skipped N: reason=count, ...`` (the line logged and written to the metrics file)."""
     total = sum(skips.values())
@@ -136,7 +149,10 @@ class Loader(abc.ABC):
 
     ``len(loader)`` is the number of steps in a full epoch (drop_last), whatever ``start_step``;
     iterating yields the steps ``start_step .. len-1``. ``skips`` maps reason -> count so far.
+    ``pin_memory`` (set by :func:`compt.paradigms.clip.data.build_loader`): workers hand over pinned batches.
     """
+
+    pin_memory = False
 
     def __init__(self, *, steps: int, start_step: int, max_skips: int, source: str):
         if not 0 <= start_step <= steps:
@@ -283,6 +299,7 @@ class MapLoader(Loader):
                     num_workers=self.workers,
                     collate_fn=_identity,
                     prefetch_factor=2,
+                    pin_memory=self.pin_memory,
                 )
             )
         else:
