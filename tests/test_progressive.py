@@ -426,9 +426,9 @@ class _Driver:
         }
 
     def load_state_dict(self, state: dict, step: int) -> None:
-        """Resume before ``step`` (no boundary): the model's depth follows from the step and the choices."""
+        """Resume before ``step``'s boundary work: the model's depth follows from the step and the choices."""
         self.prog.load_state_dict(state["progression"])
-        self.stage = build_stage(MEMBER, self.prog.plan(step).model, decay=self.decay, seed=1, device=CPU)
+        self.stage = build_stage(MEMBER, self.prog.model_at(step), decay=self.decay, seed=1, device=CPU)
         self.stage.model.load_state_dict(state["model"])
         self.stage.ema.load_state_dict(state["ema"])
         self.opt = _optimizer(self.stage.model)
@@ -480,9 +480,10 @@ def test_four_stages_train_end_to_end_growing_from_the_ema(searched):
 def test_resume_mid_search_and_across_a_growth_is_exact(searched, batches):
     driver, _ = searched
     prog = driver.prog
-    # Stop mid-search in stage 0, resume, stop again just after the growth into stage 1, resume again.
-    stops = [5, next(s for s in range(prog.bounds[1] + 1, TOTAL) if prog.boundary(s) is None)]
-    assert prog.plan(5).phase == "search" and prog.boundary(prog.bounds[1]) == "grow"
+    # Stop mid-search, where a search is scored, where a growth is due and right after it; resume each time.
+    stops = [5, prog.search_end(0), prog.bounds[1], prog.bounds[1] + 1]
+    assert prog.plan(5).phase == "search"
+    assert [prog.boundary(s) for s in stops[1:]] == ["choose", "grow", None]
     run, start = _Driver(driver.cfg, TOTAL, *batches), 0
     for stop in [*stops, TOTAL]:
         for s in range(start, stop):

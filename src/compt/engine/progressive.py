@@ -246,7 +246,9 @@ class Progression:
     The loop calls :meth:`boundary` before each step: ``"build"`` (step 0: a fresh model of
     ``plan(0).model``), ``"grow"`` (MoGrow into ``plan(step).model``), ``"choose"`` (a search ends: score
     the candidates with :meth:`candidates` and :meth:`choose`, then extract :meth:`extraction`). Only
-    :meth:`state_dict` needs saving; the rest follows from the config and the step.
+    :meth:`state_dict` needs saving; the rest follows from the config and the step. A checkpoint taken
+    before step ``s`` holds a model of depth :meth:`model_at` ``(s)``; the resumed loop then does step
+    ``s``'s boundary work as an uninterrupted one would.
     """
 
     def __init__(self, cfg: ProgressiveConfig, member: Member, total_steps: int, *, seed: int = 0):
@@ -331,6 +333,11 @@ class Progression:
             return StepPlan(stage, "search", shape, self._supernet(stage)[0], self.sub_net(stage, shape))
         shape = self.train_shape(stage)
         return StepPlan(stage, "train", shape, Shape(shape.vision_layers, shape.text_layers, full))
+
+    def model_at(self, step: int) -> Shape | None:
+        """The module's depth when step ``step`` begins, before its :meth:`boundary` work (``None`` at
+        step 0): what a run resumed from a checkpoint taken there rebuilds before loading its weights."""
+        return self.plan(step - 1).model if step > 0 else None
 
     def boundary(self, step: int) -> str | None:
         """What the loop does before step ``step``: "build", "grow", "choose" or nothing."""
