@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from compt.config import ConfigError, from_dict
 from compt.cost import member_cost
-from compt.data import DataConfig, build_loader
+from compt.engine.optim import CosineSchedule, build_optimizer
 from compt.engine.progressive import (
     Progression,
     ProgressiveConfig,
@@ -29,7 +29,12 @@ from compt.engine.progressive import (
     stage_of,
     step_macs,
 )
-from compt.engine.progressive_model import (
+from compt.engine.progressive_search import choose_candidate, fit_power_law, sample_candidate, supernet_keep
+from compt.families import get_member
+from compt.paradigms.clip.data import DataConfig, build_loader
+from compt.paradigms.clip.families import ClipMember, vit_member
+from compt.paradigms.clip.loss import multi_caption_clip_loss
+from compt.paradigms.clip.progressive import (
     active_layers,
     build_stage,
     candidate_loss,
@@ -41,10 +46,6 @@ from compt.engine.progressive_model import (
     resample_pos_embed,
     resize_images,
 )
-from compt.engine.progressive_search import choose_candidate, fit_power_law, sample_candidate, supernet_keep
-from compt.families import Member, get_member, vit_member
-from compt.loss import multi_caption_clip_loss
-from compt.optim import CosineSchedule, build_optimizer
 
 torch.set_num_threads(1)
 
@@ -254,7 +255,7 @@ def test_a_lower_resolution_runs_the_full_model_with_its_positional_embedding_in
     # Equal to open_clip's own ViT built for 12 px, carrying the resampled embedding (a 3x3 grid).
     cfg = MEMBER.open_clip_config()
     cfg["vision_cfg"]["image_size"] = 12
-    twin = Member("prog-4@12", "test", cfg).create().eval()
+    twin = ClipMember("prog-4@12", "test", cfg).create().eval()
     state = model.state_dict()
     state["visual.positional_embedding"] = resample_pos_embed(state["visual.positional_embedding"], 3)
     twin.load_state_dict(state)
@@ -352,7 +353,7 @@ def test_cost_of_a_progressive_run_is_the_sum_of_its_stages():
     teacher = stage_member(MEMBER, Shape(2, 2, 16))
     plan = prog.plan(0)
     linked = step_macs(MEMBER, plan, batch_size=8, teacher=teacher) - step_macs(MEMBER, plan, batch_size=8)
-    small_teacher = Member("t@8", "test", {**teacher.open_clip_config()})
+    small_teacher = ClipMember("t@8", "test", {**teacher.open_clip_config()})
     small_teacher.model_cfg["vision_cfg"]["image_size"] = 8
     assert linked == 8 * member_cost(small_teacher).forward_macs
 

@@ -7,7 +7,7 @@ growth space per stage index ``i`` is ``linspace(0.5, 1, K)[i]`` of each tower's
 size, rounded to whole layers and to the patch grid (prog/progressive.py:20-22). Which point of the space
 a stage trains comes from a fixed manual schedule or from a one-shot search at each growth
 (:mod:`compt.engine.progressive_search`); the model operations (growth from the EMA, sub-nets, running a
-ViT at another resolution) are in :mod:`compt.engine.progressive_model`.
+ViT at another resolution) are in :mod:`compt.paradigms.clip.progressive`.
 
 :class:`Progression` answers, for any step, what that step trains, and says where the loop must grow
 the model or score a search; it is a pure function of the config, the step and the choices made so far,
@@ -204,8 +204,8 @@ def stage_member(member: Member, shape: Shape) -> Member:
     positional embedding) stay the member's, as a stage runs lower resolutions by interpolation."""
     cfg = member.open_clip_config()
     cfg["vision_cfg"]["layers"], cfg["text_cfg"]["layers"] = shape.vision_layers, shape.text_layers
-    return Member(name=f"{member.name}[v{shape.vision_layers},t{shape.text_layers}]", family=member.family,
-                  model_cfg=cfg)  # fmt: skip
+    name = f"{member.name}[v{shape.vision_layers},t{shape.text_layers}]"
+    return type(member)(name=name, family=member.family, model_cfg=cfg)
 
 
 def _at_resolution(member: Member, shape: Shape) -> Member:
@@ -213,7 +213,7 @@ def _at_resolution(member: Member, shape: Shape) -> Member:
     m = stage_member(member, shape)
     cfg = m.open_clip_config()
     cfg["vision_cfg"]["image_size"] = shape.image_size
-    return Member(name=f"{m.name}@{shape.image_size}", family=m.family, model_cfg=cfg)
+    return type(m)(name=f"{m.name}@{shape.image_size}", family=m.family, model_cfg=cfg)
 
 
 # --- stages ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ shallower candidate skips duplicated layers, running them as identity. Afterward
 a step time ``T`` and a loss ``L``; AutoProg fits ``L ~ a * T^b`` over the candidates and picks
 ``argmin L * T^w`` with ``w = max(-b, 0)`` (official code, main_prog.py:1741-1767). The candidates
 themselves and the models live in :mod:`compt.engine.progressive` and
-:mod:`compt.engine.progressive_model`.
+:mod:`compt.paradigms.clip.progressive`.
 """
 
 from __future__ import annotations
