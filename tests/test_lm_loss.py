@@ -41,6 +41,7 @@ def test_task_loss_is_transformers_own_causal_lm_loss():
     torch.testing.assert_close(out.loss, reference, atol=1e-6, rtol=1e-6)
     assert out.hidden.shape == (3, 12, 32) and out.logits.shape == (3, 12, 61)
     torch.testing.assert_close(out.logits, model(input_ids=TOKENS[:, :-1]).logits)
+    torch.testing.assert_close(model.lm_head(out.hidden), out.logits)  # the state the lm_head reads
     # the final hidden state is the last RMSNorm's output: unit RMS, up to the norm's eps
     rms = out.hidden.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-2, rtol=0)

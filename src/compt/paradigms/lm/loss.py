@@ -50,13 +50,15 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def forward_lm(model: nn.Module, tokens: torch.Tensor) -> LMOutput:
     """Run a ``LlamaForCausalLM`` on windows ``[B, T + 1]``: loss, final hidden state and logits.
 
-    The decoder and the lm_head are called separately so that the hidden state comes without asking
-    transformers for every layer's (``output_hidden_states``).
+    The model is called through its own ``forward`` (not ``model.model`` + ``model.lm_head``) so that
+    wrappers hooked on the root module run: FSDP2's ``fully_shard`` all-gathers the root's parameters
+    (embeddings, final norm, lm_head) in that hook. ``hidden_states[-1]`` is transformers' final
+    hidden state after the last RMSNorm (its ``last_hidden_state``); the others are activations
+    autograd keeps anyway.
     """
     inputs, targets = _split(tokens)
-    hidden = model.model(input_ids=inputs).last_hidden_state
-    logits = model.lm_head(hidden)
-    return LMOutput(next_token_loss(logits, targets), hidden, logits)
+    out = model(input_ids=inputs, output_hidden_states=True)
+    return LMOutput(next_token_loss(out.logits, targets), out.hidden_states[-1], out.logits)
 
 
 def feature_distance(
