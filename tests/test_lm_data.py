@@ -85,7 +85,7 @@ def test_prepare_caches_tokenizer_and_streams(tmp_path):
     assert text in {t for _, t in read_documents(cfg)[0]}
 
 
-def test_a_cached_tokenizer_is_reused_even_when_the_corpus_changes(tmp_path):
+def test_a_cached_tokenizer_is_reused_even_when_the_corpus_changes(tmp_path, caplog):
     root = _folder(tmp_path)
     cfg = LMDataConfig(source="text", path=str(root), vocab_size=300, val_fraction=0.2)
     cache = tmp_path / "data"
@@ -94,6 +94,9 @@ def test_a_cached_tokenizer_is_reused_even_when_the_corpus_changes(tmp_path):
     second = prepare_data(cfg, cache)
     assert second.tokenizer.to_str() == first.tokenizer.to_str()
     assert len(second.train) + len(second.val) > len(first.train) + len(first.val)  # streams re-encoded
+    with caplog.at_level("WARNING", logger="compt.data"):
+        third = prepare_data(LMDataConfig(source="text", path=str(root), tokenizer="byte"), cache)
+    assert third.tokenizer.get_vocab_size() == 300 and "reusing the run's 300-token tokenizer" in caplog.text
 
 
 def test_byte_tokenizer_source(tmp_path):

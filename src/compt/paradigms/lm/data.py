@@ -244,7 +244,18 @@ def _memmap(path: Path, dtype) -> np.ndarray:
 def _tokenizer(cfg: LMDataConfig, cache: Path, train_texts: list[str]) -> Tokenizer:
     """The run's tokenizer: reloaded from the cache if it is there (never re-trained), else made."""
     if (cache / FILENAME).is_file():
-        return load_tokenizer(cache)
+        tok = load_tokenizer(cache)
+        wanted = {"bpe": cfg.vocab_size, "byte": 257}.get(cfg.tokenizer)
+        if wanted is not None and tok.get_vocab_size() != wanted:
+            log.warning(
+                "%s: reusing the run's %d-token tokenizer although data.tokenizer=%s asks for %d tokens; "
+                "the members of this run were trained with it (use a new run directory for a new one)",
+                cache / FILENAME,
+                tok.get_vocab_size(),
+                cfg.tokenizer,
+                wanted,
+            )
+        return tok
     if cfg.tokenizer == "bpe":
         tok = train_bpe(train_texts, cfg.vocab_size)
     elif cfg.tokenizer == "byte":
