@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compt.config import ConfigError, from_dict
-from compt.data.loader import DataError
+from compt.engine.loader import DataError
 from compt.paradigms.lm.data import (
     LMDataConfig,
     TokenLoader,

@@ -1,8 +1,8 @@
 """The Llama grow layout (compt.paradigms.lm.layout) applied the way compt.grow._grow applies a layout.
 
 Until compt.grow takes a layout object (issue 14's architecture step), :func:`_grow` below runs the
-same steps as ``compt.grow._grow``: plan every tensor with ``compt.grow._maps``, then write it with
-``compt.grow_strategies.grow_tensor``.
+same steps as ``compt.grow.iwi._grow``: plan every tensor with ``compt.grow.iwi._maps``, then write it with
+``compt.grow.strategies.grow_tensor``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compt.grow import _maps
-from compt.grow_layout import GrowError
-from compt.grow_strategies import depth_map, grow_tensor, list_depth_strategies, list_width_strategies
-from compt.grow_strategies import width_strategy as get_width
+from compt.grow.iwi import _maps
+from compt.grow.layout import GrowError
+from compt.grow.strategies import depth_map, grow_tensor, list_depth_strategies, list_width_strategies
+from compt.grow.strategies import width_strategy as get_width
 from compt.paradigms.lm.layout import check_growable, describe, net2net_notes, plan
 from compt.paradigms.lm.models import build_model, llama_cfg
 

@@ -19,7 +19,7 @@ straddles it. Each split is one token stream, documents in key order, each follo
 cache directory beside the run; a tokenizer found there is always reused, never re-trained.
 
 A sample is a window of ``seq_len + 1`` tokens (inputs and shifted targets); window ``i`` starts at
-``i * seq_len``. :class:`TokenLoader` orders windows by ``compt.data.loader.epoch_order(seed, epoch)``
+``i * seq_len``. :class:`TokenLoader` orders windows by ``compt.engine.loader.epoch_order(seed, epoch)``
 and gives rank ``r`` the ``r``-th slice of global batch ``b``, so what a step sees depends only on
 ``(seed, epoch, step)``: the same for any world size, and a resume at ``start_step`` is exact.
 """
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from compt.data.loader import DataError, Loader, epoch_order, format_skips
+from compt.engine.loader import DataError, Loader, epoch_order, format_skips
 from compt.paradigms.lm.tokenizer import (
     FILENAME,
     byte_tokenizer,

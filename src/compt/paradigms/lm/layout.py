@@ -1,9 +1,9 @@
 """Which axis of a Llama state dict is which width: the grow layout of the LM paradigm (issue 14, item 2).
 
 Inverse weight initialization (paper §3.1.1, App. D.1) grows a trained small member into the next. The
-rules here speak :mod:`compt.grow_layout`'s vocabulary (:class:`~compt.grow_layout.Space`,
-:class:`~compt.grow_layout.Axis`, :class:`~compt.grow_layout.Rule`), so every width strategy of
-:mod:`compt.grow_strategies` (insert, duplicate, interpolate, net2net, paper-compat, none) and every
+rules here speak :mod:`compt.grow.layout`'s vocabulary (:class:`~compt.grow.layout.Space`,
+:class:`~compt.grow.layout.Axis`, :class:`~compt.grow.layout.Rule`), so every width strategy of
+:mod:`compt.grow.strategies` (insert, duplicate, interpolate, net2net, paper-compat, none) and every
 depth strategy applies to a ``transformers.LlamaForCausalLM`` unchanged. What is particular to Llama:
 
 - **Heads grow, head_dim does not.** HF's ``rotate_half`` pairs entry ``i`` of a head with
@@ -15,7 +15,7 @@ depth strategy applies to a ``transformers.LlamaForCausalLM`` unchanged. What is
   ``G x head_dim`` entries of the unit's query heads. One units map then moves a kv head together
   with its query heads, whatever the strategy (Net2Net's random copies included). The within-unit map
   is the identity, so ``G`` must be the same in teacher and student; growing ``G`` as well would need
-  a third level (kv head, query head, entry) that ``compt.grow_strategies.axis_map`` does not have.
+  a third level (kv head, query head, entry) that ``compt.grow.strategies.axis_map`` does not have.
 - **MLP by hidden units** (gate_proj / up_proj rows, down_proj columns: SwiGLU multiplies unit by unit),
   **RMSNorm weights** on the residual width, which is ``normed`` (Net2Net copies it round-robin).
 - **Tied embeddings are grown once.** A tied student's ``lm_head.weight`` gets the embedding's own rule
@@ -25,7 +25,7 @@ depth strategy applies to a ``transformers.LlamaForCausalLM`` unchanged. What is
 
 ``describe`` reads a member's sizes from its ``model_cfg`` and checks its state dict against them,
 ``check_growable`` names every reason a pair cannot grow, ``plan`` gives the rules and the depth map
-(the signature of :func:`compt.grow_layout.plan`), ``net2net_notes`` says where Net2Net widening is not
+(the signature of :func:`compt.grow.layout.plan`), ``net2net_notes`` says where Net2Net widening is not
 exactly function-preserving. The engine's generic grower applies them as ``compt.grow._grow`` does.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from compt.config import ConfigError
-from compt.grow_layout import FIXED, Axis, GrowError, Rule, Space
+from compt.grow.layout import FIXED, Axis, GrowError, Rule, Space
 from compt.paradigms.lm.models import check_model_cfg
 
 __all__ = ["STACK", "LlamaSpec", "describe", "check_growable", "plan", "net2net_notes"]
