@@ -156,3 +156,9 @@ def test_the_config_is_validated_and_loads_from_a_dict():
         AutoProgZeroConfig(zico_batches=1)
     with pytest.raises(ValueError, match="schedule must be one of search, manual"):
         AutoProgZeroConfig(schedule="auto")
+
+
+def test_a_tower_that_is_not_a_vit_is_a_clear_error():
+    clf = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8)), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="needs an open_clip ViT image tower"):
+        plan_stage(clf, 0, None, [], AutoProgZeroConfig(schedule="manual"), 8)

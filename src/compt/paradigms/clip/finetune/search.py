@@ -159,6 +159,15 @@ def _loss_fn(stage: int):
     return loss
 
 
+def _resolutions(classifier: ImageClassifier, cfg: AutoProgZeroConfig) -> list[int]:
+    if not classifier.is_vit:
+        raise ValueError(
+            f"AutoProg-Zero needs an open_clip ViT image tower (blocks, patch grid), not "
+            f"{type(classifier.visual).__name__}; fine-tune this member without --progressive"
+        )
+    return stage_resolutions(classifier.image_size, classifier.patch_size, cfg.num_stages, cfg.min_scale)
+
+
 def stage_step_macs(
     classifier: ImageClassifier,
     plan: StagePlan,
@@ -202,7 +211,7 @@ def search_stage(
     if len(batches) < cfg.search_batches:
         raise ValueError(f"search_stage needs {cfg.search_batches} batches, got {len(batches)}")
     k = cfg.num_stages
-    resolutions = stage_resolutions(classifier.image_size, classifier.patch_size, k, cfg.min_scale)
+    resolutions = _resolutions(classifier, cfg)
     cands = candidates(current, resolutions, k)
     device = next(classifier.parameters()).device
     loss_fn, n_ntk, n_zico = _loss_fn(stage), cfg.ntk_batches, cfg.zico_batches
@@ -246,6 +255,7 @@ def plan_stage(
     """Stage ``stage``'s plan: the fixed schedule (``manual``), the search, or the full last stage."""
     if not 0 <= stage < cfg.num_stages:
         raise ValueError(f"stage {stage} is outside 0..{cfg.num_stages - 1}")
+    _resolutions(classifier, cfg)  # a tower AutoProg-Zero cannot drive fails here, whatever the schedule
     fixed = manual_schedule(classifier.image_size, classifier.patch_size, cfg.num_stages, cfg.min_scale)
     if stage == cfg.num_stages - 1:
         return StageChoice(stage, fixed[-1], "final")
