@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from compt.data.synthetic import SyntheticSpec
+from compt.paradigms.clip.data.synthetic import SyntheticSpec
 from compt.paradigms.clip.finetune.head import (
     build_classifier,
     classification_loss,

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from compt.checkpoint import CheckpointError, save_checkpoint
-from compt.data import tokenizer as make_tokenizer
-from compt.data.evalsets import ZeroShotTask
-from compt.evaluate import zeroshot_top1
-from compt.export import export_member
+from compt.engine.checkpoint import CheckpointError, save_checkpoint
 from compt.families import get_member
+from compt.paradigms.clip.data import tokenizer as make_tokenizer
+from compt.paradigms.clip.data.evalsets import ZeroShotTask
+from compt.paradigms.clip.evaluate import zeroshot_top1
+from compt.paradigms.clip.export import export_member
 from compt.paradigms.clip.finetune.head import (
     ImageClassifier,
     build_classifier,

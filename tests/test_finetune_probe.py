@@ -9,10 +9,10 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from compt.checkpoint import CheckpointError, save_checkpoint
-from compt.data.evalsets import ZeroShotTask
-from compt.data.loader import DataError
+from compt.engine.checkpoint import CheckpointError, save_checkpoint
+from compt.engine.loader import DataError
 from compt.families import get_member
+from compt.paradigms.clip.data.evalsets import ZeroShotTask
 from compt.paradigms.clip.finetune.probe import (
     ProbeConfig,
     choose_c,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compt.config import ConfigError, from_dict
-from compt.families import vit_member
+from compt.paradigms.clip.families import vit_member
 from compt.paradigms.clip.finetune.head import ImageClassifier
 from compt.paradigms.clip.finetune.proxies import ntk_score, zico_score
 from compt.paradigms.clip.finetune.search import (

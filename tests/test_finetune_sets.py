@@ -10,9 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
-from compt.data import evalsets
-from compt.data.loader import DataError
-from compt.data.synthetic import TRAIN_STREAM, SyntheticSpec
+from compt.engine.loader import DataError
+from compt.paradigms.clip.data import evalsets
+from compt.paradigms.clip.data.synthetic import TRAIN_STREAM, SyntheticSpec
 from compt.paradigms.clip.finetune import sets
 from compt.paradigms.clip.finetune.sets import FinetuneTask, finetune_set, load_splits, write_finetune_set
 

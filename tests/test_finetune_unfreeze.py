@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compt.families import vit_member
+from compt.paradigms.clip.families import vit_member
 from compt.paradigms.clip.finetune.head import ImageClassifier
 from compt.paradigms.clip.finetune.unfreeze import (
     StagePlan,

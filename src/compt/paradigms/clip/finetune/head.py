@@ -28,7 +28,7 @@ from open_clip import build_zero_shot_classifier
 from torch import nn
 from torch.func import functional_call
 
-from compt.checkpoint import CheckpointError
+from compt.engine.checkpoint import CheckpointError
 from compt.paradigms.clip.finetune.sid import StageEmbedding
 
 __all__ = [
@@ -46,10 +46,10 @@ __all__ = [
 def load_clip(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """``(model, model_cfg, info)`` of a compt checkpoint, run folder or export folder holding a CLIP.
 
-    Raises :class:`~compt.checkpoint.CheckpointError` naming the path when its model config is not an
+    Raises :class:`~compt.engine.checkpoint.CheckpointError` naming the path when its model config is not an
     open_clip CLIP config (e.g. a language model's checkpoint) or the model has no image tower.
     """
-    from compt.export import load_model
+    from compt.paradigms.clip.export import load_model
 
     how = "pass a compt CLIP checkpoint (a run's final.pt), its run folder, or an exported member folder"
     try:
@@ -133,7 +133,7 @@ class ImageClassifier(nn.Module):
             if not self.is_vit:
                 raise ValueError(
                     f"classifier: images are {size} px but this image tower takes {self.image_size} px "
-                    "only; resize them (compt.data.images.eval_transform) to the member's size"
+                    "only; resize them (compt.paradigms.clip.data.images.eval_transform) to the member's size"
                 )
             if size % self.patch_size or size > self.image_size:
                 raise ValueError(
@@ -189,7 +189,7 @@ def build_classifier(
     sid_null_prob: float = 0.1,
 ) -> ImageClassifier:
     """The CLIP ``model``'s image tower with a zero-shot-initialized head (and SID with ``num_stages``)."""
-    from compt.data import tokenizer as make_tokenizer
+    from compt.paradigms.clip.data import tokenizer as make_tokenizer
 
     context_length = int(model_cfg["text_cfg"].get("context_length", 77))
     was_training = model.training

@@ -23,8 +23,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from compt.data.evalsets import ZeroShotTask
-from compt.data.loader import DataError
+from compt.engine.loader import DataError
+from compt.paradigms.clip.data.evalsets import ZeroShotTask
 
 __all__ = [
     "ProbeConfig",

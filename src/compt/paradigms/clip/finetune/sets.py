@@ -2,7 +2,7 @@
 
 Transfer is measured on a labelled train/test split (the CLIP paper's linear probes, clip_benchmark's
 ``linear_probe``). Offline there is no such set, so :func:`finetune_set` renders one from the
-embedded generator (``compt.data.synthetic``): a task whose label is one attribute of a scene that
+embedded generator (``data.synthetic``): a task whose label is one attribute of a scene that
 the pretraining captions name but that the tiny members do not solve zero-shot (the reproduction's
 per-task table: shape ~18% on 8 classes, count ~26% on 4, colour ~100%), so fine-tuning has room to
 show. The scenes come from generator streams that neither the training set (stream 0) nor the
@@ -24,10 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compt.data.evalsets import ZeroShotTask, export_imagefolder, imagefolder_task
-from compt.data.loader import DataError
-from compt.data.scene_captions import NUMBER
-from compt.data.synthetic import TRAIN_STREAM, SyntheticSpec, render_tensor, sample_scene, scene_rng
+from compt.engine.loader import DataError
+from compt.paradigms.clip.data.evalsets import ZeroShotTask, export_imagefolder, imagefolder_task
+from compt.paradigms.clip.data.scene_captions import NUMBER
+from compt.paradigms.clip.data.synthetic import (
+    TRAIN_STREAM,
+    SyntheticSpec,
+    render_tensor,
+    sample_scene,
+    scene_rng,
+)
 
 __all__ = ["FinetuneTask", "register_finetune_task", "finetune_set", "write_finetune_set", "load_splits"]
 
@@ -44,7 +50,7 @@ class FinetuneTask:
 
 
 _TASKS: dict[str, FinetuneTask] = {}
-# The streams of the pretraining scenes and of compt.data.evalsets' zero-shot sets (its _STREAMS).
+# The streams of the pretraining scenes and of data.evalsets' zero-shot sets (its _STREAMS).
 _OTHER_STREAMS = frozenset({TRAIN_STREAM, 101, 102, 103, 104, 105, 201})
 
 
@@ -80,7 +86,7 @@ register_finetune_task(
 
 def _render_split(task: FinetuneTask, spec: SyntheticSpec, n: int, image_size: int, seed: int, stream: int):
     names = task.classnames(spec)
-    # Balanced classes in a seeded order, as compt.data.evalsets does for its zero-shot tasks.
+    # Balanced classes in a seeded order, as compt.paradigms.clip.data.evalsets does for its zero-shot tasks.
     labels = np.random.default_rng([seed, stream]).permutation(np.arange(n) % len(names))
     images = []
     for i, y in enumerate(labels):
@@ -147,7 +153,7 @@ def load_splits(
     Images are resized and center-cropped to ``image_size`` as open_clip's eval transform does, so
     files of any size load; unreadable ones are skipped with a warning (``imagefolder_task``). Class
     names and templates come from each folder's ``classnames.{yaml,json,txt}`` (else the folder names).
-    Raises :class:`~compt.data.loader.DataError` when the two sides do not hold the same class
+    Raises :class:`~compt.engine.loader.DataError` when the two sides do not hold the same class
     folders, when there are fewer than two classes, or when a training class has no image.
     """
     train_root, test_root = Path(train_dir), Path(test_dir)
