@@ -359,3 +359,11 @@ def test_eval_folder_missing_or_without_classes(tmp_path):
     (tmp_path / "flat").mkdir()
     _image(tmp_path / "flat" / "x.png")
     _assert_says(_message(lambda: imagefolder_task(tmp_path / "flat", 16)), "flat", "no class sub-folders")
+
+
+def test_a_step_whose_samples_are_all_bad_trains_on_borrowed_ones(tmp_path):
+    # Issue 11 item 9: the first batch of 4 is all missing files (was: RuntimeError inside open_clip).
+    rows = [(f"gone{i}.png", f"a missing picture {i}") for i in range(4)] + _good_rows(tmp_path, 4)
+    data = DataConfig(kind="csv", path=str(_table(tmp_path, rows)), shuffle=False)
+    result = train_member(_train_cfg(tmp_path, data=data, global_batch_size=4, steps=2, save_every_steps=0))
+    assert result.steps == 2 and result.final_checkpoint.is_file()

@@ -195,3 +195,33 @@ def test_num_samples_limits_rows_and_image_root(tmp_path):
     loader = _loader(path, num_samples=4, image_root=str(tmp_path / "pics"))
     assert len(loader) == 1 and loader.skips == {}
     assert sum(len(i) for i, _ in loader) == 4
+
+
+def test_a_batch_of_only_bad_samples_is_refilled_from_the_following_ones(tmp_path, caplog):
+    names = _jpegs(tmp_path / "images", 5)
+    # Rows 3..5 (the whole second batch of 3) are missing: step 1 borrows rows 6, 7, 0 (wrapping).
+    rows = [(n, f"good {i}") for i, n in enumerate(names[:3])]
+    rows += [(f"images/gone{i}.jpg", f"gone {i}") for i in range(3)]
+    rows += [(n, f"good {i}") for i, n in enumerate(names[3:], 3)]
+    path = _tsv(tmp_path, rows)
+    with caplog.at_level(logging.WARNING, logger="compt.data"):
+        loader = _loader(path, gbs=3, shuffle=False)
+        batches = list(loader)
+    assert [len(i) for i, _ in batches] == [3, 3]
+    ds = build_dataset(DataConfig(kind="csv", path=str(path)), image_size=32, context_length=32)
+    borrowed = [ds.load(i, sample_rng(0, 0, i))[0] for i in (6, 7, 0)]
+    assert torch.equal(batches[1][0], torch.stack(borrowed))
+    assert loader.skips == {"missing_file": 3} and loader.repairs == {"refilled_batch": 1}
+    assert "refilled_batch" in caplog.text and "step 1" in caplog.text
+    # A resume at the refilled step sees the same batch (the refill is a function of the step).
+    cfg = DataConfig(kind="csv", path=str(path), shuffle=False)
+    resumed = list(build_loader(cfg, image_size=32, context_length=32, global_batch_size=3, start_step=1))
+    assert torch.equal(resumed[0][0], batches[1][0]) and torch.equal(resumed[0][1], batches[1][1])
+    with_workers = list(_loader(path, gbs=3, shuffle=False, workers=2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, with_workers, strict=True))
+
+
+def test_a_batch_with_nothing_to_borrow_is_an_error_naming_the_step(tmp_path):
+    rows = [(f"images/gone{i}.jpg", f"gone {i}") for i in range(8)]
+    with pytest.raises(DataError, match=r"step 0 has no usable sample.*missing_file=4"):
+        list(_loader(_tsv(tmp_path, rows), gbs=4, shuffle=False, max_skips=4))
