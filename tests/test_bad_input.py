@@ -117,6 +117,7 @@ def _assert_says(message: str, *fragments: str) -> None:
         ("missing", "missing_file"),
         ("empty_caption", "empty_caption"),
         ("short_row", "bad_row"),
+        ("empty_path", "empty_path"),
     ],
 )
 def test_a_bad_sample_is_skipped_and_counted(tmp_path, bad, reason):
@@ -128,6 +129,8 @@ def test_a_bad_sample_is_skipped_and_counted(tmp_path, bad, reason):
         rows[1] = ("gone.png", "a picture that is not there")
     elif bad == "empty_caption":
         rows[1] = (rows[1][0], "   ")
+    elif bad == "empty_path":  # was reported as where='.' (issue 11 item 14)
+        rows[1] = ("  ", "a picture without a path")
     path = _table(tmp_path, rows)
     if bad == "short_row":  # a row with one column too few
         path.write_text(path.read_text() + "only-one-column\n")
@@ -136,6 +139,9 @@ def test_a_bad_sample_is_skipped_and_counted(tmp_path, bad, reason):
     (images, texts), *_ = list(loader)
     assert images.shape[0] == 3 and texts.shape[0] == 3  # the bad one is dropped from its batch
     assert loader.skips == {reason: 1}
+    if bad == "empty_path":
+        skip = loader.batches.dataset.load(1, None)  # shuffle=False: row 2 is sample 1
+        assert skip.where.endswith("train.tsv data row 2") and "column 'filepath' is empty" in skip.detail
 
 
 def test_too_many_bad_samples_stop_with_the_file_and_the_limit(tmp_path):

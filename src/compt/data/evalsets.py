@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from compt.data.images import MEAN, STD, ImageError, eval_transform, open_image
+from compt.data.images import IMAGE_SUFFIXES, MEAN, STD, ImageError, eval_transform, open_image
 from compt.data.loader import DataError
 from compt.data.scene_captions import NUMBER, all_captions, relation
 from compt.data.synthetic import Scene, SyntheticSpec, render_tensor, sample_scene, scene_rng
@@ -46,7 +46,6 @@ __all__ = [
 log = logging.getLogger("compt.data")
 DEFAULT_TASKS = ("shape", "colour", "count", "binding")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 
 
 @dataclass(frozen=True)

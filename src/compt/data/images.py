@@ -31,6 +31,8 @@ __all__ = [
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32).view(3, 1, 1)
 STD = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32).view(3, 1, 1)
+# Files an image folder or a table may name (what Pillow decodes; the suffix, not the content).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 _CROP_SCALE = (0.9, 1.0)  # open_clip AugmentationCfg default
 _CROP_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default
 
