@@ -239,3 +239,22 @@ def test_an_untrained_model_scores_near_its_chance_level(model, tok):
     m = evaluate_model(model, [task], [], tok, batch_size=64)
     assert m["chance/zeroshot/shapes/top1"] == zeroshot_chance(task) == m["chance/mean_zeroshot_top1"]
     assert abs(m["zeroshot/shapes/top1"] - 20.0) < 10.0  # 5 classes, noise images, random weights
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [
+        ("tpu", "'tpu' is not a torch device: use cpu, cuda or cuda:N"),
+        pytest.param(
+            "cuda",
+            "no CUDA device is available here; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        ("cuda:99", "cuda:99"),
+    ],
+)
+def test_eval_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, device, fragment):
+    ckpt = _checkpoint(tmp_path)
+    assert cli_main(["eval", str(ckpt), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compt eval: error: --device") and fragment in err and "Traceback" not in err

@@ -48,6 +48,7 @@ __all__ = [
     "retrieval_recall",
     "build_evaluator",
     "evaluate_checkpoint",
+    "eval_device",
 ]
 
 RECALL_KS = (1, 5, 10)
@@ -322,6 +323,29 @@ def build_evaluator(
     return evaluate
 
 
+def eval_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; a ValueError saying what to use otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # "tpu": torch's message lists every device type it knows
+        raise ValueError(
+            f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N ({e})"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: compt evaluates on cpu, cuda or mps, not {dev.type}")
+    return dev
+
+
 def evaluate_checkpoint(
     path: str | Path,
     *,
@@ -339,6 +363,7 @@ def evaluate_checkpoint(
     """
     from compt.export import load_model
 
+    device = eval_device(device)  # before loading: a wrong device should not cost a model load
     model, model_cfg, info = load_model(path)
     image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
     context_length = int(model_cfg["text_cfg"].get("context_length", 77))
