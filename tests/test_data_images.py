@@ -131,3 +131,11 @@ def test_pixel_ranges_compt_cannot_scale_are_a_counted_reason(tmp_path, array, f
     with pytest.raises(ImageError, match=fragment) as e:
         open_image(tmp_path / "x.tif")
     assert e.value.reason == "unsupported_image" and "x.tif" in str(e.value)
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_counted_reason(tmp_path, monkeypatch):
+    Image.new("RGB", (30, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 900 px > 2 x limit: DecompressionBombError
+    with pytest.raises(ImageError, match="big.png") as e:  # was an uncaught error ending the run
+        open_image(tmp_path / "big.png")
+    assert e.value.reason == "oversized_image"

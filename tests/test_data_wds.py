@@ -194,3 +194,21 @@ def test_a_caption_that_is_not_utf8_is_kept_and_counted(tmp_path, caplog):
     assert [len(i) for i, _ in batches] == [4]
     assert loader.skips == {} and loader.repairs == {"non_utf8_text": 1}
     assert "000000002.txt" in caplog.text and "repaired non_utf8_text=1" in caplog.text
+
+
+def test_a_broken_size_file_names_itself(tmp_path):
+    pattern = _shards(tmp_path / "shards", num_shards=1, stats=False)
+    (tmp_path / "shards" / "sizes.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"sizes.json: cannot read the sample count.*data.num_samples"):
+        build_dataset(_cfg(pattern), image_size=32, context_length=32)
+    (tmp_path / "shards" / "sizes.json").unlink()
+    (tmp_path / "shards" / "__len__").write_text("many\n")
+    with pytest.raises(DataError, match=r"__len__: cannot read the sample count"):
+        build_dataset(_cfg(pattern), image_size=32, context_length=32)
+
+
+def test_a_json_that_is_not_an_object_is_a_bad_json_skip(tmp_path):
+    pattern = _shards(tmp_path / "shards", num_shards=1, per_shard=2)
+    ds = build_dataset(_cfg(pattern, num_samples=2), image_size=32, context_length=32)
+    out = ds.decode({"__key__": "k", "__url__": "u", "jpg": b"", "json": b"[1, 2]"}, epoch=0)
+    assert out.reason == "bad_json" and "not an object" in out.detail  # was an AttributeError

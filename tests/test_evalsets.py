@@ -169,3 +169,10 @@ def test_unreadable_eval_images_are_counted_by_reason(tmp_path, caplog):
         task = imagefolder_task(root, 24)
     assert len(task.labels) == 6
     assert "skipped 2: corrupt_image=1, unsupported_image=1" in caplog.text
+
+
+def test_a_class_names_file_that_is_not_utf8_names_itself(tmp_path):
+    root = _folder(tmp_path / "pets")
+    (root / "classnames.txt").write_bytes(b"golden retriever\ntabby c\xe4t\n")
+    with pytest.raises(DataError, match=r"classnames.txt is not UTF-8 text.*save it as UTF-8"):
+        imagefolder_task(root, 24)

@@ -117,6 +117,10 @@ def test_export_from_module_payload_and_run_folder(tmp_path):
 def test_load_model_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing"):
         load_model(tmp_path / "nothing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / CONFIG_NAME).write_text('{"model_cfg": ')
+    with pytest.raises(ValueError, match=r"broken/open_clip_config.json is not valid JSON"):
+        load_model(tmp_path / "broken")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="final.pt"):
         load_model(tmp_path / "empty")

@@ -266,7 +266,12 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[
 
     path = Path(path)
     if path.is_dir() and is_export_dir(path):
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        try:
+            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except ValueError as e:  # bad JSON or not UTF-8: name the file (was a bare decoder message)
+            raise ValueError(
+                f"{path / CONFIG_NAME} is not valid JSON ({e}); export the member again"
+            ) from None
         _check_weights(path, config)
         model, _, _ = load_exported(path)
         member = (config.get("compt") or {}).get("member")

@@ -268,12 +268,15 @@ def _read_names_file(path: Path, folders: list[str]) -> tuple[list[str], list[st
     """Class names (in sorted-folder order) and optional templates from a txt/json/yaml file."""
     if not path.is_file():
         raise DataError(f"class-names file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"class-names file {path} is not UTF-8 text ({e}); save it as UTF-8") from None
     if path.suffix == ".txt":
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        data = {"classnames": names}
+        data = {"classnames": [line.strip() for line in text.splitlines() if line.strip()]}
     else:
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+            data = yaml.safe_load(text)  # JSON is YAML too
         except yaml.YAMLError as e:
             raise DataError(f"{path}: not valid YAML/JSON ({e})") from None
         if isinstance(data, list):

@@ -102,6 +102,8 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Ima
             img.load()  # force the decode here, inside the try, so truncated data is caught
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError("corrupt_image", f"cannot decode {where}: {e}") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it stopped a whole run
+        raise ImageError("oversized_image", f"{where}: {e}") from None
     return to_rgb(img, where)
 
 

@@ -70,17 +70,32 @@ def dataset_size(shards: list[str]) -> int | None:
     folder = Path(shards[0]).parent
     sizes = folder / "sizes.json"
     if sizes.is_file():
-        table = json.loads(sizes.read_text())
+        table = _read_size_file(sizes, json.loads)
         try:
             return sum(int(table[Path(s).name]) for s in shards)
         except KeyError as e:
             raise DataError(f"{sizes}: no entry for shard {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise DataError(
+                f"{sizes}: expected {{shard name: sample count}} ({e}); fix or delete it"
+            ) from None
     if (folder / "__len__").is_file():
-        return int((folder / "__len__").read_text().strip())
+        return _read_size_file(folder / "__len__", lambda text: int(text.strip()))
     stats = [Path(s).with_name(Path(s).stem + "_stats.json") for s in shards]
     if all(p.is_file() for p in stats):
-        return sum(int(json.loads(p.read_text()).get("successes", 0)) for p in stats)
+        return sum(_read_size_file(p, lambda text: int(json.loads(text).get("successes", 0))) for p in stats)
     return None
+
+
+def _read_size_file(path: Path, parse):
+    """``parse(text of path)``; a DataError naming the file when it is not what it should be."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON, a list, a non-number
+        raise DataError(
+            f"{path}: cannot read the sample count ({type(e).__name__}: {e}); fix or delete the file, "
+            "or set data.num_samples"
+        ) from None
 
 
 def _tar_samples(url: str) -> Iterator[dict | Skip]:
@@ -181,6 +196,8 @@ class ShardDataset:
                 meta = json.loads(raw["json"])
             except ValueError as e:
                 return Skip("bad_json", where, str(e))
+            if not isinstance(meta, dict):  # a list or a number would fail at meta.get below
+                return Skip("bad_json", where, f"(a JSON {type(meta).__name__}, not an object)")
         repair = None
         if "txt" in raw:
             try:
