@@ -15,7 +15,7 @@ rebuild the member with the same weights and therefore the same embeddings. ``mo
 member's open_clip config (the same dict compt builds it from); ``preprocess_cfg`` gives the eval
 transform: resize to the member's image size, center crop, and the normalization compt trains with.
 The tokenizer is open_clip's default one, at the context length in ``model_cfg["text_cfg"]``. The
-``compt`` entry (member name, compt version, the checkpoint it came from) is ignored by open_clip.
+``compt`` entry (member name, compt version) is ignored by open_clip.
 
 An export does not replace another model's export in the same folder unless asked to
 (``force=True``, ``compt export --force``; issue 11 item 7), and its files get the permissions the
@@ -108,8 +108,25 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap(model)
 
 
-def _check_target(out: Path, member: str | None, model_cfg: dict[str, Any], source: str | None) -> None:
-    """Refuse a target that is a file, or that holds another model's export (issue 11 items 7, 10)."""
+def _same_weights(file: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """True when the safetensors ``file`` holds exactly ``tensors`` (read lazily, tensor by tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return set(f.keys()) == tensors.keys() and all(
+                torch.equal(f.get_tensor(k), tensors[k]) for k in f.keys()
+            )
+    except (SafetensorError, OSError):
+        return False
+
+
+def _check_target(out: Path, member: str | None, model_cfg: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """Refuse a target that is a file, or that holds another model's export (issue 11 items 7, 10).
+
+    The same member with the same config and weights is the same export: writing it again is fine
+    (a chain's rerun, an export repeated by hand).
+    """
     if out.exists() and not out.is_dir():
         raise ValueError(
             f"export folder {out} is a file, not a folder; give the folder to write the export to"
@@ -119,22 +136,21 @@ def _check_target(out: Path, member: str | None, model_cfg: dict[str, Any], sour
     try:
         there = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        there = {}
-    theirs = there.get("compt") or {} if isinstance(there, dict) else {}
-    same = (
-        isinstance(there, dict)
-        and theirs.get("member") == member
-        and there.get("model_cfg") == model_cfg
-        and (theirs.get("source") is None or source is None or theirs.get("source") == source)
+        there = None
+    theirs = (there.get("compt") or {}) if isinstance(there, dict) else {}
+    what = theirs.get("member") or "a model compt did not export"
+    if not isinstance(there, dict) or theirs.get("member") != member:
+        why = ""
+    elif there.get("model_cfg") != model_cfg:
+        why = " with another model config"
+    elif not _same_weights(out / WEIGHTS_NAME, tensors):
+        why = " with other weights"
+    else:
+        return
+    raise ValueError(
+        f"{out} already holds the export of {what}{why}; exporting {member or 'this model'} would replace "
+        "it. Choose another folder, or pass --force (force=True) to replace it"
     )
-    if not same:
-        what = theirs.get("member") or "a model compt did not export"
-        origin = f" from {theirs['source']}" if theirs.get("source") else ""
-        raise ValueError(
-            f"{out} already holds the export of {what}{origin}; exporting {member or 'this model'}"
-            f"{f' from {source}' if source else ''} would replace it. Choose another folder, or pass "
-            "--force (force=True) to replace it"
-        )
 
 
 def export_member(
@@ -151,17 +167,16 @@ def export_member(
     ``model_or_ckpt`` is an open_clip ``CLIP`` (then ``model_cfg`` is required: a module does not
     carry its config), a checkpoint payload dict, or a path accepted by :func:`load_model`.
     ``preprocess_cfg`` overrides fields of :func:`default_preprocess_cfg`. A folder holding another
-    model's export (another member, config or source checkpoint) is refused unless ``force``.
+    model's export (another member, config or weights) is refused unless ``force``.
     """
     from safetensors.torch import save_file
 
     import compt
 
-    source = None
     if isinstance(model_or_ckpt, (str, Path)):
         model, cfg, info = load_model(model_or_ckpt)
         state, model_cfg, member = model.state_dict(), model_cfg or cfg, member or info["member"]
-        where, source = str(model_or_ckpt), str(Path(info["source"]).resolve())
+        where = str(model_or_ckpt)
     elif isinstance(model_or_ckpt, dict):
         if "model" not in model_or_ckpt or ("model_cfg" not in model_or_ckpt and model_cfg is None):
             raise ValueError(
@@ -192,12 +207,12 @@ def export_member(
     config = {
         "model_cfg": model_cfg,
         "preprocess_cfg": pp,
-        "compt": {"member": member, "version": compt.__version__, "source": source},
+        "compt": {"member": member, "version": compt.__version__},
     }
     tensors = _plain_state(state, where)
     out = Path(out_dir)
     if not force:
-        _check_target(out, member, model_cfg, source)
+        _check_target(out, member, model_cfg, tensors)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace the export of another model (member, config or checkpoint) already in OUT_DIR",
+        help="replace the export of another model (member, config or weights) already in OUT_DIR",
     )
     p.set_defaults(func=run)
 
