@@ -115,14 +115,15 @@ def index_table(path: Path, separator: str, max_rows: int = 0) -> TableIndex:
     offsets, complete = array.array("q", [end]), array.array("b")
     try:
         for row in reader:
-            record, pending[:] = list(pending), []
-            first_line, line_no = line_no + 1, line_no + len(record)
+            n = len(pending)  # the lines of this record
+            first_line, line_no = line_no + 1, line_no + n
+            if n > 1:
+                _check_swallowed(path, pending, len(complete) + 1, first_line, separator, len(header))
+            pending.clear()
             if not row or (len(row) == 1 and not row[0].strip()):  # a blank line (pandas skips them too)
                 offsets[-1] = end
                 continue
-            nonblank += len(record)
-            if len(record) > 1:
-                _check_swallowed(path, record, len(complete) + 1, first_line, separator, len(header))
+            nonblank += n
             complete.append(len(row) == len(header))
             offsets.append(end)
             if len(complete) == max_rows:
