@@ -14,16 +14,19 @@ from compt.engine.loader import sample_rng
 from compt.paradigms.clip.data import DataConfig, DataError, build_dataset
 from compt.paradigms.clip.data.evalsets import (
     DEFAULT_TEMPLATES,
+    EVAL_STREAMS,
     RetrievalSet,
+    ValidationSet,
     ZeroShotTask,
     _force_relation,
     check_imagefolder,
     embedded_eval_sets,
+    embedded_val_set,
     export_imagefolder,
     imagefolder_task,
 )
 from compt.paradigms.clip.data.scene_captions import relation
-from compt.paradigms.clip.data.synthetic import SyntheticSpec, sample_scene, scene_rng
+from compt.paradigms.clip.data.synthetic import SyntheticSpec, describe, render, sample_scene, scene_rng
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,32 @@ def test_sets_are_deterministic_seeded_and_held_out(small_sets):
     ret = small_sets[1][0].images
     dists = torch.cdist(ret.flatten(1), train_imgs.flatten(1))
     assert dists.min() > 1.0
+
+
+def test_val_set_is_held_out_training_distribution_with_fixed_captions():
+    vset = embedded_val_set(32, num_images=256, batch_size=128)
+    assert isinstance(vset, ValidationSet) and vset.images.shape == (256, 3, 32, 32)
+    assert all(len(c) == 4 and len(set(c)) == 4 for c in vset.captions)  # M = 4 distinct texts
+    # The same set on every call and in every process: fixed scenes and caption draws.
+    again = embedded_val_set(32, num_images=256, batch_size=128, spec=SyntheticSpec(pixel_noise=0.025))
+    assert again.captions == vset.captions and torch.equal(again.images, vset.images)
+    other = embedded_val_set(32, seed=1, num_images=256, batch_size=128)
+    assert other.captions != vset.captions
+    # Drawn like training captions: scene i's 16-text pool (primary + 15 sub-captions), M = 4 of it,
+    # so the complete primary caption is among the four for about a quarter of the images.
+    spec, hits = SyntheticSpec(), 0
+    for i, caps in enumerate(vset.captions):
+        rng = scene_rng(0, EVAL_STREAMS["val"], i)
+        scene = sample_scene(rng, spec)
+        render(scene, 32, rng, spec)
+        pool = describe(scene, rng, spec.num_sub_captions)
+        assert set(caps) <= set(pool)
+        hits += pool[0] in caps
+    assert 0.15 < hits / 256 < 0.35
+    # Held out: no validation image equals a training image.
+    train = build_dataset(DataConfig(num_samples=300), image_size=32, context_length=32)
+    train_imgs = torch.stack([train.load(i, sample_rng(0, 0, i))[0] for i in range(300)])
+    assert torch.cdist(vset.images.flatten(1), train_imgs.flatten(1)).min() > 1.0
 
 
 def test_export_and_imagefolder_round_trip(tmp_path, small_sets):

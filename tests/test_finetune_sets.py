@@ -37,7 +37,7 @@ def test_the_count_task_and_a_custom_vocabulary():
 
 
 def test_its_generator_streams_are_held_out_from_training_and_eval_sets():
-    assert sets._OTHER_STREAMS == {TRAIN_STREAM, *evalsets._STREAMS.values()}
+    assert sets._OTHER_STREAMS == {TRAIN_STREAM, *evalsets.EVAL_STREAMS.values()}
     used = [s for t in sets._TASKS.values() for s in t.streams]
     assert len(used) == len(set(used)) and not set(used) & sets._OTHER_STREAMS
     clash = FinetuneTask("clash", lambda spec: ["a", "b"], lambda rng, spec, y: None, ("{}",), (301, 399))

@@ -18,6 +18,8 @@ Keys of the returned dict::
     retrieval/<set>/i2t_r{1,5,10}     one triple per set and direction
     retrieval/<set>/t2i_r{1,5,10}
     mean_retrieval_r1                 mean over sets of (i2t_r1 + t2i_r1) / 2
+    val/<set>/loss                    one per validation set (nats)
+    val_loss                          mean over validation sets
     chance/<key>                      the chance level of each key above
 
 The chance level is what a model that learned nothing scores: for top-1, the majority class's share
@@ -39,6 +41,8 @@ from typing import Any, Protocol
 import torch
 from open_clip import build_zero_shot_classifier
 
+from compt.paradigms.clip.loss import clip_loss
+
 __all__ = [
     "RECALL_KS",
     "CHANCE_PREFIX",
@@ -47,6 +51,9 @@ __all__ = [
     "evaluate_model",
     "zeroshot_top1",
     "retrieval_recall",
+    "validation_loss",
+    "higher_is_better",
+    "shortfall",
     "build_evaluator",
     "evaluate_checkpoint",
     "eval_device",
@@ -72,6 +79,32 @@ class _RetrievalSet(
     name: str
     images: torch.Tensor
     captions: list[list[str]]
+
+
+class _ValidationSet(
+    Protocol
+):  # the fields of compt.paradigms.clip.data.evalsets.ValidationSet that are read here
+    name: str
+    images: torch.Tensor
+    captions: list[list[str]]
+    batch_size: int
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (a key of :func:`evaluate_model`) is better.
+
+    Losses (keys whose last part ends in ``loss``: ``val_loss``, ``val/<set>/loss``) are lower-is-
+    better; accuracies and recalls higher-is-better. Every lossless verdict needs this (issue 12).
+    """
+    return not metric.rsplit("/", 1)[-1].endswith("loss")
+
+
+def shortfall(metric: str, reference: float, value: float) -> float:
+    """How much worse ``value`` is than ``reference`` on ``metric``, in its units (negative: better).
+
+    The gap of a lossless verdict: ``reference - value`` for an accuracy, ``value - reference`` for a loss.
+    """
+    return reference - value if higher_is_better(metric) else value - reference
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -220,14 +253,44 @@ def retrieval_chance(rset: _RetrievalSet, ks: Sequence[int] = RECALL_KS) -> dict
     return out
 
 
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module, vset: _ValidationSet, tokenizer: Tokenizer, batch_size: int = 256
+) -> float:
+    """The multi-caption CLIP loss (Eq. 2-3, nats) of ``model`` on ``vset``, mean over its fixed batches.
+
+    Each contrastive batch of ``vset.batch_size`` images is scored as the training step scores a
+    batch (:func:`~compt.paradigms.clip.loss.multi_caption_clip_loss`: a CLIP loss per caption slot), at
+    the model's own learned temperature, without gathering across ranks; ``batch_size`` only chunks
+    the forward passes, so it does not change the result.
+    """
+    where = f"validation set {vset.name!r}"
+    n, bs = len(vset.images), vset.batch_size
+    if n == 0 or n % bs or len(vset.captions) != n:
+        raise ValueError(f"{where}: {n} images and {len(vset.captions)} caption lists; need N % {bs} == 0")
+    m = len(vset.captions[0])
+    if any(len(c) != m for c in vset.captions):
+        raise ValueError(f"{where}: every image needs the same number of captions (M)")
+    img = _encode_images(model, vset.images, batch_size, where)
+    texts = [t for caps in vset.captions for t in caps]
+    txt = _encode_texts(model, tokenizer, texts, batch_size).reshape(n, m, -1)
+    scale = _unwrap(model).logit_scale.exp().float().cpu()
+    img, txt = img.cpu(), txt.cpu()
+    losses = [
+        clip_loss(img[s : s + bs], txt[s : s + bs, j], scale) for s in range(0, n, bs) for j in range(m)
+    ]  # the mean over slots and batches of equal size = the mean of per-batch Eq. 2-3 losses
+    return float(torch.stack(losses).mean())
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tasks: Sequence[_Task],
     retrieval_sets: Sequence[_RetrievalSet],
     tokenizer: Tokenizer,
     batch_size: int = 256,
+    val_sets: Sequence[_ValidationSet] = (),
 ) -> dict[str, float]:
-    """Evaluate ``model`` on zero-shot ``tasks`` and ``retrieval_sets``; keys as in the module docstring.
+    """Evaluate ``model`` on zero-shot ``tasks``, ``retrieval_sets`` and ``val_sets`` (keys: see module doc).
 
     ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``data.tokenizer``
     or ``open_clip.get_tokenizer``). The model's train/eval mode is restored on return.
@@ -236,6 +299,8 @@ def evaluate_model(
         raise ValueError(f"evaluate: batch_size must be positive, got {batch_size}")
     names = [t.name for t in tasks] + [r.name for r in retrieval_sets]
     dupes = sorted({x for x in names if names.count(x) > 1})
+    vnames = [v.name for v in val_sets]
+    dupes += sorted({x for x in vnames if vnames.count(x) > 1})
     if dupes:
         raise ValueError(f"evaluate: eval set names must be unique (metric keys use them); repeated: {dupes}")
     net = _unwrap(model)
@@ -262,6 +327,12 @@ def evaluate_model(
             if r1:
                 values["mean_retrieval_r1"] = sum(r1) / len(r1)
         metrics.update({CHANCE_PREFIX + k: v for k, v in chance.items()})
+        losses = []
+        for vset in val_sets:
+            losses.append(validation_loss(net, vset, tokenizer, batch_size))
+            metrics[f"val/{vset.name}/loss"] = losses[-1]
+        if losses:
+            metrics["val_loss"] = sum(losses) / len(losses)
     finally:
         net.train(was_training)
     return metrics
@@ -274,13 +345,21 @@ def _eval_sets(
     seed: int,
     num_images: int | None,
     spec: Any = None,
+    val_images: int = 0,
+    val_batch_size: int = 256,
 ):
-    from compt.paradigms.clip.data.evalsets import embedded_eval_sets, imagefolder_task
+    from compt.paradigms.clip.data.evalsets import embedded_eval_sets, embedded_val_set, imagefolder_task
 
-    tasks, rsets = [], []
+    tasks, rsets, vsets = [], [], []
     if embedded:
         sizes = {} if num_images is None else {"num_images": num_images, "num_retrieval": num_images}
         tasks, rsets = embedded_eval_sets(image_size, seed=seed, spec=spec, **sizes)
+        if val_images:
+            vsets = [
+                embedded_val_set(
+                    image_size, seed, num_images=val_images, batch_size=val_batch_size, spec=spec
+                )
+            ]
     names = {t.name for t in tasks} | {r.name for r in rsets}
     for folder in imagefolders:
         name = Path(folder).resolve().name
@@ -290,7 +369,7 @@ def _eval_sets(
         tasks.append(imagefolder_task(folder, image_size, name=name))
     if not tasks and not rsets:
         raise ValueError("evaluate: nothing to evaluate; keep the embedded sets or pass --imagefolder DIR")
-    return tasks, rsets
+    return tasks, rsets, vsets
 
 
 def build_evaluator(
@@ -303,6 +382,8 @@ def build_evaluator(
     num_images: int | None = None,
     batch_size: int = 256,
     spec: Any = None,
+    val_images: int = 2048,
+    val_batch_size: int = 256,
 ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """An ``evaluate(model, step) -> metrics`` callback for ``compt.engine.train.train_member``.
 
@@ -310,6 +391,8 @@ def build_evaluator(
     folder) and the tokenizer are built once, on the first call. ``num_images`` overrides the
     embedded sets' size (images per task and retrieval images; default: compt.paradigms.clip.data.evalsets').
     ``spec`` (a ``SyntheticSpec``) renders the embedded sets with the vocabulary the run trained on.
+    With the embedded sets, ``val_images`` held-out images (0: none) give ``val_loss`` in contrastive
+    batches of ``val_batch_size`` (issue 12: 2,048 images, batch 256, M = 4).
     In a distributed run call it on rank 0 only.
     """
     from compt.paradigms.clip.data import tokenizer as make_tokenizer
@@ -318,10 +401,12 @@ def build_evaluator(
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
         if not cache:
-            cache["sets"] = _eval_sets(image_size, imagefolders, embedded, seed, num_images, spec)
+            cache["sets"] = _eval_sets(
+                image_size, imagefolders, embedded, seed, num_images, spec, val_images, val_batch_size
+            )
             cache["tok"] = make_tokenizer(context_length)
-        tasks, rsets = cache["sets"]
-        return evaluate_model(model, tasks, rsets, cache["tok"], batch_size)
+        tasks, rsets, vsets = cache["sets"]
+        return evaluate_model(model, tasks, rsets, cache["tok"], batch_size, val_sets=vsets)
 
     return evaluate
 

@@ -8,7 +8,10 @@ training set never uses:
 * ``binding``: two objects; the classes are colour-shape pairs and their swaps ("red circle and a
   yellow triangle" vs "yellow circle and a red triangle"), so a bag of words gets at most half;
 * ``relation`` (optional): "circle to the left of a ring" vs the reverse -- spatial binding;
-* retrieval: scenes from the training distribution with held-out captions.
+* retrieval: scenes from the training distribution with held-out captions;
+* validation (issue 12): scenes from the training distribution, each with a fixed draw of M of its
+  16 training-style captions, scored as the task loss itself in fixed contrastive batches -- the
+  low-noise held-out loss that growth papers compare (:func:`embedded_val_set`).
 
 Real benchmarks use the same :class:`ZeroShotTask`: an ImageFolder (one sub-folder per class) plus
 a class-names/templates file, read by :func:`imagefolder_task`. :func:`export_imagefolder` writes
@@ -30,14 +33,18 @@ import yaml
 from PIL import Image
 
 from compt.engine.loader import DataError, format_skips
+from compt.paradigms.clip.data.captions import sample_captions
 from compt.paradigms.clip.data.images import IMAGE_SUFFIXES, MEAN, STD, ImageError, eval_transform, open_image
-from compt.paradigms.clip.data.scene_captions import NUMBER, all_captions, relation
+from compt.paradigms.clip.data.scene_captions import NUMBER, all_captions, describe, relation
 from compt.paradigms.clip.data.synthetic import Scene, SyntheticSpec, render_tensor, sample_scene, scene_rng
 
 __all__ = [
+    "EVAL_STREAMS",
     "ZeroShotTask",
     "RetrievalSet",
+    "ValidationSet",
     "embedded_eval_sets",
+    "embedded_val_set",
     "imagefolder_task",
     "check_imagefolder",
     "ImageFolderLayout",
@@ -90,10 +97,39 @@ class RetrievalSet:
             raise DataError(f"retrieval set {self.name!r}: every image needs at least one caption")
 
 
+@dataclass(frozen=True)
+class ValidationSet:
+    """Images with a fixed list of M captions each, scored in fixed contrastive batches.
+
+    Batch ``b`` is images ``[b * batch_size, (b + 1) * batch_size)`` with their captions: the
+    negatives of every caption are fixed, so the loss is comparable across members, runs and
+    evaluation hardware (any compute batch size gives the same number).
+    """
+
+    name: str
+    images: torch.Tensor  # [N, 3, H, W]
+    captions: list[list[str]]  # N lists of exactly M captions (caption slot j of Eq. 2-3)
+    batch_size: int  # contrastive batch of the loss (not the compute batch)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.batch_size < 2 or n < self.batch_size or n % self.batch_size:
+            raise DataError(
+                f"validation set {self.name!r}: {n} images must be a positive multiple of "
+                f"batch_size={self.batch_size} (>= 2: a contrastive batch needs negatives)"
+            )
+        if len(self.captions) != n or len({len(c) for c in self.captions}) != 1 or not self.captions[0]:
+            raise DataError(
+                f"validation set {self.name!r}: every image needs the same number (M) of captions"
+            )
+
+
 # --- embedded tasks --------------------------------------------------------------------------------
 
 # Generator streams of the held-out sets; training scenes use stream 0 (synthetic.TRAIN_STREAM).
-_STREAMS = {"shape": 101, "colour": 102, "count": 103, "binding": 104, "relation": 105, "retrieval": 201}
+# Generator streams of the held-out sets (public: the fine-tuning sets must use others).
+EVAL_STREAMS = {"shape": 101, "colour": 102, "count": 103, "binding": 104, "relation": 105, "retrieval": 201}
+EVAL_STREAMS |= {"val": 301, "val_captions": 302}
 _TaskFn = Callable[[SyntheticSpec, int, int, int], ZeroShotTask]
 _TASKS: dict[str, _TaskFn] = {}
 
@@ -116,10 +152,10 @@ def _balanced(n: int, num_classes: int, rng: np.random.Generator) -> list[int]:
 
 
 def _attribute_task(name: str, values: Sequence[str], make_scene, templates, spec, image_size, seed, n):
-    labels = _balanced(n, len(values), np.random.default_rng([seed, _STREAMS[name]]))
+    labels = _balanced(n, len(values), np.random.default_rng([seed, EVAL_STREAMS[name]]))
     scenes = []
     for i, y in enumerate(labels):
-        rng = scene_rng(seed, _STREAMS[name], i)
+        rng = scene_rng(seed, EVAL_STREAMS[name], i)
         scenes.append((make_scene(rng, values[y]), rng))
     return ZeroShotTask(
         name,
@@ -221,7 +257,7 @@ def _relation_task(spec: SyntheticSpec, image_size: int, seed: int, n: int, k: i
 def _retrieval(spec: SyntheticSpec, image_size: int, seed: int, n: int, per_image: int = 5) -> RetrievalSet:
     scenes, captions = [], []
     for i in range(n):
-        rng = scene_rng(seed, _STREAMS["retrieval"], i)
+        rng = scene_rng(seed, EVAL_STREAMS["retrieval"], i)
         scene = sample_scene(rng, spec)
         primary, subs = all_captions(scene)
         # The most complete phrasings (longest) besides the primary: each can identify the image.
@@ -259,6 +295,40 @@ def _embedded(image_size, seed, num_images, num_retrieval, tasks, spec):
     zs = [_TASKS[t](spec, image_size, seed, num_images) for t in tasks]
     ret = [_retrieval(spec, image_size, seed, num_retrieval)] if num_retrieval else []
     return tuple(zs), tuple(ret)
+
+
+def embedded_val_set(
+    image_size: int,
+    seed: int = 0,
+    *,
+    num_images: int = 2048,
+    batch_size: int = 256,
+    num_captions: int = 4,
+    spec: SyntheticSpec | None = None,
+) -> ValidationSet:
+    """The embedded validation set (cached; do not mutate): held-out training-distribution scenes.
+
+    Scene ``i`` and its 16-caption pool are drawn exactly as a training scene is
+    (:class:`~compt.paradigms.clip.data.synthetic.SyntheticDataset`), from a stream training never uses; its
+    ``num_captions`` (M) captions are drawn once, from a generator fixed by ``(seed, i)``, so every
+    member of every run is scored on the same texts (issue 12: batch 256, M = 4, 2,048 images).
+    """
+    return _val_set(image_size, seed, num_images, batch_size, num_captions, spec or SyntheticSpec())
+
+
+@functools.lru_cache(maxsize=4)
+def _val_set(image_size, seed, num_images, batch_size, num_captions, spec) -> ValidationSet:
+    scenes, captions = [], []
+    for i in range(num_images):
+        rng = scene_rng(seed, EVAL_STREAMS["val"], i)
+        scene = sample_scene(rng, spec)
+        scenes.append((scene, rng))
+    images = _render_all(scenes, image_size, spec)  # advances each rng as the training set does
+    for i, (scene, rng) in enumerate(scenes):
+        pool = describe(scene, rng, spec.num_sub_captions)
+        draw = np.random.default_rng([seed, EVAL_STREAMS["val_captions"], i])
+        captions.append(sample_captions(pool, num_captions, draw))
+    return ValidationSet("synthetic", images, captions, batch_size)
 
 
 # --- ImageFolder tasks -----------------------------------------------------------------------------

@@ -25,7 +25,12 @@ import numpy as np
 import torch
 
 from compt.engine.loader import DataError
-from compt.paradigms.clip.data.evalsets import ZeroShotTask, export_imagefolder, imagefolder_task
+from compt.paradigms.clip.data.evalsets import (
+    EVAL_STREAMS,
+    ZeroShotTask,
+    export_imagefolder,
+    imagefolder_task,
+)
 from compt.paradigms.clip.data.images import IMAGE_SUFFIXES
 from compt.paradigms.clip.data.scene_captions import NUMBER
 from compt.paradigms.clip.data.synthetic import (
@@ -51,8 +56,8 @@ class FinetuneTask:
 
 
 _TASKS: dict[str, FinetuneTask] = {}
-# The streams of the pretraining scenes and of data.evalsets' zero-shot sets (its _STREAMS).
-_OTHER_STREAMS = frozenset({TRAIN_STREAM, 101, 102, 103, 104, 105, 201})
+# The streams of the pretraining scenes and of data.evalsets' held-out sets: never reused here.
+_OTHER_STREAMS = frozenset({TRAIN_STREAM, *EVAL_STREAMS.values()})
 
 
 def register_finetune_task(task: FinetuneTask) -> FinetuneTask:
@@ -71,7 +76,7 @@ register_finetune_task(
         # One object of the class's shape; colour, size, texture and background vary freely.
         make_scene=lambda rng, spec, y: sample_scene(rng, spec, "single", objects=[(None, spec.shapes[y])]),
         templates=("a {}.", "a picture of a {}.", "an image showing a {}.", "a {} on a background."),
-        streams=(301, 302),
+        streams=(401, 402),
     )
 )
 register_finetune_task(
@@ -80,7 +85,7 @@ register_finetune_task(
         classnames=lambda spec: ["one shape"] + [f"{NUMBER[c]} shapes" for c in range(2, spec.max_count + 1)],
         make_scene=lambda rng, spec, y: sample_scene(rng, spec, "single" if y == 0 else "multi", count=y + 1),
         templates=("{}.", "a picture of {}.", "an image with {}.", "{} on a background."),
-        streams=(303, 304),
+        streams=(403, 404),
     )
 )
 
