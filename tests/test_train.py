@@ -318,6 +318,24 @@ def test_should_stop_ends_the_link_early(tmp_path):
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True
 
 
+def test_data_skips_and_repairs_are_in_metrics_jsonl(tmp_path):
+    """A non-UTF-8 caption (step 1) and a batch of missing files refilled (step 2) are counted there."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i in range(12):
+        name = f"images/img{i}.png"
+        if not 4 <= i < 8:  # rows 4..7, the whole second batch, are missing: it is refilled
+            Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(tmp_path / name)
+        rows.append(name.encode() + b"\t" + (b"caf\xe9 cr\xe8me" if i == 1 else f"photo {i}".encode()))
+    (tmp_path / "train.tsv").write_bytes(b"filepath\ttitle\n" + b"".join(r + b"\n" for r in rows))
+    data = DataConfig(kind="tsv", path=str(tmp_path / "train.tsv"), shuffle=False)
+    train_member(config(tmp_path / "run", data=data, global_batch_size=4, steps=2))
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    assert [(r["step"], r["data_skips"], r["data_repairs"]) for r in lines] == [(1, 0, 1), (2, 4, 2)]
+
+
 def test_resume_refuses_a_folder_of_another_run(tmp_path):
     cfg = config(tmp_path, save_every_steps=2)
 
