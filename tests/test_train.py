@@ -318,6 +318,40 @@ def test_should_stop_ends_the_link_early(tmp_path):
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True
 
 
+def test_periodic_evaluate_runs_before_the_last_step_and_evaluate_after_a_stop(tmp_path):
+    """A cheap periodic evaluation (issue 12); the final metrics are the full one's, also after a stop."""
+    seen = []
+
+    def full(model, step):
+        seen.append(("full", step))
+        return {"score": float(step), "extra": 1.0}
+
+    def cheap(model, step):
+        seen.append(("cheap", step))
+        return {"score": float(step)}
+
+    result = train_member(config(tmp_path / "a", eval_every_steps=2), evaluate=full, periodic_evaluate=cheap)
+    assert seen == [("cheap", 2), ("cheap", 4), ("full", 6)] and result.metrics == {
+        "score": 6.0,
+        "extra": 1.0,
+    }
+    seen.clear()
+    stopped = train_member(
+        config(tmp_path / "b", eval_every_steps=2),
+        evaluate=full,
+        periodic_evaluate=cheap,
+        should_stop=lambda m: m["score"] >= 4,
+    )
+    assert seen == [("cheap", 2), ("cheap", 4), ("full", 4)] and stopped.steps == 4
+    assert load_checkpoint(stopped.final_checkpoint)["metrics"] == {"score": 4.0, "extra": 1.0}
+    evals = read_metrics(tmp_path / "b" / "metrics.jsonl", "eval")
+    assert [(r["step"], "extra" in r, r.get("should_stop")) for r in evals] == [
+        (2, False, None),
+        (4, False, True),
+        (4, True, None),
+    ]
+
+
 def test_data_skips_and_repairs_are_in_metrics_jsonl(tmp_path):
     """A non-UTF-8 caption (step 1) and a batch of missing files refilled (step 2) are counted there."""
     from PIL import Image

@@ -328,13 +328,16 @@ def train_member(
     *,
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     should_stop: Callable[[dict[str, float]], bool] | None = None,
+    periodic_evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train one member (a baseline, or a chain link when ``cfg.teacher`` is set) and return its result.
 
     ``evaluate(model, step)`` runs on rank 0 with the plain student in eval mode every
     ``cfg.eval_every_steps`` and after the last step; its metrics go to ``metrics.jsonl`` and
-    :attr:`TrainResult.metrics`. ``should_stop(metrics) -> True`` ends the run early (``final.pt`` is
-    written as usual). Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
+    :attr:`TrainResult.metrics`. ``periodic_evaluate`` (default: ``evaluate``) replaces it at the
+    evaluations before the last step, e.g. a cheaper set (issue 12). ``should_stop(metrics) -> True``
+    ends the run early (then ``evaluate`` gives the final metrics; ``final.pt`` is written as usual).
+    Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
     resumes from the newest valid ``step_*.pt``; a run whose ``final.pt`` exists returns at once.
 
     Raises :class:`NonFiniteLossError` when the loss turns NaN/inf (no checkpoint is written after
@@ -356,7 +359,7 @@ def train_member(
     try:
         run = _setup(cfg, info)
         with _save_on_sigterm(run):
-            return _loop(run, evaluate, should_stop)
+            return _loop(run, evaluate, should_stop, periodic_evaluate or evaluate)
     finally:
         if run is not None:
             run.log.close()
@@ -364,7 +367,7 @@ def train_member(
         dist.teardown(info)
 
 
-def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
+def _loop(run: _Run, evaluate, should_stop, periodic_evaluate) -> TrainResult:
     """nanoGPT-style: boundary work (log, eval, save) then one step, until the step after the last."""
     cfg, st = run.cfg, run.state
     has_eval = dist.broadcast_object(evaluate is not None)  # every rank must join the same collectives
@@ -377,11 +380,13 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
             log_step(run, stats)
         at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
         if has_eval and (last or at_eval):
-            metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+            metrics, stop_early = evaluate_now(run, evaluate if last else periodic_evaluate, should_stop)
             if stop_early and not last:
                 last = True
                 if not at_log:
                     log_step(run, stats)
+                if periodic_evaluate is not evaluate:  # the final metrics are the full evaluation's
+                    metrics, _ = evaluate_now(run, evaluate, None)
         if last:
             return _finish(run, metrics)
         at_save = fresh and cfg.save_every_steps > 0 and st.step % cfg.save_every_steps == 0
