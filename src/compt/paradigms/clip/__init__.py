@@ -167,14 +167,15 @@ class ClipParadigm(Paradigm):
         if metric not in ("mean_zeroshot_top1", "mean_retrieval_r1", "val_loss") and not metric.startswith(
             ("zeroshot/", "retrieval/", "val/")
         ):
-            raise ValueError(
-                f"eval.metric {metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}"
-            )
+            raise ValueError(f"{metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}")
 
     def higher_is_better(self, metric: str) -> bool:
         from compt.paradigms.clip.evaluate import higher_is_better
 
         return higher_is_better(metric)
+
+    def metric_unit(self, metric: str) -> str:
+        return "%" if self.higher_is_better(metric) else "nats"  # evaluate's module docstring
 
     def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:
         from compt.paradigms.clip.export import export_member
