@@ -157,6 +157,10 @@ def test_until_lossless_without_baseline_is_a_clear_error(tmp_path):
         ({"train": {"out_dir": "x"}}, "the chain sets it per member"),
         ({"train": {"lr": -1.0}}, "lr"),
         ({"eval": {"metric": "mean_zeroshot_top5"}}, "not a metric compt computes"),
+        ({"eval": {"periodic": ["val_los"]}}, "eval.periodic: 'val_los' is not a metric"),
+        ({"eval": {"options": {"val_image": 64}}}, "eval.options.*val_image"),
+        ({"until_lossless": {"tolerance": -0.1}}, "absolute tolerance must be a finite number >= 0"),
+        ({"until_lossless": {"relative_tolerance": 1.5}}, "a fraction of the twin's value"),
     ],
 )
 def test_bad_specs_fail_before_training(tmp_path, changes, message):
