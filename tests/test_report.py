@@ -390,7 +390,9 @@ def test_report_out_on_an_unwritable_path_is_one_line(runs, tmp_path, capsys):
 def _loss_run(root: Path, kind: str, losses: list[float], rules: bool = True) -> Path:
     """A CLIP run whose headline is val_loss (lower is better), with metric_rules as chain.py writes them
     (``rules=False``: a summary written before them, read through the CLIP paradigm)."""
-    run = _write_run(root, kind, [(f"tiny-{t}", 4, 1e12 * (i + 1), 60, 30.0) for i, t in enumerate(("XS", "S", "M"))])
+    run = _write_run(
+        root, kind, [(f"tiny-{t}", 4, 1e12 * (i + 1), 60, 30.0) for i, t in enumerate(("XS", "S", "M"))]
+    )
     doc = json.loads((run / "summary.json").read_text())
     for m, loss in zip(doc["members"], losses, strict=True):
         m["metrics"] |= {"val_loss": loss, "chance/val_loss": 5.545}
