@@ -359,3 +359,47 @@ def test_eval_folder_missing_or_without_classes(tmp_path):
     (tmp_path / "flat").mkdir()
     _image(tmp_path / "flat" / "x.png")
     _assert_says(_message(lambda: imagefolder_task(tmp_path / "flat", 16)), "flat", "no class sub-folders")
+
+
+# --- issue 11: specs, overrides and output paths that used to give Python's words, not ours -------
+
+
+SPEC_FILE_CASES = {
+    "empty file": ("", [], ["spec.yaml is empty", "family, out_dir", "configs/demo.yaml"]),
+    "top-level list": ("- family: debug\n", [], ["spec.yaml", "expected a mapping", "got a list"]),
+    "required key missing": ("name: x\n", [], ["spec.yaml", "missing required key(s) 'family', 'out_dir'"]),
+    "--set into a scalar": (
+        None,
+        ["name.x=1"],
+        ["override 'name.x=1'", "name is 'demo'", "not a mapping", "set name=VALUE"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SPEC_FILE_CASES))
+def test_bad_spec_file_or_override_is_a_clear_error(tmp_path, case):
+    text, overrides, fragments = SPEC_FILE_CASES[case]
+    path = _spec(tmp_path, name="demo") if text is None else tmp_path / "spec.yaml"
+    if text is not None:
+        path.write_text(text)
+    msg = _message(lambda: load_spec(path, overrides))
+    _assert_says(msg, *fragments)
+    assert "__init__" not in msg and "dictionary update sequence" not in msg
+
+
+@pytest.mark.parametrize("root", ["/proc", "/sys"])
+def test_out_dir_on_a_virtual_filesystem_fails_at_load(tmp_path, root):
+    # Root passes every permission check, so only a real probe tells (issue 11: a bare errno before).
+    if not Path(root).is_dir():
+        pytest.skip(f"no {root} here")
+    path = _spec(tmp_path, out_dir=f"{root}/compt-run")
+    _assert_says(_message(lambda: load_spec(path)), f"out_dir {root}/compt-run cannot be written",
+                 f"{root} does not accept new files", "choose another out_dir")  # fmt: skip
+
+
+def test_grow_onto_an_unwritable_path_fails_before_growing(tmp_path, teachers, capsys):
+    argv = ["grow", "--teacher", str(teachers["debug-S"]), "--student", "debug-L", "--out", "/sys/compt/x.pt"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    _assert_says(err, "--out /sys/compt cannot be written", "choose another --out")
+    assert "resume" not in err and "Traceback" not in err

@@ -63,11 +63,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from compt.engine.checkpoint import CheckpointError, check_writable, load_checkpoint, save_checkpoint
     from compt.families import get_member
 
     start = time.perf_counter()
     member = get_member(args.student, args.family)
+    # Before the work, not as a failed save that advises to "resume" a command that has nothing to resume.
+    check_writable(Path(args.out).absolute().parent, "--out")
+    if args.report:
+        check_writable(Path(args.report).absolute().parent, "--report")
     try:
         teacher = load_checkpoint(args.teacher)
     except CheckpointError as e:  # a user error: one line, not a traceback

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -90,15 +91,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint is intact; "
-            "free disk space or fix the folder's permissions, then rerun the same command to resume."
+            "free disk space or fix the folder's permissions, then rerun the same command (a training run "
+            "resumes from its newest checkpoint)."
         ) from e
     return path
 
 
 def check_writable(folder: str | Path, field: str = "out_dir") -> None:
-    """Raise :class:`CheckpointError` now if ``folder`` cannot be created or written (creates nothing).
+    """Raise :class:`CheckpointError` now if ``folder`` cannot be created or written (leaves nothing behind).
 
-    Called before training so that a bad output folder fails in the first second, not at the first save.
+    Called before training so that a bad output folder fails in the first second, not at the first
+    save. The nearest existing ancestor is probed with a real temporary file: permission bits say
+    nothing for root, a read-only mount or a virtual filesystem such as /proc (issue 11).
     """
     folder = Path(folder).absolute()
     existing = folder
@@ -106,10 +110,15 @@ def check_writable(folder: str | Path, field: str = "out_dir") -> None:
         existing = existing.parent
     if not existing.is_dir():
         problem = f"{existing} is a file, not a folder"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable by this user"
     else:
-        return
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".compt-write-test-", dir=existing)
+        except OSError as e:
+            problem = f"{existing} does not accept new files ({e.strerror or e})"
+        else:
+            os.close(fd)
+            os.unlink(probe)
+            return
     raise CheckpointError(
         f"{field} {folder} cannot be written: {problem}; choose another {field} or fix the path"
     )
