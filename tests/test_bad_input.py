@@ -237,6 +237,35 @@ SPEC_CASES = {
     ),
     "chain-owned field in train": ({"train": {"teacher": "x.pt"}}, ["'teacher'", "the chain sets it"]),
     "unwritable output folder": (None, ["out_dir", "is a file, not a folder", "choose another out_dir"]),
+    # issue 11: these passed `chain show` and failed at `run`, some only after member 1 had trained.
+    "typo in link.width": (
+        {"link": {"width": "insrt"}},
+        ["debug-L", "train.width 'insrt'", "did you mean 'insert'"],
+    ),
+    "typo in train.depth": (
+        {"train": {"global_batch_size": 8, "depth": "dupliate"}},
+        ["train.depth 'dupliate'", "did you mean 'duplicate'", "known: duplicate"],
+    ),
+    "missing eval.imagefolders folder": (
+        {"eval": {"imagefolders": ["no-such-zs"]}},
+        ["eval.imagefolders", "no-such-zs does not exist", "one sub-folder of images per class"],
+    ),
+    "batch larger than the dataset": (
+        {"train": {"global_batch_size": 32}},
+        ["16 samples", "global batch of 32", "smaller train.global_batch_size"],
+    ),
+    "typo in data.kind": (
+        {"data": {"kind": "synthtic", "num_samples": 16}},
+        ["spec.yaml", "unknown data.kind 'synthtic'", "did you mean 'synthetic'"],
+    ),
+    "fp16 on CPU": (
+        {"train": {"global_batch_size": 8, "precision": "fp16", "device": "cpu"}},
+        ["member debug-S", "precision=fp16 needs a CUDA device", "use fp32 or bf16"],
+    ),
+    "unknown device": (
+        {"train": {"device": "tpu"}},
+        ["train.device must be auto, cpu, cuda or cuda:K", "'tpu'"],
+    ),
 }
 
 
@@ -248,6 +277,15 @@ def test_bad_spec_fails_before_training(tmp_path, case):
         changes = {"out_dir": str(tmp_path / "blocker" / "run")}
     path = _spec(tmp_path, **changes)
     _assert_says(_message(lambda: load_spec(path)), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_fails_at_load(tmp_path):
+    path = _spec(tmp_path, train={"global_batch_size": 8, "device": "cuda"})
+    _assert_says(
+        _message(lambda: load_spec(path)), "member debug-S", "device 'cuda'", "no CUDA device", "auto or cpu"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -103,11 +103,14 @@ def test_until_lossless_stops_a_link_early(finished, tmp_path):
     assert link["steps"] < 8 and link["epochs"] < 2
 
 
-def test_until_lossless_without_baseline_is_a_clear_error(tmp_path):
+def test_until_lossless_without_baseline_is_a_clear_error(tmp_path, capsys):
     path = _write(tmp_path, until_lossless={"enabled": True})
-    spec = load_spec(path)
-    with pytest.raises(ConfigError, match="--individual"):  # the first member trains, the link stops
+    spec = load_spec(path)  # loads: `--individual` must be able to run first
+    with pytest.raises(ConfigError, match="--individual"):
         run_chain(spec)
+    assert not (tmp_path / "run" / "chain").exists()  # before the first member trains (issue 11)
+    assert cli_main(["chain", "show", str(path)]) == 0
+    assert "until_lossless: not ready for the chain yet" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -141,7 +144,9 @@ def test_links_use_link_overrides_and_baselines_do_not(tmp_path):
 
 def test_cli_show_and_unknown_key_message(tmp_path, capsys):
     assert cli_main(["chain", "show", str(_write(tmp_path))]) == 0
-    assert "debug-L: chain epochs 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "debug-L: chain epochs 1" in out
+    assert 'data (64 samples per epoch): {"kind": "synthetic"' in out  # issue 11: show prints the data
     assert cli_main(["chain", "run", str(_write(tmp_path, famly="debug"))]) == 2
     assert "did you mean 'family'" in capsys.readouterr().err
 

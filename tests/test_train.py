@@ -318,6 +318,22 @@ def test_should_stop_ends_the_link_early(tmp_path):
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True
 
 
+def test_a_failing_evaluation_keeps_what_trained(tmp_path):
+    """issue 11: an eval set that fails after the last step lost the member; now it saves, then raises."""
+
+    def broken(model, step):
+        raise ValueError("zero-shot folder zs/ does not exist")
+
+    with pytest.raises(ValueError, match="zs/ does not exist"):
+        train_member(config(tmp_path), evaluate=broken)
+    assert not (tmp_path / "final.pt").exists()
+    assert load_checkpoint(tmp_path / "step_6.pt")["step"] == 6  # save_every_steps=0: nothing else was saved
+    result = train_member(config(tmp_path), evaluate=lambda model, step: {"score": 1.0})
+    assert result.steps == 6 and result.metrics == {"score": 1.0}
+    starts = read_metrics(tmp_path / "metrics.jsonl", "start")
+    assert [r["step"] for r in starts] == [0, 6]  # the rerun only evaluated
+
+
 def test_resume_refuses_a_folder_of_another_run(tmp_path):
     cfg = config(tmp_path, save_every_steps=2)
 

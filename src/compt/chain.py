@@ -36,11 +36,19 @@ from typing import Any
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.engine import dist
 from compt.engine.checkpoint import check_writable, load_checkpoint
-from compt.engine.train import TrainConfig, TrainResult, train_member
+from compt.engine.train import TrainConfig, TrainResult, check_runtime, train_member
 from compt.families import Member, check_ascending, get_family
 from compt.plan import allocate_epochs
 
-__all__ = ["ChainSpec", "UntilLossless", "EvalSpec", "load_spec", "run_chain", "member_train_config"]
+__all__ = [
+    "ChainSpec",
+    "UntilLossless",
+    "EvalSpec",
+    "load_spec",
+    "run_chain",
+    "member_train_config",
+    "check_until_lossless",
+]
 
 
 @dataclass(frozen=True)
@@ -133,15 +141,58 @@ class ChainSpec:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> ChainSpec:
-    """Load and fully validate a chain spec, including every member's TrainConfig, in well under a second."""
+    """Load and fully validate a chain spec before anything trains (issue 11).
+
+    Checked: every member's TrainConfig, chain and individual; this machine's device and precision;
+    the data (kind, files, one epoch at least one global batch); the evaluation options; the output
+    folder. Reading the data is the slow part (a large table is indexed once and reused by training).
+    """
     spec = load_yaml(ChainSpec, path, overrides)
     members = spec.resolved_members()
     check_ascending(members)
     check_writable(spec.out_dir, "out_dir")
-    for i in range(len(members)):  # fail now, not after an hour of training the first member
-        member_train_config(spec, i, individual=False)
-        member_train_config(spec, i, individual=True)
+    configs = []
+    for i, member in enumerate(members):  # fail now, not after an hour of training the first member
+        for individual in (False, True):
+            cfg = member_train_config(spec, i, individual)
+            try:
+                check_runtime(cfg)
+            except ValueError as e:
+                raise ConfigError(f"{path}, member {member.name}: {e}") from None
+            configs.append(cfg)
+    try:
+        _check_data(spec, members, configs)
+        for member in members:
+            member.paradigm.check_eval(member, **_eval_options(spec))
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return spec
+
+
+def _check_data(spec: ChainSpec, members: list[Member], configs: list[TrainConfig]) -> None:
+    """Every member can read the data, and one epoch holds at least one global batch."""
+    sizes = {}
+    for member in members:
+        member.paradigm.check_data(spec.data, member)
+        sizes[member.name] = member.paradigm.num_samples(spec.data, member)
+    for cfg in configs:
+        size = sizes[cfg.member]
+        if size is not None and size < cfg.global_batch_size:
+            raise ConfigError(
+                f"data: one epoch has {size} samples, fewer than {cfg.member}'s global batch of "
+                f"{cfg.global_batch_size}: no optimizer step could run; use more data (data.num_samples) "
+                "or a smaller train.global_batch_size"
+            )
+
+
+def check_until_lossless(spec: ChainSpec) -> None:
+    """Raise :class:`ConfigError` unless every link's individually trained twin has its result.
+
+    ``run_chain`` calls it before the first member trains, not when the first link needs it.
+    """
+    if spec.until_lossless.enabled:
+        for member in spec.resolved_members()[1:]:
+            _twin_metric(spec, member)
 
 
 def _member_dir(spec: ChainSpec, individual: bool, member: Member) -> Path:
@@ -171,10 +222,13 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
     return from_dict(TrainConfig, fields, where=f"chain spec, member {member.name}")
 
 
+def _eval_options(spec: ChainSpec) -> dict[str, Any]:
+    return {"imagefolders": spec.eval.imagefolders} if spec.eval.imagefolders else {}
+
+
 def _evaluator(spec: ChainSpec, member: Member):
     """An ``evaluate(model, step)`` callback on the paradigm's held-out sets at the member's size."""
-    options = {"imagefolders": spec.eval.imagefolders} if spec.eval.imagefolders else {}
-    return member.paradigm.evaluator(member, data_cfg=spec.data, seed=spec.eval.seed, **options)
+    return member.paradigm.evaluator(member, data_cfg=spec.data, seed=spec.eval.seed, **_eval_options(spec))
 
 
 def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> None:
@@ -213,7 +267,7 @@ def _twin_metric(spec: ChainSpec, member: Member) -> float:
                 return float(m["metrics"][spec.eval.metric])
     raise ConfigError(
         f"until_lossless needs the individually trained twin of {member.name}: run "
-        f"`compt chain run SPEC --individual` first (expected its result in {path})"
+        f"`compt chain run SPEC --individual` first (expected its {spec.eval.metric} in {path})"
     )
 
 
@@ -225,6 +279,8 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
     members = spec.resolved_members()
     paradigm = members[0].paradigm
     root = Path(spec.out_dir) / ("individual" if individual else "chain")
+    if not individual:
+        check_until_lossless(spec)
     rows: list[dict[str, Any]] = []
     acc_macs = acc_wall = 0.0
     for i, member in enumerate(members):

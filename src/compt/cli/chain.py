@@ -88,15 +88,25 @@ def _run(args) -> int:
 
 
 def _show(args) -> int:
-    from compt.chain import member_train_config
-    from compt.config import to_dict
+    from compt.chain import check_until_lossless, member_train_config
+    from compt.config import ConfigError, to_dict
 
     spec = _load(args)
     epochs = spec.chain_epochs()
+    members = spec.resolved_members()
     print(f"chain {spec.name}: family {spec.family}, out_dir {spec.out_dir}")
-    for i, m in enumerate(spec.resolved_members()):
+    size = members[0].paradigm.num_samples(spec.data, members[0])
+    size_text = "unknown" if size is None else f"{size:,}"
+    print(f"data ({size_text} samples per epoch): {json.dumps(to_dict(spec.data))}")
+    for i, m in enumerate(members):
         cfg = to_dict(member_train_config(spec, i, individual=False))
         cfg.pop("data")
         print(f"  {i + 1}. {m.name}: chain epochs {epochs[i]:g} (individual {spec.baseline_epochs:g})")
         print("     " + json.dumps(cfg))
+    if spec.until_lossless.enabled:
+        try:
+            check_until_lossless(spec)
+            print("until_lossless: every link's individually trained twin has a result")
+        except ConfigError as e:  # fine for `--individual`, which must run first
+            print(f"until_lossless: not ready for the chain yet: {e}")
     return 0

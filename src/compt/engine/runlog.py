@@ -37,7 +37,15 @@ import torch
 from compt.engine import dist
 from compt.engine.checkpoint import latest_checkpoint
 
-__all__ = ["RunLog", "read_metrics", "NonFiniteLossError", "log_step", "evaluate_now", "check_finite"]
+__all__ = [
+    "RunLog",
+    "read_metrics",
+    "NonFiniteLossError",
+    "EvaluationError",
+    "log_step",
+    "evaluate_now",
+    "check_finite",
+]
 
 _LOG = logging.getLogger("compt.train")
 
@@ -167,24 +175,39 @@ class NonFiniteLossError(RuntimeError):
 # --- step-boundary work of the trainer (``run`` is compt.engine.train's run object) -------------------
 
 
+class EvaluationError(RuntimeError):
+    """The ``evaluate`` callback raised on rank 0 (what other ranks raise; rank 0 raises the original)."""
+
+
 def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], bool]:
-    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time."""
+    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time.
+
+    When the callback raises, every rank raises (rank 0 the callback's own error), so that the
+    trainer can save the training done so far instead of a rank waiting for the others forever.
+    """
     run.tick()
     metrics: dict[str, float] = {}
-    stop = False
+    stop, error = False, None
     if run.info.is_main:
         model, was_training = run.model, run.model.training
         model.eval()
         try:
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in evaluate(model, run.state.step).items()}
+            stop = bool(should_stop(metrics)) if should_stop is not None else False
+        except Exception as e:
+            error = e
         finally:
             model.train(was_training)
-        stop = bool(should_stop(metrics)) if should_stop is not None else False
-    metrics, stop = dist.broadcast_object((metrics, stop))
+    failed = None if error is None else f"{type(error).__name__}: {error}"
+    metrics, stop, failed = dist.broadcast_object((metrics, stop, failed))
     now = time.perf_counter()
     run.state.eval_s += now - run.clock
     run.clock = now
+    if failed is not None:
+        if error is not None:
+            raise error
+        raise EvaluationError(f"the evaluation on rank 0 failed at step {run.state.step}: {failed}")
     run.log.write(
         {
             "kind": "eval",

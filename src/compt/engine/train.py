@@ -20,9 +20,11 @@ rerunning with the same ``out_dir`` resumes exactly where it stopped, and a fini
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -52,7 +54,7 @@ from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimiz
 from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
-from compt.grow import grow
+from compt.grow import grow, list_depth_strategies, list_width_strategies
 from compt.paradigms import Paradigm
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "train_member",
+    "check_runtime",
 ]
 
 _LOG = logging.getLogger("compt.train")
@@ -152,9 +155,36 @@ class TrainConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"train.{name} {why} (got {getattr(self, name)!r})")
+        # Growth strategies are looked up only when a link grows: a typo would fail after the
+        # previous member trained (issue 11), so check the names here, for baselines too.
+        _check_choice("width", self.width, list_width_strategies())
+        _check_choice("depth", self.depth, list_depth_strategies())
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:K (got {self.device!r})")
         if not isinstance(self.alpha, str):
             object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_choice(name: str, value: str, options: list[str]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"train.{name} {value!r} is not a registered strategy{hint} Known: {', '.join(options)}"
+        )
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` when this machine cannot run ``cfg``: no such device, fp16 without CUDA.
+
+    :func:`compt.chain.load_spec` calls it for every member, so that the spec fails when it is loaded,
+    not after a member trained (issue 11); ``train_member`` finds the same errors at setup.
+    """
+    _precision(cfg, dist.resolve_device(cfg.device, dist.launch_local_rank()))
 
 
 @dataclass
@@ -377,7 +407,11 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
             log_step(run, stats)
         at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
         if has_eval and (last or at_eval):
-            metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+            try:
+                metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+            except Exception:
+                _save_before_raising(run)
+                raise
             if stop_early and not last:
                 last = True
                 if not at_log:
@@ -395,6 +429,20 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
             raise TrainingInterrupted(msg, path)
         stats = _train_step(run, run.data.next())
         _advance(run)
+
+
+def _save_before_raising(run: _Run) -> None:
+    """The evaluation failed (e.g. an eval folder went missing): keep the steps trained so far.
+
+    Before final.pt the last checkpoint may be far behind (issue 11: an ImageFolder error after
+    the last step lost the whole member); a rerun resumes here and only evaluates again.
+    """
+    check_finite(run)
+    path = save_run(run, run.out_dir / f"step_{run.state.step}.pt")
+    _LOG.error(
+        "%s: the evaluation at step %d failed; saved %s. Fix the cause and rerun the same command: the "
+        "run resumes there and evaluates again", run.cfg.member, run.state.step, path,
+    )  # fmt: skip
 
 
 def _stop_agreed(run: _Run, sync_point: bool) -> bool:
