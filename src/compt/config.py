@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,9 +18,29 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "apply_overrides", "to_dict", "parse_value"]
+__all__ = ["ConfigError", "from_dict", "load_yaml", "apply_overrides", "to_dict", "parse_value", "yaml_load"]
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.2) rather than a string (YAML 1.1).
+
+    Typed fields were coerced anyway, but untyped ones (a chain spec's ``train``/``link`` mappings)
+    kept the string, and ``summary.json`` recorded ``"lr": "1e-2"`` (issue 11's sweep).
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load``, with exponent floats such as ``1e-3`` read as numbers."""
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(ValueError):
@@ -120,7 +141,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         raise ConfigError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
@@ -141,7 +162,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
 def parse_value(text: str) -> Any:
     """A CLI override's value, typed the way YAML would type it (``3`` -> int, ``a,b`` stays a str)."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
