@@ -441,3 +441,65 @@ def test_grow_onto_an_unwritable_path_fails_before_growing(tmp_path, teachers, c
     err = capsys.readouterr().err
     _assert_says(err, "--out /sys/compt cannot be written", "choose another --out")
     assert "resume" not in err and "Traceback" not in err
+
+
+# --- issue 11: the train and chain command lines -----------------------------------------------------
+
+
+def _train_argv(out: Path, *extra: str) -> list[str]:
+    return ["train", "--member", "debug-L", "--data", "synthetic", "--set", "data.num_samples=16", "--steps",
+            "1", "--batch-size", "8", "--device", "cpu", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_train_over_another_members_final_pt_is_refused_until_retrain(tmp_path, teachers, capsys):
+    """issue 11: it printed "debug-L: 16 steps" and left debug-S's final.pt in place."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final.pt").write_bytes(teachers["debug-S"].read_bytes())
+    assert cli_main(_train_argv(out)) == 2
+    err = capsys.readouterr().err
+    _assert_says(err, "belongs to a different run", "train.member is 'debug-S' there but 'debug-L' now",
+                 "nothing was trained", "--retrain")  # fmt: skip
+    assert torch.load(out / "final.pt", weights_only=False)["member"] == "debug-S"
+    assert cli_main(_train_argv(out, "--retrain")) == 0
+    assert torch.load(out / "final.pt", weights_only=False)["member"] == "debug-L"
+    assert torch.load(tmp_path / "run.replaced-1" / "final.pt", weights_only=False)["member"] == "debug-S"
+
+
+def test_teacher_may_be_a_run_folder(tmp_path, teachers, capsys):
+    assert cli_main(_train_argv(tmp_path / "link", "--teacher", str(teachers["debug-S"].parent))) == 0
+    assert torch.load(tmp_path / "link" / "final.pt", weights_only=False)["teacher"]["member"] == "debug-S"
+    (tmp_path / "unfinished").mkdir()
+    assert cli_main(_train_argv(tmp_path / "x", "--teacher", str(tmp_path / "unfinished"))) == 2
+    _assert_says(
+        capsys.readouterr().err, "--teacher", "unfinished is a folder without final.pt", "finish it first"
+    )
+
+
+def test_negative_eval_every_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(_train_argv(tmp_path / "run", "--eval-every", "-3"))
+    assert e.value.code == 2
+    _assert_says(capsys.readouterr().err, "--eval-every", "must be >= 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_out_on_an_unwritable_path_is_one_line(tmp_path, capsys):
+    assert cli_main(_train_argv(Path("/sys/compt-run"))) == 2
+    err = capsys.readouterr().err
+    _assert_says(err, "train.out_dir /sys/compt-run cannot be written", "choose another train.out_dir")
+    assert "Traceback" not in err
+
+
+def test_after_individual_the_suggested_report_command_works(tmp_path, capsys):
+    """issue 11: it suggested `compt report OUT`, which failed: the chain's summary.json did not exist."""
+    path = _spec(tmp_path, members=["debug-S"], epochs=[1], baseline_epochs=1)
+    assert cli_main(["chain", "run", str(path), "--individual"]) == 0
+    out = capsys.readouterr().out
+    suggested = [
+        line.split("#")[0].split() for line in out.splitlines() if line.startswith(("report:", "next:"))
+    ]
+    assert suggested == [["report:", "compt", "report", str(tmp_path / "run" / "individual")],
+                         ["next:", "compt", "chain", "run", str(path)]]  # fmt: skip
+    assert cli_main(suggested[0][2:]) == 0
+    assert (tmp_path / "run" / "individual" / "report" / "report.md").is_file()

@@ -26,6 +26,7 @@ Automatic epoch allocation (beyond the paper, which interpolates it, §3.1.2 / F
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -36,6 +37,8 @@ from typing import Any
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.engine import dist
 from compt.engine.checkpoint import check_writable, load_checkpoint
+from compt.engine.lock import hold
+from compt.engine.resume import run_changes
 from compt.engine.train import TrainConfig, TrainResult, check_runtime, train_member
 from compt.families import Member, check_ascending, get_family
 from compt.plan import allocate_epochs
@@ -49,6 +52,8 @@ __all__ = [
     "member_train_config",
     "check_until_lossless",
 ]
+
+_LOG = logging.getLogger("compt.chain")
 
 
 @dataclass(frozen=True)
@@ -237,15 +242,11 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
     other = _member_dir(spec, not individual, spec.resolved_members()[0])
     if (here / "final.pt").exists() or not (other / "final.pt").exists():
         return
-    theirs = dict(load_checkpoint(other / "final.pt").get("config") or {})
-    ours = to_dict(cfg)
-    shared = (theirs.keys() & ours.keys()) - {"out_dir"}  # fields added since that run are not a difference
-    if any(
-        theirs[k] != ours[k] for k in shared
-    ):  # e.g. the other tree ran with a --set override: train this one afresh
+    changes = run_changes(to_dict(cfg), load_checkpoint(other / "final.pt", mmap=True), finished=True)
+    if changes:  # e.g. the other tree ran with a --set override: train this one afresh
         warnings.warn(
-            f"{other / 'final.pt'} was trained with another config than {cfg.member} here; "
-            "not reusing it, training the first member again",
+            f"{other / 'final.pt'} was trained with another config than {cfg.member} here "
+            f"({'; '.join(changes)}); not reusing it, training the first member again",
             stacklevel=2,
         )
         return
@@ -271,20 +272,45 @@ def _twin_metric(spec: ChainSpec, member: Member) -> float:
     )
 
 
-def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_chain(
+    spec: ChainSpec, individual: bool = False, progress: bool = True, retrain: bool = False
+) -> dict[str, Any]:
     """Train the chain (or, with ``individual``, every member from scratch); returns the summary dict.
 
-    Idempotent and resumable: finished members are skipped, an interrupted one resumes.
+    Idempotent and resumable: finished members are skipped, an interrupted one resumes. A member
+    whose folder holds a run of another config (other epochs, lr, data, teacher weights...) is an
+    error naming the change; ``retrain`` moves such a folder aside and trains it again, and the
+    links after it follow since their teacher changed. A second process on the same tree at the
+    same time is refused (:mod:`compt.engine.lock`).
     """
-    members = spec.resolved_members()
-    paradigm = members[0].paradigm
     root = Path(spec.out_dir) / ("individual" if individual else "chain")
     if not individual:
         check_until_lossless(spec)
+    with hold(root):
+        summary = {
+            "kind": "individual" if individual else "chain",
+            "name": spec.name,
+            "family": spec.family,
+            "metric": spec.eval.metric,
+            "members": _train_members(spec, individual, retrain, root),
+            "config": to_dict(spec),
+        }
+        if dist.is_main():
+            _write_json(root / "summary.json", summary)
+    return summary
+
+
+def _train_members(spec: ChainSpec, individual: bool, retrain: bool, root: Path) -> list[dict[str, Any]]:
+    """Train (or reuse) each member in chain order; their summary rows."""
+    members = spec.resolved_members()
+    paradigm = members[0].paradigm
     rows: list[dict[str, Any]] = []
     acc_macs = acc_wall = 0.0
     for i, member in enumerate(members):
         cfg = member_train_config(spec, i, individual)
+        role = f"link from {members[i - 1].name}" if cfg.teacher else "from scratch"
+        _LOG.info("%s/%s: %s, member %d/%d, %s, %g epochs", spec.name, root.name, member.name, i + 1,
+                  len(members), role, cfg.epochs)  # fmt: skip
         if i == 0 and dist.is_main():
             _reuse_first_member(spec, individual, cfg)
         dist.barrier()
@@ -292,7 +318,8 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
         if spec.until_lossless.enabled and i > 0 and not individual:
             target = _twin_metric(spec, member) - spec.until_lossless.tolerance
             should_stop = lambda metrics, t=target: metrics.get(spec.eval.metric, float("-inf")) >= t  # noqa: E731
-        result: TrainResult = train_member(cfg, evaluate=_evaluator(spec, member), should_stop=should_stop)
+        evaluate = _evaluator(spec, member)
+        result: TrainResult = train_member(cfg, evaluate=evaluate, should_stop=should_stop, retrain=retrain)
         acc_macs += result.train_macs
         acc_wall += result.wall_s
         export_dir = Path(cfg.out_dir) / "export"
@@ -302,17 +329,7 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
             paradigm.export(result.final_checkpoint, export_dir)
         rows.append(_summary_row(spec, cfg, result, i, individual, acc_macs, acc_wall, root))
         dist.barrier()
-    summary = {
-        "kind": "individual" if individual else "chain",
-        "name": spec.name,
-        "family": spec.family,
-        "metric": spec.eval.metric,
-        "members": rows,
-        "config": to_dict(spec),
-    }
-    if dist.is_main():
-        _write_json(root / "summary.json", summary)
-    return summary
+    return rows
 
 
 def _summary_row(spec, cfg, result, index, individual, acc_macs, acc_wall, root) -> dict[str, Any]:

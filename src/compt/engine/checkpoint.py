@@ -33,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
+    "checkpoint_digest",
     "latest_checkpoint",
     "model_from_checkpoint",
     "prune_checkpoints",
@@ -139,6 +140,12 @@ def verify_checkpoint(path: str | Path) -> bool:
     return h.hexdigest() in _digests(sidecar)
 
 
+def checkpoint_digest(path: str | Path) -> str | None:
+    """The SHA-256 that ``path``'s sidecar records for it (``None`` without a sidecar); reads no data."""
+    digests = _digests(Path(path).with_name(Path(path).name + ".sha256"))
+    return digests[0] if digests else None
+
+
 def _digests(sidecar: Path) -> list[str]:
     try:
         return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
@@ -146,10 +153,14 @@ def _digests(sidecar: Path) -> list[str]:
         return []
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or any torch-saved dict with ``model``).
 
-    Raises :class:`CheckpointError` naming the file when it is missing or fails its checksum.
+    ``mmap``: map the tensors from the file instead of reading them, so that reading only the config
+    and counters of a large checkpoint is cheap. Raises :class:`CheckpointError` naming the file
+    when it is missing or fails its checksum.
     """
     path = Path(path)
     if not path.is_file():
@@ -162,7 +173,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "to rewrite it (it resumes from its newest valid step_*.pt), or restore it from a backup"
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # torch raises several types for a damaged zip
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e}); pass a .pt file written by "

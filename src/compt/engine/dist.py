@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -36,8 +37,12 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_max",
     "broadcast_object",
+    "run_on_main",
     "all_gather_object",
 ]
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only; its result, or its exception raised again, on every rank.
+
+    For decisions that one process takes for the job (a folder's lock, reusing a finished run), so
+    that an error stops every rank instead of leaving the others waiting in a collective.
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

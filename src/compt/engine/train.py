@@ -25,12 +25,9 @@ import logging
 import math
 import os
 import re
-import signal
-import threading
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +40,11 @@ from compt.config import from_dict, to_dict
 from compt.cost import member_cost
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
 from compt.engine import dist
-from compt.engine.checkpoint import (
-    check_writable,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from compt.engine.checkpoint import check_writable, checkpoint_digest, latest_checkpoint, save_checkpoint
+from compt.engine.interrupt import TrainingInterrupted, signal_name, stop_agreed, stop_on_signals
+from compt.engine.lock import hold
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer
-from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
+from compt.engine.resume import DataStream, check_prior_run, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
 from compt.grow import grow, list_depth_strategies, list_width_strategies
@@ -220,17 +213,6 @@ class TrainResult:
     planned_steps: int = 0  # steps the schedule planned (> steps when `should_stop` ended the run early)
 
 
-class TrainingInterrupted(SystemExit):
-    """SIGTERM arrived: a checkpoint was written at the step boundary; rerun the same command to resume."""
-
-    def __init__(self, message: str, checkpoint: Path | None):
-        super().__init__(143)  # 128 + SIGTERM, the exit status schedulers expect from a terminated job
-        self.message, self.checkpoint = message, checkpoint
-
-    def __str__(self) -> str:
-        return self.message
-
-
 @dataclass
 class _Run:
     """Everything one run holds while it trains (built by :func:`_setup`)."""
@@ -253,7 +235,7 @@ class _Run:
     state: TrainState
     macs_per_step: int
     teacher_info: dict[str, Any] | None
-    stop_requested: bool = False
+    stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
 
@@ -358,6 +340,7 @@ def train_member(
     *,
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     should_stop: Callable[[dict[str, float]], bool] | None = None,
+    retrain: bool = False,
 ) -> TrainResult:
     """Train one member (a baseline, or a chain link when ``cfg.teacher`` is set) and return its result.
 
@@ -366,32 +349,40 @@ def train_member(
     :attr:`TrainResult.metrics`. ``should_stop(metrics) -> True`` ends the run early (``final.pt`` is
     written as usual). Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
     resumes from the newest valid ``step_*.pt``; a run whose ``final.pt`` exists returns at once.
+    A folder holding a run of another config is an error naming the change, unless ``retrain``,
+    which moves it aside (``<out_dir>.replaced-<N>``) and trains afresh. Another process training
+    in the same folder is an error too (:mod:`compt.engine.lock`).
 
     Raises :class:`NonFiniteLossError` when the loss turns NaN/inf (no checkpoint is written after
-    it) and :class:`TrainingInterrupted` (a ``SystemExit``) after saving on SIGTERM.
+    it) and :class:`TrainingInterrupted` (a ``SystemExit``) after saving on SIGTERM or SIGINT.
     """
-    final = Path(cfg.out_dir) / "final.pt"
-    if final.is_file():
-        if verify_checkpoint(final):
-            return _result(final, load_checkpoint(final))
-        warnings.warn(
-            f"{final} is corrupted or truncated (SHA-256 mismatch); resuming from the newest valid "
-            "step checkpoint to write it again",
-            stacklevel=2,
-        )
     check_writable(cfg.out_dir, "train.out_dir")  # now, not at the first checkpoint
     info = dist.init_distributed(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     run = None
     try:
-        run = _setup(cfg, info)
-        with _save_on_sigterm(run):
-            return _loop(run, evaluate, should_stop)
+        with hold(cfg.out_dir):  # one run per folder (issue 11); rank 0 holds it for the job
+            done = dist.run_on_main(lambda: _reuse_finished(cfg, retrain))
+            if done is not None:
+                return done
+            run = _setup(cfg, info)
+            with stop_on_signals(run, run.out_dir / "final.pt"):
+                return _loop(run, evaluate, should_stop)
     finally:
         if run is not None:
             run.log.close()
         torch.use_deterministic_algorithms(was_deterministic)
         dist.teardown(info)
+
+
+def _reuse_finished(cfg: TrainConfig, retrain: bool) -> TrainResult | None:
+    """The result of a finished run of ``cfg`` in its out_dir, else None (rank 0; see check_prior_run)."""
+    payload = check_prior_run(cfg, retrain)
+    if payload is None:
+        return None
+    final = Path(cfg.out_dir) / "final.pt"
+    _LOG.info("%s: trained before (%s), with this config; not training again", cfg.member, final)
+    return _result(final, payload)
 
 
 def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
@@ -419,16 +410,18 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
         if last:
             return _finish(run, metrics)
         at_save = fresh and cfg.save_every_steps > 0 and st.step % cfg.save_every_steps == 0
-        stop = _stop_agreed(run, sync_point=at_log or at_save)
+        stop = stop_agreed(run, sync_point=at_log or at_save)
         if at_save or stop:
             check_finite(run)  # never save weights that a NaN step has touched
             path = save_run(run, run.out_dir / f"step_{st.step}.pt")
         if stop:
-            msg = f"stopped by SIGTERM at step {st.step}; saved {path}; rerun the same command to resume"
+            msg = f"stopped by {signal_name(stop)} at step {st.step}; saved {path}; "
+            msg += "rerun the same command to resume"
             _LOG.warning(msg)
-            raise TrainingInterrupted(msg, path)
+            raise TrainingInterrupted(msg, path, stop)
         stats = _train_step(run, run.data.next())
         _advance(run)
+        run.log.heartbeat(st.step, st.wall_s + time.perf_counter() - run.clock)
 
 
 def _save_before_raising(run: _Run) -> None:
@@ -443,39 +436,6 @@ def _save_before_raising(run: _Run) -> None:
         "%s: the evaluation at step %d failed; saved %s. Fix the cause and rerun the same command: the "
         "run resumes there and evaluates again", run.cfg.member, run.state.step, path,
     )  # fmt: skip
-
-
-def _stop_agreed(run: _Run, sync_point: bool) -> bool:
-    """Whether SIGTERM arrived; ranks agree at log/save steps (a collective), a lone process every step."""
-    if run.info.world_size == 1:
-        return run.stop_requested
-    if not sync_point:
-        return False
-    flag = torch.tensor(float(run.stop_requested), device=run.info.device)
-    return bool(dist.all_reduce_max(flag).item())
-
-
-@contextmanager
-def _save_on_sigterm(run: _Run):
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        run.stop_requested = True
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if run.stop_requested:  # arrived during the last boundary (final eval/save): final.pt is written,
-        # but a caller such as the chain would go on to train the next member; stop here instead.
-        final = run.out_dir / "final.pt"
-        msg = f"stopped by SIGTERM after {run.cfg.member} finished ({final}); rerun the same command"
-        _LOG.warning(msg)
-        raise TrainingInterrupted(msg, final)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -511,6 +471,7 @@ def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: bool, device: torch.device):
     """Teacher, projection T and cost of a chain link; grows the student from the teacher at step 0."""
     teacher, payload, t_member = load_teacher(cfg.teacher, member)
+    digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
         report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
@@ -518,7 +479,8 @@ def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: 
     projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
     distiller = Distiller(teacher.to(device), paradigm, cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate)
     teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
-    return distiller, projection, {"checkpoint": str(cfg.teacher), "member": t_member.name}, teacher_macs
+    info = {"checkpoint": str(cfg.teacher), "member": t_member.name, "sha256": digest}
+    return distiller, projection, info, teacher_macs
 
 
 def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
@@ -561,20 +523,36 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
                macs_per_step=macs_per_step, teacher_info=teacher_info)  # fmt: skip
     if resume_from is not None:
         restore_run(run, resume_from)
-        _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
     run.forward = _wrap(paradigm.student(model, projection), cfg, info)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
-                     start_wall_s=state.wall_s)  # fmt: skip
-    start = {"kind": "start", "step": state.step, "member": member.name, "teacher": teacher_info}
-    start |= {"world_size": info.world_size, "device": str(device), "precision": str(amp_dtype or "fp32")}
-    start |= {"total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch}
-    start |= {"warmup_steps": schedule.warmup_steps, "macs_per_step": macs_per_step}
-    run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
+    run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
+                     steps_per_epoch=data.steps_per_epoch, batch_size=cfg.global_batch_size,
+                     start_step=state.step, start_wall_s=state.wall_s)  # fmt: skip
+    _announce(run, resume_from)
     run.clock = time.perf_counter()
     return run
+
+
+def _announce(run: _Run, resume_from: Path | None) -> None:
+    """The ``start`` record, and a line saying what trains (or where it resumed) for the job's log."""
+    cfg, st, name = run.cfg, run.state, run.member.name
+    precision = str(run.amp_dtype or "fp32")
+    start = {"kind": "start", "step": st.step, "member": name, "teacher": run.teacher_info}
+    start |= {"world_size": run.info.world_size, "device": str(run.info.device), "precision": precision}
+    start |= {"total_steps": run.total_steps, "steps_per_epoch": run.data.steps_per_epoch}
+    start |= {"warmup_steps": run.schedule.warmup_steps, "macs_per_step": run.macs_per_step}
+    run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
+    if resume_from is not None:
+        _LOG.info("%s: resumed from %s at step %d/%d (epoch %d)", name, resume_from, st.step, run.total_steps,
+                  st.epoch)  # fmt: skip
+        return
+    teacher = f", teacher {run.teacher_info['member']}" if run.teacher_info else ""
+    epochs = run.total_steps / run.data.steps_per_epoch
+    _LOG.info("%s: training %d steps (%.4g epochs of %d), global batch %d, %s on %s x %d%s", name,
+              run.total_steps, epochs, run.data.steps_per_epoch, cfg.global_batch_size, precision,
+              run.info.device.type, run.info.world_size, teacher)  # fmt: skip
 
 
 def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo) -> nn.Module:
@@ -601,6 +579,9 @@ def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
         save_checkpoint(final, payload)
         record = {"kind": "final", "step": st.step, "samples_seen": st.samples_seen}
         run.log.write(record | {"train_macs": st.train_macs, "wall_s": st.wall_s, "checkpoint": str(final)})
+        _LOG.info(
+            "%s: finished %d steps, %.1f s of training -> %s", run.cfg.member, st.step, st.wall_s, final
+        )
     dist.barrier()
     return _result(final, payload)
 

@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from compt.engine.loader import DataError, Loader, Skip, collate, epoch_order
+from compt.engine.loader import DataError, Loader, Skip, collate, epoch_order, ignore_stop_signals
 from compt.paradigms.clip.data.captions import caption_pool, parse_caption_cell, sample_captions
 from compt.paradigms.clip.data.images import ImageError, eval_transform, open_image, train_transform
 
@@ -269,7 +269,11 @@ class StreamLoader(Loader):
         if self.workers > 0 and self.start_step < self.steps:
             it = iter(
                 torch.utils.data.DataLoader(
-                    self.streams, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory
+                    self.streams,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    pin_memory=self.pin_memory,
+                    worker_init_fn=ignore_stop_signals,
                 )
             )
         else:
