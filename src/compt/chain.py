@@ -138,7 +138,7 @@ class ChainSpec:
             float(e)
             for e in allocate_epochs(
                 self.resolved_members(),
-                int(self.baseline_epochs),
+                self.baseline_epochs,  # not int(): a 2.5-epoch baseline allocated the links from 2
                 self.target_ratio or None,
                 sample=get_family(self.family).paradigm.cost_sample(self.data),
             )

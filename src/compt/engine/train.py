@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from compt.config import from_dict, to_dict
-from compt.cost import member_cost
+from compt.cost import member_cost, run_steps
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
 from compt.engine import dist
 from compt.engine.checkpoint import check_writable, checkpoint_digest, latest_checkpoint, save_checkpoint
@@ -499,7 +499,7 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     _configure_torch(cfg, device)
     state = TrainState()
     data = DataStream(cfg, member, info, state)
-    total_steps = cfg.steps or max(1, round(cfg.epochs * data.steps_per_epoch))
+    total_steps = cfg.steps or run_steps(cfg.epochs, data.steps_per_epoch)  # as compt plan counts them
     resume_from = latest_checkpoint(cfg.out_dir)
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
     model = member.create()
