@@ -262,6 +262,7 @@ SPEC_CASES = {
         {"train": {"global_batch_size": 8, "precision": "fp16", "device": "cpu"}},
         ["member debug-S", "precision=fp16 needs a CUDA device", "use fp32 or bf16"],
     ),
+    "target_ratio below 1": ({"target_ratio": 0.5, "epochs": [1, 1]}, ["target_ratio must be >= 1", "0.5"]),
     "unknown device": (
         {"train": {"device": "tpu"}},
         ["train.device must be auto, cpu, cuda or cuda:K", "'tpu'"],
@@ -503,3 +504,16 @@ def test_after_individual_the_suggested_report_command_works(tmp_path, capsys):
                          ["next:", "compt", "chain", "run", str(path)]]  # fmt: skip
     assert cli_main(suggested[0][2:]) == 0
     assert (tmp_path / "run" / "individual" / "report" / "report.md").is_file()
+
+
+def test_grow_takes_a_run_folder_and_refuses_to_overwrite_its_teacher(tmp_path, teachers, capsys):
+    run = teachers["debug-S"].parent
+    assert (
+        cli_main(["grow", "--teacher", str(run), "--student", "debug-L", "--out", str(tmp_path / "g.pt")])
+        == 0
+    )
+    assert torch.load(tmp_path / "g.pt", weights_only=False)["grow"]["teacher_member"] == "debug-S"
+    capsys.readouterr()
+    argv = ["grow", "--teacher", str(run), "--student", "debug-L", "--out", str(run / "final.pt")]
+    assert cli_main(argv) == 2
+    _assert_says(capsys.readouterr().err, "final.pt is the teacher itself", "another file")

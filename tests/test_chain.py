@@ -108,6 +108,26 @@ def test_until_lossless_stops_a_link_early(finished, tmp_path):
     assert link["steps"] < 8 and link["epochs"] < 2
 
 
+def test_until_lossless_against_twins_of_another_spec_is_refused(finished, tmp_path):
+    """The sweep after issue 11: twins trained on other data were a silent, wrong until_lossless target."""
+    _, individual, _ = finished
+    spec = load_spec(
+        _write(tmp_path, until_lossless={"enabled": True}, data={"kind": "synthetic", "num_samples": 32})
+    )
+    (tmp_path / "run" / "individual").mkdir(parents=True)
+    (tmp_path / "run" / "individual" / "summary.json").write_text(json.dumps(individual))  # num_samples 64
+    with pytest.raises(ConfigError, match="the twins in .* were trained with another data than this spec"):
+        run_chain(spec)
+    assert not (tmp_path / "run" / "chain").exists()
+
+
+def test_exponent_floats_in_a_spec_are_numbers(tmp_path):
+    path = _write(tmp_path)
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3"))
+    assert "lr: 1e-3" in path.read_text()
+    assert load_spec(path).train["lr"] == 1e-3  # YAML 1.1 read "1e-3" as a string
+
+
 def test_until_lossless_without_baseline_is_a_clear_error(tmp_path, capsys):
     path = _write(tmp_path, until_lossless={"enabled": True})
     spec = load_spec(path)  # loads: `--individual` must be able to run first

@@ -115,6 +115,8 @@ class ChainSpec:
         paradigm.check_metric(self.eval.metric)  # a typo would make until_lossless wait forever
         if self.baseline_epochs <= 0:
             raise ValueError(f"baseline_epochs must be > 0, got {self.baseline_epochs}")
+        if self.target_ratio and self.target_ratio < 1:  # else found only when epochs are allocated
+            raise ValueError(f"target_ratio must be >= 1 (or 0: the default), got {self.target_ratio}")
         if self.epochs and len(self.epochs) != len(self.resolved_members()):
             raise ValueError(
                 f"epochs has {len(self.epochs)} entries but the chain has {len(self.resolved_members())} "
@@ -260,10 +262,30 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
             os.replace(tmp, here / name)
 
 
+# The spec fields that make an individually trained twin the twin of this chain's member.
+_TWIN_FIELDS = ("family", "data", "baseline_epochs", "train")
+
+
 def _twin_metric(spec: ChainSpec, member: Member) -> float:
     path = Path(spec.out_dir) / "individual" / "summary.json"
     if path.exists():
-        for m in json.loads(path.read_text())["members"]:
+        summary = json.loads(path.read_text())
+        theirs, ours = summary.get("config") or {}, to_dict(spec)
+        for config in (theirs, ours):  # data loader workers change nothing that trains
+            config.get("data", {}).pop("workers", None)
+        changed = [k for k in _TWIN_FIELDS if k in theirs and theirs[k] != ours[k]]
+        changed += [
+            f"eval.{k}"
+            for k in ("seed", "imagefolders")
+            if theirs.get("eval", {}).get(k, ours["eval"][k]) != ours["eval"][k]
+        ]
+        if changed:  # the twins of another spec: until_lossless would compare against the wrong target
+            raise ConfigError(
+                f"until_lossless: the twins in {path} were trained with another {', '.join(changed)} than "
+                "this spec; rerun `compt chain run SPEC --individual` with this spec (--retrain moves the "
+                "old twins aside), or use another out_dir"
+            )
+        for m in summary["members"]:
             if m["name"] == member.name and spec.eval.metric in m["metrics"]:
                 return float(m["metrics"][spec.eval.metric])
     raise ConfigError(

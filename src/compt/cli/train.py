@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from compt.config import ConfigError, from_dict, parse_value, yaml_load
 from compt.engine import dist
+from compt.engine.checkpoint import final_checkpoint
 
 T = TypeVar("T")
 
@@ -121,19 +122,6 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _teacher_checkpoint(value: str) -> str:
-    """``--teacher``: a checkpoint file, or a run folder holding its ``final.pt`` (as ``compt eval``)."""
-    path = Path(value)
-    if not path.is_dir():
-        return value
-    if not (path / "final.pt").is_file():
-        raise ConfigError(
-            f"--teacher {value} is a folder without final.pt: its run has not finished; finish it first "
-            "(a teacher must be a trained member), or pass a checkpoint file"
-        )
-    return str(path / "final.pt")
-
-
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -175,8 +163,8 @@ def build_config(args: argparse.Namespace):
     if not raw.get("member"):
         raise ConfigError("say which member to train: --member NAME (e.g. tiny-S, ViT-B/16)")
     raw.setdefault("out_dir", str(Path("runs") / str(raw["member"]).replace("/", "-")))
-    if raw.get("teacher"):
-        raw["teacher"] = _teacher_checkpoint(str(raw["teacher"]))
+    if raw.get("teacher"):  # a run folder too, as `compt eval` takes one (issue 11)
+        raw["teacher"] = str(final_checkpoint(str(raw["teacher"]), "--teacher"))
     return from_dict(TrainConfig, raw, where=args.config or "arguments")
 
 

@@ -30,6 +30,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "check_writable",
+    "final_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
@@ -123,6 +124,22 @@ def check_writable(folder: str | Path, field: str = "out_dir") -> None:
     raise CheckpointError(
         f"{field} {folder} cannot be written: {problem}; choose another {field} or fix the path"
     )
+
+
+def final_checkpoint(path: str | Path, flag: str) -> Path:
+    """``path`` itself, or the ``final.pt`` of the run folder ``path`` (a teacher must have finished).
+
+    ``flag`` names the option in the message (``--teacher``); raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "final.pt").is_file():
+        raise CheckpointError(
+            f"{flag} {path} is a folder without final.pt: its run has not finished; finish it first "
+            "(a teacher must be a trained member), or pass a checkpoint file"
+        )
+    return path / "final.pt"
 
 
 def verify_checkpoint(path: str | Path) -> bool:
