@@ -1,5 +1,6 @@
 """compt.chain: a minimal 2-member chain end to end, its baselines, resume-as-skip, spec errors."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import yaml
 
 from compt.chain import ChainSpec, load_spec, member_train_config, run_chain
 from compt.cli import main as cli_main
+from compt.cli.chain import _load as load_cli_spec
 from compt.config import ConfigError
 from compt.engine.checkpoint import load_checkpoint
 from compt.engine.resume import RunMismatchError
@@ -174,6 +176,13 @@ def test_cli_show_and_unknown_key_message(tmp_path, capsys):
     assert 'data (64 samples per epoch): {"kind": "synthetic"' in out  # issue 11: show prints the data
     assert cli_main(["chain", "run", str(_write(tmp_path, famly="debug"))]) == 2
     assert "did you mean 'family'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["2024", "yes", "runs/a: b", "[x]"])
+def test_chain_out_is_a_path_whatever_it_looks_like_in_yaml(tmp_path, out, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(spec=str(_write(tmp_path)), overrides=[], out=out)
+    assert load_cli_spec(args).out_dir == out  # the sweep after issue 11: YAML read 2024 as a number
 
 
 def test_spec_is_a_frozen_dataclass():

@@ -54,8 +54,8 @@ def _load(args):
     from compt.chain import load_spec
 
     overrides = list(args.overrides)
-    if getattr(args, "out", None):
-        overrides.append(f"out_dir={args.out}")
+    if getattr(args, "out", None):  # quoted: a path, never YAML (`--out 2024` or `--out yes` failed)
+        overrides.append(f"out_dir={json.dumps(args.out)}")
     return load_spec(args.spec, overrides)
 
 
