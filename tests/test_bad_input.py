@@ -236,6 +236,7 @@ SPEC_CASES = {
         ["train.accum_steps", "divide global_batch_size=8"],
     ),
     "chain-owned field in train": ({"train": {"teacher": "x.pt"}}, ["'teacher'", "the chain sets it"]),
+    "steps in link": ({"link": {"steps": 5}}, ["train/link must not set 'steps'", "the chain sets it"]),
     "unwritable output folder": (None, ["out_dir", "is a file, not a folder", "choose another out_dir"]),
     # issue 11: these passed `chain show` and failed at `run`, some only after member 1 had trained.
     "typo in link.width": (

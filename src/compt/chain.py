@@ -124,7 +124,8 @@ class ChainSpec:
             )
         if any(e <= 0 for e in self.epochs):
             raise ValueError(f"every entry of epochs must be > 0, got {list(self.epochs)}")
-        for key in ("member", "epochs", "out_dir", "teacher", "data"):
+        # steps too: it would override every member's epochs, and summary.json would report those.
+        for key in ("member", "epochs", "steps", "out_dir", "teacher", "data"):
             if key in self.train or key in self.link:
                 raise ValueError(f"train/link must not set {key!r}: the chain sets it per member")
 

@@ -146,10 +146,10 @@ def _plan_spec(args: argparse.Namespace) -> tuple[list[Member], ChainPlan]:
     members = spec.resolved_members()
     configs = [member_train_config(spec, i, individual=False) for i in range(len(members))]
     batches = {c.global_batch_size for c in configs}
-    if len(batches) > 1 or any(c.steps for c in configs):
+    if len(batches) > 1:
         raise ValueError(
-            f"{args.spec}: compt plan counts one global batch size and runs given in epochs; this spec "
-            f"sets {'train.steps' if any(c.steps for c in configs) else f'batch sizes {sorted(batches)}'}"
+            f"{args.spec}: compt plan counts one global batch size; this spec's links use another "
+            f"({sorted(batches)}); plan it with --family, --members and --batch-size"
         )
     paradigm = members[0].paradigm
     samples = paradigm.num_samples(spec.data, members[0])
