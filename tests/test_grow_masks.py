@@ -63,6 +63,7 @@ def test_msg_masks_new_units_new_dims_and_new_layers():
     # depth 1 -> 2 (vision), 1 -> 3 (text): the repeated copies of layer 0 are new layers
     assert set(layers.values()) == {"visual.1", "text.1", "text.2"}
     assert "transformer.resblocks.2.mlp.c_proj.bias" in layers and "visual.ln_post.weight" not in layers
+    assert "masks: 53 tensors masked, 3 new layers" in report.format()  # compt grow says where they live
 
 
 def test_msg_new_weights_get_no_gradient_at_m0():

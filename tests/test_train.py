@@ -79,6 +79,7 @@ def _sha(path: Path) -> str:
         ({"alpha_schedule_fraction": 0.5}, "only applies to alpha_schedule linear or step"),
         ({"mask_ramp_fraction": 1.5}, "mask_ramp_fraction"),
         ({"optimizer_init": "warm"}, "optimizer_init"),
+        ({"width": "hyperclone"}, "train.width must be one of insert, .*hypercloning, msg"),
         ({"lr_decay_fraction": 0.0}, "lr_decay_fraction"),
     ],
 )

@@ -66,7 +66,7 @@ from compt.engine.optim import (
 from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
-from compt.grow import grow, grow_moments
+from compt.grow import grow, grow_moments, list_depth_strategies, list_width_strategies
 from compt.grow.masks import GrowthMask
 from compt.paradigms import Paradigm
 
@@ -188,6 +188,16 @@ class TrainConfig:
                 "alpha_schedule_fraction",
                 self.alpha_schedule != "constant" or self.alpha_schedule_fraction == 1,
                 "only applies to alpha_schedule linear or step; leave it at 1 with constant",
+            ),
+            (
+                "width",
+                self.width in list_width_strategies(),
+                f"must be one of {', '.join(list_width_strategies())}",
+            ),
+            (
+                "depth",
+                self.depth in list_depth_strategies(),
+                f"must be one of {', '.join(list_depth_strategies())}",
             ),
             ("mask_ramp_fraction", 0 < self.mask_ramp_fraction <= 1, "must be in (0, 1]"),
             ("optimizer_init", self.optimizer_init in OPTIMIZER_INITS, f"must be one of {OPTIMIZER_INITS}"),

@@ -152,6 +152,12 @@ class GrowReport:
             if len(layers) != n_t or layers != list(range(n_t)):
                 lines.append(f"  depth {name}: {n_t} -> {len(layers)} layers {_short(layers)}")
         lines += [f"  note: {n}" for n in self.notes]
+        if self.masks is not None:  # compt grow writes the raw weights: the masks live in training
+            lines.append(
+                f"  masks: {len(self.masks.axes)} tensors masked, {len(set(self.masks.layers.values()))} "
+                "new layers; they hide the new units only while `compt train` ramps them "
+                "(train.mask_ramp_fraction)"
+            )
         return "\n".join(lines)
 
 
