@@ -2,7 +2,7 @@
 
 A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP::
 
-    L_IFD = alpha * ( MSE(v_t, T(v_s)) + MSE(t_t, T(t_s)) ) / 2        (Eq. 1, averaged over modalities)
+    L_IFD = alpha * D / 512 * ( MSE(v_t, T(v_s)) + MSE(t_t, T(t_s)) ) / 2    (Eq. 1, averaged over modalities)
 
 - which features are compared is the paradigm's (:meth:`compt.paradigms.Paradigm.teacher_features`
   and the student's ``out["distill"]``); L_IFD averages the MSE of every feature pair. For CLIP,
@@ -12,7 +12,7 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
   sees normalized embeddings, so the knowledge worth transferring is their direction; the raw norm
   is a free degree of freedom of each model and matching it would only fight the task loss. It is
   also what the official code does (it compares ``F.normalize(student)`` with the teacher's
-  normalized output), so alpha=500 keeps its meaning: per element, MSE = (2 - 2 cos) / D.
+  normalized output): per element, MSE = (2 - 2 cos) / D.
 - MSE is the mean over batch (and caption) rows and embedding dims, i.e. Eq. 1's squared L2 norm
   divided by N*D. The official code *sums* the two modality terms; Eq. 4 (and compt) average them,
   so compt's L_IFD is half the official one for the same alpha (App. B.1 reports alpha=500 with r=0.1).
