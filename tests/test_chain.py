@@ -169,6 +169,18 @@ def test_links_use_link_overrides_and_baselines_do_not(tmp_path):
     assert (twin.warmup_steps, twin.teacher, twin.epochs) == (1, None, 2)
 
 
+def test_a_grown_moments_link_makes_its_teacher_keep_moments(tmp_path):
+    spec = load_spec(_write(tmp_path, link={"optimizer_init": "grown"}))
+    teacher, link = (
+        member_train_config(spec, 0, individual=False),
+        member_train_config(spec, 1, individual=False),
+    )
+    assert teacher.keep_moments and not link.keep_moments and link.optimizer_init == "grown"
+    assert member_train_config(spec, 0, individual=True).keep_moments  # one run for both trees
+    assert not member_train_config(spec, 1, individual=True).keep_moments
+    assert not member_train_config(load_spec(_write(tmp_path)), 0, individual=False).keep_moments
+
+
 def test_cli_show_and_unknown_key_message(tmp_path, capsys):
     assert cli_main(["chain", "show", str(_write(tmp_path))]) == 0
     out = capsys.readouterr().out

@@ -55,12 +55,21 @@ def _train_args(out: Path, teacher: Path) -> list[str]:
         "0",
         "--seed",
         "3",
+        # issue 13: MSG's parametrized masks under DDP, removed at step 3; the teacher off after step 4
+        "--set",
+        "width=msg",
+        "--set",
+        "mask_ramp_fraction=0.6",
+        "--set",
+        "alpha_schedule=step",
+        "--set",
+        "alpha_schedule_fraction=0.8",
     ]
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     # A link exercises everything that crosses ranks: gathered features for L_task, per-rank L_IFD,
-    # the auto alpha (averaged distance) and the projection's gradients.
+    # the auto alpha (averaged distance), the projection's gradients, growth masks and their removal.
     teacher_args = [
         "train",
         "--member",
@@ -87,6 +96,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for a, b in zip(one, two, strict=True):
         for key in ("loss_task", "loss_ifd", "loss", "alpha", "logit_scale"):
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key)
+    assert one[0]["mse_image"] < 1e-10 and one[-1]["alpha"] == 0  # starts as its teacher; distils 4 steps
     start = read_metrics(tmp_path / "two" / "metrics.jsonl", "start")[0]
     assert start["world_size"] == 2
     final_one = torch.load(tmp_path / "one" / "final.pt", weights_only=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 
 import numpy as np
 import pytest
@@ -13,15 +14,19 @@ from compt.engine.loader import sample_rng
 from compt.paradigms.clip.data import DataConfig, DataError, build_dataset
 from compt.paradigms.clip.data.evalsets import (
     DEFAULT_TEMPLATES,
+    EVAL_STREAMS,
     RetrievalSet,
+    ValidationSet,
     ZeroShotTask,
     _force_relation,
+    check_imagefolder,
     embedded_eval_sets,
+    embedded_val_set,
     export_imagefolder,
     imagefolder_task,
 )
 from compt.paradigms.clip.data.scene_captions import relation
-from compt.paradigms.clip.data.synthetic import SyntheticSpec, sample_scene, scene_rng
+from compt.paradigms.clip.data.synthetic import SyntheticSpec, describe, render, sample_scene, scene_rng
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,32 @@ def test_sets_are_deterministic_seeded_and_held_out(small_sets):
     assert dists.min() > 1.0
 
 
+def test_val_set_is_held_out_training_distribution_with_fixed_captions():
+    vset = embedded_val_set(32, num_images=256, batch_size=128)
+    assert isinstance(vset, ValidationSet) and vset.images.shape == (256, 3, 32, 32)
+    assert all(len(c) == 4 and len(set(c)) == 4 for c in vset.captions)  # M = 4 distinct texts
+    # The same set on every call and in every process: fixed scenes and caption draws.
+    again = embedded_val_set(32, num_images=256, batch_size=128, spec=SyntheticSpec(pixel_noise=0.025))
+    assert again.captions == vset.captions and torch.equal(again.images, vset.images)
+    other = embedded_val_set(32, seed=1, num_images=256, batch_size=128)
+    assert other.captions != vset.captions
+    # Drawn like training captions: scene i's 16-text pool (primary + 15 sub-captions), M = 4 of it,
+    # so the complete primary caption is among the four for about a quarter of the images.
+    spec, hits = SyntheticSpec(), 0
+    for i, caps in enumerate(vset.captions):
+        rng = scene_rng(0, EVAL_STREAMS["val"], i)
+        scene = sample_scene(rng, spec)
+        render(scene, 32, rng, spec)
+        pool = describe(scene, rng, spec.num_sub_captions)
+        assert set(caps) <= set(pool)
+        hits += pool[0] in caps
+    assert 0.15 < hits / 256 < 0.35
+    # Held out: no validation image equals a training image.
+    train = build_dataset(DataConfig(num_samples=300), image_size=32, context_length=32)
+    train_imgs = torch.stack([train.load(i, sample_rng(0, 0, i))[0] for i in range(300)])
+    assert torch.cdist(vset.images.flatten(1), train_imgs.flatten(1)).min() > 1.0
+
+
 def test_export_and_imagefolder_round_trip(tmp_path, small_sets):
     colour = small_sets[0][1]
     folder = export_imagefolder(colour, tmp_path / "colour")
@@ -132,3 +163,45 @@ def test_imagefolder_errors(tmp_path):
         )
     with pytest.raises(DataError, match="unknown embedded eval task"):
         embedded_eval_sets(32, tasks=("shapes",))
+
+
+def test_one_class_is_refused_because_it_scores_100_whatever_the_model(tmp_path):
+    root = _folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(
+        DataError, match=r"one: 1 class folder\(s\) with image files \(cat;.*at least two classes"
+    ):
+        imagefolder_task(root, 24)
+    (root / "dog").mkdir()  # a second class, but empty: still only one class with images
+    with pytest.raises(DataError, match="1 class folder"):
+        check_imagefolder(root)
+    (root / "bird").mkdir()
+    (root / "bird" / "0.jpg").write_bytes(b"not a jpeg")  # files, but none readable
+    with pytest.raises(DataError, match=r"1 class folder\(s\) with readable images \(cat"):
+        imagefolder_task(root, 24)
+
+
+def test_an_empty_class_folder_is_named_in_a_warning_and_stays_a_candidate(tmp_path, caplog):
+    root = _folder(tmp_path / "pets")
+    (root / "hamster").mkdir()
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+        task = imagefolder_task(root, 24)
+    assert task.classnames == ["golden retriever", "hamster", "tabby cat"]
+    assert task.labels.tolist() == [0, 0, 0, 2, 2, 2]
+    assert "1 class folder(s) without image files stay candidates" in caplog.text and "hamster" in caplog.text
+
+
+def test_unreadable_eval_images_are_counted_by_reason(tmp_path, caplog):
+    root = _folder(tmp_path / "pets")
+    (root / "tabby_cat" / "broken.jpg").write_bytes(b"garbage")
+    Image.fromarray(np.full((4, 4), 9.0, dtype=np.float32)).save(root / "tabby_cat" / "hdr.tif")
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+        task = imagefolder_task(root, 24)
+    assert len(task.labels) == 6
+    assert "skipped 2: corrupt_image=1, unsupported_image=1" in caplog.text
+
+
+def test_a_class_names_file_that_is_not_utf8_names_itself(tmp_path):
+    root = _folder(tmp_path / "pets")
+    (root / "classnames.txt").write_bytes(b"golden retriever\ntabby c\xe4t\n")
+    with pytest.raises(DataError, match=r"classnames.txt is not UTF-8 text.*save it as UTF-8"):
+        imagefolder_task(root, 24)

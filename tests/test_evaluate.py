@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -13,15 +15,23 @@ from PIL import Image
 from compt.cli import main as cli_main
 from compt.engine.checkpoint import save_checkpoint
 from compt.families import get_member
+from compt.paradigms.clip.data import DataError
 from compt.paradigms.clip.data import tokenizer as make_tokenizer
+from compt.paradigms.clip.data.evalsets import ValidationSet
 from compt.paradigms.clip.evaluate import (
     build_evaluator,
     evaluate_checkpoint,
     evaluate_model,
+    higher_is_better,
+    retrieval_chance,
     retrieval_recall,
+    shortfall,
+    validation_loss,
+    zeroshot_chance,
     zeroshot_top1,
 )
 from compt.paradigms.clip.export import export_member
+from compt.paradigms.clip.loss import multi_caption_clip_loss
 
 
 @dataclass
@@ -84,6 +94,12 @@ def _reference_top1(model, task, tok):
     return 100.0 * sum(p == int(y) for p, y in zip(pred, task.labels, strict=True)) / len(pred)
 
 
+def _vset(n=12, m=3, batch=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    caps = [[f"thing {i} view {j}" for j in range(m)] for i in range(n)]
+    return ValidationSet("held-out", torch.randn(n, 3, 32, 32, generator=g), caps, batch)
+
+
 def _reference_recall(model, rset, tok, k):
     """Plain ranks: sort all scores for every query."""
     texts = [c for caps in rset.captions for c in caps]
@@ -121,6 +137,36 @@ def test_retrieval_matches_a_plain_loop_for_any_batch_size(model, tok):
     assert retrieval_recall(model, _rset(n=8), tok)["t2i_r10"] == 100.0  # 10 >= 8 candidate images
 
 
+def test_validation_loss_is_the_training_loss_of_its_fixed_batches(model, tok):
+    model.eval()
+    vset = _vset()
+    with torch.no_grad():  # what a training step computes (Eq. 2-3) on each fixed batch, averaged
+        ref = []
+        for s in range(0, 12, 4):
+            texts = tok([c for caps in vset.captions[s : s + 4] for c in caps])
+            image = model.encode_image(vset.images[s : s + 4])
+            text = model.encode_text(texts).reshape(4, 3, -1)
+            ref.append(float(multi_caption_clip_loss(image, text, model.logit_scale.exp())))
+    for bs in (1, 5, 256):  # the compute batch chunks the forward only; the contrastive batch stays 4
+        assert validation_loss(model, vset, tok, batch_size=bs) == pytest.approx(sum(ref) / 3, rel=1e-5)
+    # The batch composition is part of the metric: regrouping the same pairs changes the negatives.
+    regrouped = ValidationSet("held-out", vset.images, vset.captions, 6)
+    assert validation_loss(model, regrouped, tok) != pytest.approx(sum(ref) / 3, rel=1e-5)
+    with pytest.raises(DataError, match="multiple of batch_size=5"):
+        ValidationSet("bad", vset.images, vset.captions, 5)
+    with pytest.raises(DataError, match="same number"):
+        ValidationSet("bad", vset.images[:4], [["a"], ["b"], ["c", "d"], ["e"]], 4)
+
+
+def test_metric_direction_and_shortfall():
+    assert higher_is_better("mean_zeroshot_top1") and higher_is_better("retrieval/synthetic/i2t_r10")
+    assert not higher_is_better("val_loss") and not higher_is_better("val/synthetic/loss")
+    # positive when the value is worse than the reference, in the metric's own units
+    assert shortfall("mean_zeroshot_top1", 40.0, 39.5) == pytest.approx(0.5)
+    assert shortfall("val_loss", 4.10, 4.13) == pytest.approx(0.03)
+    assert shortfall("val_loss", 4.10, 4.05) == pytest.approx(-0.05)
+
+
 def test_evaluate_model_keys_means_mode_and_no_grad(model, tok):
     model.train()
     tasks, rsets = [_task(), _task(seed=3, name="other")], [_rset(), _rset(seed=4, name="second")]
@@ -131,7 +177,7 @@ def test_evaluate_model_keys_means_mode_and_no_grad(model, tok):
     expected |= {
         f"retrieval/{s}/{d}_r{k}" for s in ("captions", "second") for d in ("i2t", "t2i") for k in (1, 5, 10)
     }
-    assert set(m) == expected
+    assert set(m) == expected | {f"chance/{k}" for k in expected}
     assert m["mean_zeroshot_top1"] == pytest.approx(
         (m["zeroshot/shapes/top1"] + m["zeroshot/other/top1"]) / 2
     )
@@ -141,6 +187,13 @@ def test_evaluate_model_keys_means_mode_and_no_grad(model, tok):
     # DDP-style wrappers expose the model as .module; evaluation unwraps them.
     wrapped = torch.nn.DataParallel(model)
     assert evaluate_model(wrapped, tasks, rsets, tok, batch_size=8) == m
+    other = ValidationSet("other", *dataclasses.astuple(_vset(seed=5))[1:])
+    with_val = evaluate_model(model, tasks, rsets, tok, batch_size=8, val_sets=[_vset(), other])
+    assert set(with_val) - set(m) == {"val/held-out/loss", "val/other/loss", "val_loss"}
+    assert with_val["val_loss"] == pytest.approx(
+        (with_val["val/held-out/loss"] + with_val["val/other/loss"]) / 2
+    )
+    assert {k: with_val[k] for k in m} == m
 
 
 def test_bad_eval_sets_give_clear_errors(model, tok):
@@ -153,6 +206,8 @@ def test_bad_eval_sets_give_clear_errors(model, tok):
         retrieval_recall(model, RSet("r", torch.zeros(2, 3, 32, 32), [[], ["x"]]), tok)
     with pytest.raises(ValueError, match="unique"):
         evaluate_model(model, [t, t], [], tok)
+    with pytest.raises(ValueError, match="unique"):
+        evaluate_model(model, [], [], tok, val_sets=[_vset(), _vset()])
 
 
 def _write_imagefolder(root, classes=("red", "blue"), per_class=3):
@@ -190,7 +245,9 @@ def test_build_evaluator_is_a_train_callback(tmp_path, model):
     evaluate = build_evaluator(32, 32, imagefolders=[_write_imagefolder(tmp_path / "f")], embedded=False)
     model.train()
     first = evaluate(model, 10)
-    assert set(first) == {"zeroshot/f/top1", "mean_zeroshot_top1"} and model.training
+    keys = {"zeroshot/f/top1", "mean_zeroshot_top1"}
+    assert set(first) == keys | {f"chance/{k}" for k in keys} and model.training
+    assert first["chance/zeroshot/f/top1"] == 50.0  # two balanced classes
     assert evaluate(model, 20) == first  # same sets, same model: same numbers
     # Two ImageFolders with the same folder name get distinct metric keys.
     a, b = _write_imagefolder(tmp_path / "a" / "val"), _write_imagefolder(tmp_path / "b" / "val")
@@ -198,19 +255,67 @@ def test_build_evaluator_is_a_train_callback(tmp_path, model):
     assert {"zeroshot/val/top1", "zeroshot/b_val/top1"} <= set(both)
 
 
+def test_build_evaluator_scores_the_embedded_validation_loss(model):
+    evaluate = build_evaluator(32, 32, num_images=8, val_images=64, val_batch_size=32)
+    metrics = evaluate(model, 0)
+    assert metrics["val_loss"] == metrics["val/synthetic/loss"] > 0
+    # An untrained CLIP is near chance: ln(32) for a contrastive batch of 32 at its initial temperature.
+    assert abs(metrics["val_loss"] - np.log(32)) < 1.0
+    assert "val_loss" not in build_evaluator(32, 32, num_images=8, val_images=0)(model, 0)
+
+
 def test_cli_eval_json_and_table(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path)
     folder = _write_imagefolder(tmp_path / "colours")
     assert cli_main(["eval", str(ckpt.parent), "--no-embedded", "--imagefolder", str(folder), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == {
-        "zeroshot/colours/top1",
-        "mean_zeroshot_top1",
-    }
+    keys = {"zeroshot/colours/top1", "mean_zeroshot_top1"}
+    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == keys | {f"chance/{k}" for k in keys}
     assert cli_main(["eval", str(ckpt), "--no-embedded", "--imagefolder", str(folder)]) == 0
-    assert "zeroshot/colours/top1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "zeroshot/colours/top1" in out and "(chance  50.00)" in out and "chance/" not in out
     assert cli_main(["eval", str(ckpt), "--no-embedded"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     assert cli_main(["eval", str(tmp_path / "garbage.pt")]) == 2
     assert "garbage.pt cannot be read" in capsys.readouterr().err
+
+
+def test_chance_levels_are_the_majority_class_and_the_expected_random_recall():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # the best blind guess, class 0, is right 3 times in 6
+    assert zeroshot_chance(Task("t", ["a", "b", "c", "d"], ["{}"], torch.zeros(6, 3, 8, 8), labels)) == 50.0
+    caps = [["a"], ["b", "c"], ["d"]]  # 4 texts
+    rset = RSet("r", torch.zeros(3, 3, 8, 8), caps)
+    owner = [0, 1, 1, 2]
+    for k in (1, 2, 10):  # every ordering of the 4 texts equally likely, for every image
+        orders = list(itertools.permutations(range(4)))
+        hits = [sum(any(owner[t] == i for t in o[:k]) for o in orders) / len(orders) for i in range(3)]
+        chance = retrieval_chance(rset, ks=(k,))
+        assert chance[f"i2t_r{k}"] == pytest.approx(100 * sum(hits) / 3)
+        assert chance[f"t2i_r{k}"] == pytest.approx(100 * min(k, 3) / 3)
+
+
+def test_an_untrained_model_scores_near_its_chance_level(model, tok):
+    task = _task(n=200, seed=5)
+    m = evaluate_model(model, [task], [], tok, batch_size=64)
+    assert m["chance/zeroshot/shapes/top1"] == zeroshot_chance(task) == m["chance/mean_zeroshot_top1"]
+    assert abs(m["zeroshot/shapes/top1"] - 20.0) < 10.0  # 5 classes, noise images, random weights
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [
+        ("tpu", "'tpu' is not a torch device: use cpu, cuda or cuda:N"),
+        pytest.param(
+            "cuda",
+            "no CUDA device is available here; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        ("cuda:99", "cuda:99"),
+    ],
+)
+def test_eval_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, device, fragment):
+    ckpt = _checkpoint(tmp_path)
+    assert cli_main(["eval", str(ckpt), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compt eval: error: --device") and fragment in err and "Traceback" not in err

@@ -223,6 +223,11 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
         family=spec.family,
         teacher=str(_member_dir(spec, False, members[index - 1]) / "final.pt") if is_link else None,
     )
+    # A link that grows its AdamW moments reads them from its teacher's final.pt (issue 13). The first
+    # member is one run shared by both trees, so it keeps them in both.
+    grown_next = index + 1 < len(members) and {**spec.train, **spec.link}.get("optimizer_init") == "grown"
+    if grown_next and (not individual or index == 0):
+        fields["keep_moments"] = True
     if spec.until_lossless.enabled and is_link:
         fields["eval_every_steps"] = spec.until_lossless.check_every_steps
     elif spec.eval.every_steps:

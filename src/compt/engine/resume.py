@@ -5,14 +5,18 @@ A run interrupted and resumed must end with the weights of an uninterrupted run 
 every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 
 - ``optimizer`` (AdamW moments), ``scheduler`` (the cosine schedule; the lr is a function of the
-  step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages);
+  step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages; the alpha
+  schedule is a function of the step), ``grow_mask`` (MSG's growth masks while they ramp, else None);
 - ``rng``: the Python/NumPy/torch/CUDA generator states of *every* rank;
 - ``step``, ``epoch``, ``step_in_epoch``: the data position (a paradigm's batches are a function
   of seed, epoch and index, so the loader restarts mid-epoch exactly);
 - ``samples_seen``, ``train_macs``, ``wall_s``: the live cost counters (App. C.2);
 - ``config`` (the TrainConfig as a dict) and ``teacher`` (checkpoint path and member of a link).
 
-Resuming checks that the folder holds the same run (:func:`check_same_run`). The functions here
+``model`` holds the plain parameter names even while growth masks parametrize the model
+(:func:`compt.grow.masks.plain_state_dict`). Resuming checks that the folder holds the same run
+(:func:`check_same_run`); a checkpoint written before a field existed is read with the value that
+its code implied (:data:`LEGACY_VALUES`). The functions here
 take the trainer's run object (``compt.engine.train._Run``); this module never imports the trainer.
 """
 
@@ -39,9 +43,11 @@ from compt.engine.checkpoint import (
     verify_checkpoint,
 )
 from compt.engine.loader import pin_batches
+from compt.grow.masks import GrowthMask, plain_state_dict
 
 __all__ = [
     "SAME_RUN_FIELDS",
+    "LEGACY_VALUES",
     "DataStream",
     "seed_all",
     "capture_rng",
@@ -71,7 +77,19 @@ SAME_RUN_FIELDS = (
     "seed",
     "width",
     "depth",
+    "alpha_ref_dim",  # the meaning of alpha (issue 13): an old run must not silently resume 16x lighter
+    "optimizer_init",
 )
+# TrainConfig fields added by issue 13, and the value a checkpoint written before them implies.
+LEGACY_VALUES = {
+    "alpha_ref_dim": None,  # alpha weighed the per-dimension MSE
+    "alpha_schedule": "constant",
+    "alpha_schedule_fraction": 1.0,
+    "mask_ramp_fraction": 0.25,
+    "optimizer_init": "fresh",
+    "keep_moments": False,
+    "lr_decay_fraction": 1.0,
+}
 # Fields that may change between an interruption and its resume without a warning.
 _FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
 _DATA_FREE_FIELDS = ("workers",)
@@ -122,11 +140,12 @@ def run_changes(now: dict[str, Any], payload: dict[str, Any], *, finished: bool)
 
     For a step checkpoint, the fields of :data:`SAME_RUN_FIELDS` (others may change on resume); for
     a finished run (``final.pt``), every field but the free ones, since none of the new values would
-    be used (issue 11: a rerun reported new epochs for weights trained with the old ones). Fields
-    added since the checkpoint was written are not a difference. A link's teacher counts by content
-    too: a teacher retrained since (another SHA-256) makes the link stale.
+    be used (issue 11: a rerun reported new epochs for weights trained with the old ones). A field
+    written before it existed takes its :data:`LEGACY_VALUES` value; other fields added since the
+    checkpoint are not a difference. A link's teacher counts by content too: a teacher retrained
+    since (another SHA-256) makes the link stale.
     """
-    saved = payload.get("config") or {}
+    saved = {**LEGACY_VALUES, **(payload.get("config") or {})}
     keys = SAME_RUN_FIELDS if not finished else [k for k in now if k in saved and k not in _FREE_FIELDS]
     changes = []
     for key in keys:
@@ -155,6 +174,7 @@ def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path)
             f"{path} belongs to a different run: {changes[0]}. Use a new out_dir for the new settings, or "
             "the old settings to resume."
         )
+    saved = {**LEGACY_VALUES, **saved}
     changed = [
         k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)
     ]
@@ -273,7 +293,7 @@ def model_payload(run: Any) -> dict[str, Any]:
     """The part of a checkpoint that final.pt shares: model, config and cost counters."""
     st = run.state
     return {
-        "model": run.model.state_dict(),
+        "model": plain_state_dict(run.model),
         "model_cfg": run.member.model_config(),
         "member": run.member.name,
         "paradigm": run.member.paradigm_name,
@@ -307,6 +327,7 @@ def save_run(run: Any, path: Path) -> Path:
                 **(run.distiller.state_dict() if run.distiller is not None else {}),
             },
             "world_size": run.info.world_size,
+            "grow_mask": run.masks.state_dict() if run.masks is not None else None,
         }
         save_checkpoint(path, payload)
         prune_checkpoints(run.out_dir, run.cfg.keep_last)
@@ -326,4 +347,8 @@ def restore_run(run: Any, path: Path) -> None:
     if run.distiller is not None:
         run.distiller.load_state_dict(payload["distill"])
     run.state.load_state_dict(payload["state"])
+    masks = payload.get("grow_mask")  # absent once the ramp has ended (or for any other strategy)
+    run.masks = GrowthMask.from_state(masks) if masks else None
+    if run.masks is not None:
+        run.masks.ramp_steps = max(1, round(run.cfg.mask_ramp_fraction * run.total_steps))
     restore_rng(payload["rng"], run.info.rank, run.info.device, run.cfg.seed + run.info.rank + run.state.step)

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -38,16 +39,36 @@ from torch.nn.parallel import DistributedDataParallel
 
 from compt.config import from_dict, to_dict
 from compt.cost import member_cost, run_steps
-from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
+from compt.distill import (
+    DEFAULT_ALPHA,
+    DEFAULT_RATIO,
+    DEFAULT_REF_DIM,
+    Distiller,
+    list_alpha_schedules,
+    load_teacher,
+    make_projection,
+)
 from compt.engine import dist
-from compt.engine.checkpoint import check_writable, checkpoint_digest, latest_checkpoint, save_checkpoint
+from compt.engine.checkpoint import (
+    check_writable,
+    checkpoint_digest,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from compt.engine.interrupt import TrainingInterrupted, signal_name, stop_agreed, stop_on_signals
 from compt.engine.lock import hold
-from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer
+from compt.engine.optim import (
+    PAPER_WARMUP_STEPS,
+    CosineSchedule,
+    build_optimizer,
+    load_moments,
+    moments_by_name,
+)
 from compt.engine.resume import DataStream, check_prior_run, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
-from compt.grow import grow, list_depth_strategies, list_width_strategies
+from compt.grow import grow, grow_moments, list_depth_strategies, list_width_strategies
+from compt.grow.masks import GrowthMask
 from compt.paradigms import Paradigm
 
 __all__ = [
@@ -63,6 +84,7 @@ __all__ = [
 _LOG = logging.getLogger("compt.train")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZER_INITS = ("fresh", "grown")  # a link's AdamW state: new (paper), or grown from the teacher's
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,16 @@ class TrainConfig:
         DEFAULT_ALPHA  # IFD weight of Eq. 1 (App. B.1: 500) or "auto" (hold L_IFD/L_task at alpha_ratio)
     )
     alpha_ratio: float = DEFAULT_RATIO  # target L_IFD / L_task of alpha="auto" (App. D.2: r = 0.1)
+    # issue 13: a fixed alpha is the paper's weight at this embedding width (L_IFD x D / alpha_ref_dim);
+    # None: the literal per-dimension MSE (checkpoints written before issue 13 mean this)
+    alpha_ref_dim: int | None = DEFAULT_REF_DIM
+    alpha_schedule: str = "constant"  # constant (paper) | linear (to 0, Knowledge Inheritance) | step (SALT)
+    alpha_schedule_fraction: float = 1.0  # fraction of the run where `linear` reaches 0 / `step` ends
     distill_gate: bool = False  # beyond the paper: no L_IFD on steps where student L_task < teacher L_task
+    mask_ramp_fraction: float = 0.25  # width "msg": fraction of the run over which growth masks go 0 -> 1
+    optimizer_init: str = "fresh"  # fresh AdamW (paper) | grown: the teacher's moments grown with weights
+    keep_moments: bool = False  # final.pt also holds the AdamW moments (a teacher of a grown-moments link)
+    lr_decay_fraction: float = 1.0  # the cosine reaches min_lr after this fraction of the post-warmup run
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
 
     def __post_init__(self) -> None:
@@ -144,14 +175,32 @@ class TrainConfig:
             ("eval_every_steps", self.eval_every_steps >= 0, "must be >= 0"),
             ("alpha", alpha_ok, "must be a finite number >= 0 or 'auto'"),
             ("alpha_ratio", self.alpha_ratio > 0, "must be > 0"),
+            (
+                "alpha_ref_dim",
+                self.alpha_ref_dim is None or self.alpha_ref_dim >= 1,
+                "must be >= 1 (the width at which alpha is meant, 512 in the paper) or null (per dim)",
+            ),
+            (
+                "alpha_schedule",
+                self.alpha_schedule in list_alpha_schedules(),
+                f"must be one of {', '.join(list_alpha_schedules())}",
+            ),
+            ("alpha_schedule_fraction", 0 < self.alpha_schedule_fraction <= 1, "must be in (0, 1]"),
+            (
+                "alpha_schedule_fraction",
+                self.alpha_schedule != "constant" or self.alpha_schedule_fraction == 1,
+                "only applies to alpha_schedule linear or step; leave it at 1 with constant",
+            ),
+            # Looked up only when a link grows: a typo would fail after the previous member trained.
+            ("width", self.width in list_width_strategies(), _one_of(self.width, list_width_strategies())),
+            ("depth", self.depth in list_depth_strategies(), _one_of(self.depth, list_depth_strategies())),
+            ("mask_ramp_fraction", 0 < self.mask_ramp_fraction <= 1, "must be in (0, 1]"),
+            ("optimizer_init", self.optimizer_init in OPTIMIZER_INITS, f"must be one of {OPTIMIZER_INITS}"),
+            ("lr_decay_fraction", 0 < self.lr_decay_fraction <= 1, "must be in (0, 1]"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"train.{name} {why} (got {getattr(self, name)!r})")
-        # Growth strategies are looked up only when a link grows: a typo would fail after the
-        # previous member trained (issue 11), so check the names here, for baselines too.
-        _check_choice("width", self.width, list_width_strategies())
-        _check_choice("depth", self.depth, list_depth_strategies())
         if not _DEVICE.fullmatch(str(self.device)):
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:K (got {self.device!r})")
         if not isinstance(self.alpha, str):
@@ -162,13 +211,9 @@ class TrainConfig:
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def _check_choice(name: str, value: str, options: list[str]) -> None:
-    if value not in options:
-        close = difflib.get_close_matches(str(value), options, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"train.{name} {value!r} is not a registered strategy{hint} Known: {', '.join(options)}"
-        )
+def _one_of(value: Any, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), options, n=1)
+    return f"must be one of {', '.join(options)}" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 def check_runtime(cfg: TrainConfig) -> None:
@@ -235,6 +280,8 @@ class _Run:
     state: TrainState
     macs_per_step: int
     teacher_info: dict[str, Any] | None
+    teacher_macs_per_step: int = 0  # the teacher forward's share of macs_per_step (none if L_IFD is off)
+    masks: GrowthMask | None = None  # MSG's growth masks while they ramp (width "msg"), else None
     stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
@@ -267,6 +314,11 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
     """One optimizer step of Eq. 4 over ``accum_steps`` micro-batches; returns detached stats."""
     device, world, n = run.info.device, run.info.world_size, len(micro_batches)
     lr = run.schedule.apply(run.optimizer, run.state.step)  # cosine with warmup, per iteration
+    if run.masks is not None and run.masks.at(run.state.step):  # MSG: m = 1, the mask is done
+        run.masks.remove()
+        run.masks = None
+    # The alpha schedule's factor (issue 13): at 0 L_IFD is off and the teacher need not run.
+    factor = run.distiller.factor(run.state.step) if run.distiller is not None else 0.0
     # A global task loss (CLIP's gathered contrastive loss) is the same on every rank but its graph
     # reaches only the rank's own features (compt.engine.dist.gather_with_local_grad); DDP *averages*
     # gradients over ranks, so it is scaled by the world size to make that average the true gradient.
@@ -281,7 +333,7 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
                 out = run.forward(*batch)
                 task = run.paradigm.task_loss(out, run.local_batch_size)
                 parts = {"loss_task": task}
-                if run.distiller is not None:
+                if factor > 0:
                     # The frozen teacher sees the same batch, at the same precision.
                     teacher = run.distiller.teacher_features(batch)
                     if run.distiller.gate:  # the teacher's L_task on this batch, for the gate
@@ -289,11 +341,13 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
                             teacher, out, run.local_batch_size
                         )
                     ifd = run.distiller.loss(
-                        out["distill"], teacher, task, parts.get("loss_teacher")
+                        out["distill"], teacher, task, parts.get("loss_teacher"), factor
                     )  # Eq. 1
                     parts["loss_ifd"] = ifd.pop("loss")
                     stats["alpha"] = ifd.pop("alpha")
                     parts.update(ifd)  # mse_<feature>, distill_on (logged as the fraction of micro-batches)
+                elif run.distiller is not None:  # scheduled off: the log keeps its columns
+                    parts["loss_ifd"] = stats["alpha"] = torch.zeros((), device=device)
             objective = (task * task_scale + parts.get("loss_ifd", 0.0)) / n  # Eq. 4; L_IFD: a per-rank mean
             if run.scaler is not None:
                 run.scaler.scale(objective).backward()
@@ -324,9 +378,10 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
 def _advance(run: _Run) -> None:
     """Count the step just taken: data position, samples and training MACs (App. C.2)."""
     st = run.state
+    teacher_ran = run.distiller is not None and run.distiller.factor(st.step) > 0
     st.step += 1
     st.samples_seen += run.cfg.global_batch_size
-    st.train_macs += run.macs_per_step
+    st.train_macs += run.macs_per_step - (0 if teacher_ran else run.teacher_macs_per_step)
     st.step_in_epoch += 1
     if st.step_in_epoch >= run.data.steps_per_epoch:
         st.epoch, st.step_in_epoch = st.epoch + 1, 0
@@ -468,19 +523,55 @@ def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return min(paper, max(1, total_steps // 10))
 
 
-def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: bool, device: torch.device):
-    """Teacher, projection T and cost of a chain link; grows the student from the teacher at step 0."""
+@dataclass
+class _Link:
+    """What a chain link adds to a run (built by :func:`_build_link`)."""
+
+    distiller: Distiller
+    projection: nn.Module
+    info: dict[str, Any]  # teacher checkpoint and member, for the log and checkpoints
+    teacher_macs: int  # the teacher's forward MACs per sample
+    masks: GrowthMask | None = None  # MSG growth masks (width "msg", at step 0)
+    moments: dict[str, dict[str, Any]] | None = None  # grown AdamW moments (optimizer_init "grown", step 0)
+
+
+def _build_link(
+    cfg: TrainConfig,
+    member: Member,
+    student: nn.Module,
+    grow_now: bool,
+    device: torch.device,
+    total_steps: int,
+) -> _Link:
+    """Teacher, projection T and cost of a chain link; at step 0 grows the student (and, if asked, its
+    AdamW moments) from the teacher."""
     teacher, payload, t_member = load_teacher(cfg.teacher, member)
     digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
+    masks = moments = None
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
+        if cfg.optimizer_init == "grown":  # first: a teacher without moments fails before any work
+            moments = grow_moments(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
+        masks = report.masks
+        if masks is not None:
+            masks.ramp_steps = max(1, round(cfg.mask_ramp_fraction * total_steps))
     paradigm = member.paradigm
     projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
-    distiller = Distiller(teacher.to(device), paradigm, cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate)
+    distiller = Distiller(
+        teacher.to(device),
+        paradigm,
+        cfg.alpha,
+        cfg.alpha_ratio,
+        cfg.distill_gate,
+        ref_dim=cfg.alpha_ref_dim,
+        schedule=cfg.alpha_schedule,
+        fraction=cfg.alpha_schedule_fraction,
+        total_steps=total_steps,
+    )
     teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
     info = {"checkpoint": str(cfg.teacher), "member": t_member.name, "sha256": digest}
-    return distiller, projection, info, teacher_macs
+    return _Link(distiller, projection, info, teacher_macs, masks, moments)
 
 
 def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
@@ -503,28 +594,35 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     resume_from = latest_checkpoint(cfg.out_dir)
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
     model = member.create()
-    distiller, projection, teacher_info, teacher_macs = None, nn.Identity(), None, 0
+    link = None
     if cfg.teacher is not None:
-        link = _build_link(cfg, member, model, grow_now=resume_from is None, device=device)
-        distiller, projection, teacher_info, teacher_macs = link
+        link = _build_link(cfg, member, model, resume_from is None, device, total_steps)
+    projection = link.projection if link else nn.Identity()
     model.to(device).train()
     projection.to(device)
     eps = cfg.eps or paradigm.default_eps(member)
     params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
     optimizer = build_optimizer([model, projection], **params)
-    schedule = CosineSchedule(cfg.lr, total_steps, _warmup_steps(cfg, total_steps), cfg.min_lr_ratio)
+    if link and link.moments:  # staged training: the teacher's moments, grown with its weights
+        load_moments(optimizer, model, link.moments)
+    warmup = _warmup_steps(cfg, total_steps)
+    schedule = CosineSchedule(cfg.lr, total_steps, warmup, cfg.min_lr_ratio, cfg.lr_decay_fraction)
     cost = member_cost(member, **paradigm.cost_sample(cfg.data))
-    macs_per_step = cfg.global_batch_size * (cost.train_macs + teacher_macs) + cost.update_macs
+    teacher_macs_per_step = cfg.global_batch_size * (link.teacher_macs if link else 0)
+    macs_per_step = cfg.global_batch_size * cost.train_macs + teacher_macs_per_step + cost.update_macs
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     run = _Run(cfg=cfg, info=info, member=member, paradigm=paradigm, model=model, projection=projection,
                forward=None,
-               distiller=distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
+               distiller=link and link.distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
                amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
-               macs_per_step=macs_per_step, teacher_info=teacher_info)  # fmt: skip
+               macs_per_step=macs_per_step, teacher_info=link and link.info,
+               teacher_macs_per_step=teacher_macs_per_step, masks=link and link.masks)  # fmt: skip
     if resume_from is not None:
-        restore_run(run, resume_from)
+        restore_run(run, resume_from)  # the growth masks too, if the checkpoint was taken mid-ramp
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
+    if run.masks is not None:  # after the optimizer and the restore: both see the plain parameters
+        run.masks.install(model)
     run.forward = _wrap(paradigm.student(model, projection), cfg, info)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
@@ -573,8 +671,18 @@ def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
     """Write final.pt (the trained student, its cost and config) and return the result."""
     check_finite(run)
     run.tick()
+    if run.masks is not None:  # stopped before the MSG ramp ended: fold the masks into the weights
+        warnings.warn(
+            f"{run.cfg.member} stopped at step {run.state.step}, before its growth masks reached 1; "
+            "final.pt holds the masked weights (exact but for the masked LayerNorm statistics)",
+            stacklevel=2,
+        )
+        run.masks.remove(fold=True)
+        run.masks = None
     final = run.out_dir / "final.pt"
     st, payload = run.state, model_payload(run) | {"metrics": metrics, "planned_steps": run.total_steps}
+    if run.cfg.keep_moments:  # for a link that grows its optimizer state from this member's
+        payload["moments"] = moments_by_name(run.optimizer, run.model)
     if run.info.is_main:
         save_checkpoint(final, payload)
         record = {"kind": "final", "step": st.step, "samples_seen": st.samples_seen}

@@ -25,7 +25,8 @@ from compt.paradigms.clip.layout import LAYOUT
 __all__ = ["ClipParadigm"]
 
 _METRIC_HINT = (
-    "use mean_zeroshot_top1, mean_retrieval_r1, zeroshot/<task>/top1 or retrieval/<set>/{i2t,t2i}_r{1,5,10}"
+    "use mean_zeroshot_top1, mean_retrieval_r1, val_loss, zeroshot/<task>/top1, "
+    "retrieval/<set>/{i2t,t2i}_r{1,5,10} or val/<set>/loss"
 )
 
 
@@ -183,12 +184,17 @@ class ClipParadigm(Paradigm):
 
     def check_metric(self, metric: str) -> None:
         # compt.paradigms.clip.evaluate's keys; a typo here would make until_lossless wait forever.
-        if metric not in ("mean_zeroshot_top1", "mean_retrieval_r1") and not metric.startswith(
-            ("zeroshot/", "retrieval/")
+        if metric not in ("mean_zeroshot_top1", "mean_retrieval_r1", "val_loss") and not metric.startswith(
+            ("zeroshot/", "retrieval/", "val/")
         ):
             raise ValueError(
                 f"eval.metric {metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}"
             )
+
+    def higher_is_better(self, metric: str) -> bool:
+        from compt.paradigms.clip.evaluate import higher_is_better
+
+        return higher_is_better(metric)
 
     def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:
         from compt.paradigms.clip.export import export_member

@@ -18,6 +18,14 @@ Keys of the returned dict::
     retrieval/<set>/i2t_r{1,5,10}     one triple per set and direction
     retrieval/<set>/t2i_r{1,5,10}
     mean_retrieval_r1                 mean over sets of (i2t_r1 + t2i_r1) / 2
+    val/<set>/loss                    one per validation set (nats)
+    val_loss                          mean over validation sets
+    chance/<key>                      the chance level of each key above
+
+The chance level is what a model that learned nothing scores: for top-1, the majority class's share
+of the images (100/K on a balanced task: a constant guess does that well); for recall@k, the
+expected recall of a random ranking. A report marks results near it (issue 11 item 6), where a
+"lossless" comparison would say nothing.
 
 The model is evaluated in eval mode, without gradients, in batches, on the device its parameters
 live on; its train/eval mode is restored afterwards, so the training loop may call this mid-run.
@@ -25,6 +33,7 @@ live on; its train/eval mode is restored afterwards, so the training loop may ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,16 +41,26 @@ from typing import Any, Protocol
 import torch
 from open_clip import build_zero_shot_classifier
 
+from compt.paradigms.clip.loss import clip_loss
+
 __all__ = [
     "RECALL_KS",
+    "CHANCE_PREFIX",
+    "zeroshot_chance",
+    "retrieval_chance",
     "evaluate_model",
     "zeroshot_top1",
     "retrieval_recall",
+    "validation_loss",
+    "higher_is_better",
+    "shortfall",
     "build_evaluator",
     "evaluate_checkpoint",
+    "eval_device",
 ]
 
 RECALL_KS = (1, 5, 10)
+CHANCE_PREFIX = "chance/"  # chance/<metric key>: the chance level of that metric
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -60,6 +79,32 @@ class _RetrievalSet(
     name: str
     images: torch.Tensor
     captions: list[list[str]]
+
+
+class _ValidationSet(
+    Protocol
+):  # the fields of compt.paradigms.clip.data.evalsets.ValidationSet that are read here
+    name: str
+    images: torch.Tensor
+    captions: list[list[str]]
+    batch_size: int
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (a key of :func:`evaluate_model`) is better.
+
+    Losses (keys whose last part ends in ``loss``: ``val_loss``, ``val/<set>/loss``) are lower-is-
+    better; accuracies and recalls higher-is-better. Every lossless verdict needs this (issue 12).
+    """
+    return not metric.rsplit("/", 1)[-1].endswith("loss")
+
+
+def shortfall(metric: str, reference: float, value: float) -> float:
+    """How much worse ``value`` is than ``reference`` on ``metric``, in its units (negative: better).
+
+    The gap of a lossless verdict: ``reference - value`` for an accuracy, ``value - reference`` for a loss.
+    """
+    return reference - value if higher_is_better(metric) else value - reference
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -181,14 +226,71 @@ def retrieval_recall(
     return out
 
 
+def zeroshot_chance(task: _Task) -> float:
+    """Top-1 (%) of the best guess that ignores the image: always the most frequent class."""
+    labels = torch.as_tensor(task.labels).long()
+    if len(labels) == 0:
+        return 0.0
+    return 100.0 * torch.bincount(labels, minlength=len(task.classnames)).max().item() / len(labels)
+
+
+def retrieval_chance(rset: _RetrievalSet, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Expected recall@k (%) of a random ranking, keyed like :func:`retrieval_recall`.
+
+    Image->text: an image with c of the T captions misses the top k with probability
+    C(T-c, k) / C(T, k); text->image: a caption's image is in the top k of N with probability k/N.
+    """
+    n = len(rset.images)
+    per_image = [len(c) for c in rset.captions]
+    total = sum(per_image)
+    out: dict[str, float] = {}
+    for k in ks:
+        miss = {
+            c: math.prod((total - c - j) / (total - j) for j in range(min(k, total))) for c in set(per_image)
+        }
+        out[f"i2t_r{k}"] = 100.0 * sum(1.0 - miss[c] for c in per_image) / max(n, 1)
+        out[f"t2i_r{k}"] = 100.0 * min(k, n) / max(n, 1)
+    return out
+
+
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module, vset: _ValidationSet, tokenizer: Tokenizer, batch_size: int = 256
+) -> float:
+    """The multi-caption CLIP loss (Eq. 2-3, nats) of ``model`` on ``vset``, mean over its fixed batches.
+
+    Each contrastive batch of ``vset.batch_size`` images is scored as the training step scores a
+    batch (:func:`~compt.paradigms.clip.loss.multi_caption_clip_loss`: a CLIP loss per caption slot), at
+    the model's own learned temperature, without gathering across ranks; ``batch_size`` only chunks
+    the forward passes, so it does not change the result.
+    """
+    where = f"validation set {vset.name!r}"
+    n, bs = len(vset.images), vset.batch_size
+    if n == 0 or n % bs or len(vset.captions) != n:
+        raise ValueError(f"{where}: {n} images and {len(vset.captions)} caption lists; need N % {bs} == 0")
+    m = len(vset.captions[0])
+    if any(len(c) != m for c in vset.captions):
+        raise ValueError(f"{where}: every image needs the same number of captions (M)")
+    img = _encode_images(model, vset.images, batch_size, where)
+    texts = [t for caps in vset.captions for t in caps]
+    txt = _encode_texts(model, tokenizer, texts, batch_size).reshape(n, m, -1)
+    scale = _unwrap(model).logit_scale.exp().float().cpu()
+    img, txt = img.cpu(), txt.cpu()
+    losses = [
+        clip_loss(img[s : s + bs], txt[s : s + bs, j], scale) for s in range(0, n, bs) for j in range(m)
+    ]  # the mean over slots and batches of equal size = the mean of per-batch Eq. 2-3 losses
+    return float(torch.stack(losses).mean())
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tasks: Sequence[_Task],
     retrieval_sets: Sequence[_RetrievalSet],
     tokenizer: Tokenizer,
     batch_size: int = 256,
+    val_sets: Sequence[_ValidationSet] = (),
 ) -> dict[str, float]:
-    """Evaluate ``model`` on zero-shot ``tasks`` and ``retrieval_sets``; keys as in the module docstring.
+    """Evaluate ``model`` on zero-shot ``tasks``, ``retrieval_sets`` and ``val_sets`` (keys: see module doc).
 
     ``tokenizer`` maps a list of strings to a LongTensor [N, context_length] (``data.tokenizer``
     or ``open_clip.get_tokenizer``). The model's train/eval mode is restored on return.
@@ -197,6 +299,8 @@ def evaluate_model(
         raise ValueError(f"evaluate: batch_size must be positive, got {batch_size}")
     names = [t.name for t in tasks] + [r.name for r in retrieval_sets]
     dupes = sorted({x for x in names if names.count(x) > 1})
+    vnames = [v.name for v in val_sets]
+    dupes += sorted({x for x in vnames if vnames.count(x) > 1})
     if dupes:
         raise ValueError(f"evaluate: eval set names must be unique (metric keys use them); repeated: {dupes}")
     net = _unwrap(model)
@@ -204,20 +308,31 @@ def evaluate_model(
     net.eval()
     metrics: dict[str, float] = {}
     try:
-        top1 = []
+        chance: dict[str, float] = {}
         for task in tasks:
-            acc = zeroshot_top1(net, task, tokenizer, batch_size)
-            metrics[f"zeroshot/{task.name}/top1"] = acc
-            top1.append(acc)
-        if top1:
-            metrics["mean_zeroshot_top1"] = sum(top1) / len(top1)
-        r1 = []
+            metrics[f"zeroshot/{task.name}/top1"] = zeroshot_top1(net, task, tokenizer, batch_size)
+            chance[f"zeroshot/{task.name}/top1"] = zeroshot_chance(task)
         for rset in retrieval_sets:
             rec = retrieval_recall(net, rset, tokenizer, batch_size)
             metrics.update({f"retrieval/{rset.name}/{k}": v for k, v in rec.items()})
-            r1.append((rec["i2t_r1"] + rec["t2i_r1"]) / 2)
-        if r1:
-            metrics["mean_retrieval_r1"] = sum(r1) / len(r1)
+            chance.update({f"retrieval/{rset.name}/{k}": v for k, v in retrieval_chance(rset).items()})
+        for values in (metrics, chance):  # the means, and the chance level of the means
+            top1 = [values[f"zeroshot/{t.name}/top1"] for t in tasks]
+            r1 = [
+                (values[f"retrieval/{r.name}/i2t_r1"] + values[f"retrieval/{r.name}/t2i_r1"]) / 2
+                for r in retrieval_sets
+            ]
+            if top1:
+                values["mean_zeroshot_top1"] = sum(top1) / len(top1)
+            if r1:
+                values["mean_retrieval_r1"] = sum(r1) / len(r1)
+        metrics.update({CHANCE_PREFIX + k: v for k, v in chance.items()})
+        losses = []
+        for vset in val_sets:
+            losses.append(validation_loss(net, vset, tokenizer, batch_size))
+            metrics[f"val/{vset.name}/loss"] = losses[-1]
+        if losses:
+            metrics["val_loss"] = sum(losses) / len(losses)
     finally:
         net.train(was_training)
     return metrics
@@ -230,13 +345,21 @@ def _eval_sets(
     seed: int,
     num_images: int | None,
     spec: Any = None,
+    val_images: int = 0,
+    val_batch_size: int = 256,
 ):
-    from compt.paradigms.clip.data.evalsets import embedded_eval_sets, imagefolder_task
+    from compt.paradigms.clip.data.evalsets import embedded_eval_sets, embedded_val_set, imagefolder_task
 
-    tasks, rsets = [], []
+    tasks, rsets, vsets = [], [], []
     if embedded:
         sizes = {} if num_images is None else {"num_images": num_images, "num_retrieval": num_images}
         tasks, rsets = embedded_eval_sets(image_size, seed=seed, spec=spec, **sizes)
+        if val_images:
+            vsets = [
+                embedded_val_set(
+                    image_size, seed, num_images=val_images, batch_size=val_batch_size, spec=spec
+                )
+            ]
     names = {t.name for t in tasks} | {r.name for r in rsets}
     for folder in imagefolders:
         name = Path(folder).resolve().name
@@ -246,7 +369,7 @@ def _eval_sets(
         tasks.append(imagefolder_task(folder, image_size, name=name))
     if not tasks and not rsets:
         raise ValueError("evaluate: nothing to evaluate; keep the embedded sets or pass --imagefolder DIR")
-    return tasks, rsets
+    return tasks, rsets, vsets
 
 
 def build_evaluator(
@@ -259,6 +382,8 @@ def build_evaluator(
     num_images: int | None = None,
     batch_size: int = 256,
     spec: Any = None,
+    val_images: int = 2048,
+    val_batch_size: int = 256,
 ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """An ``evaluate(model, step) -> metrics`` callback for ``compt.engine.train.train_member``.
 
@@ -266,6 +391,8 @@ def build_evaluator(
     folder) and the tokenizer are built once, on the first call. ``num_images`` overrides the
     embedded sets' size (images per task and retrieval images; default: compt.paradigms.clip.data.evalsets').
     ``spec`` (a ``SyntheticSpec``) renders the embedded sets with the vocabulary the run trained on.
+    With the embedded sets, ``val_images`` held-out images (0: none) give ``val_loss`` in contrastive
+    batches of ``val_batch_size`` (issue 12: 2,048 images, batch 256, M = 4).
     In a distributed run call it on rank 0 only.
     """
     from compt.paradigms.clip.data import tokenizer as make_tokenizer
@@ -274,12 +401,37 @@ def build_evaluator(
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
         if not cache:
-            cache["sets"] = _eval_sets(image_size, imagefolders, embedded, seed, num_images, spec)
+            cache["sets"] = _eval_sets(
+                image_size, imagefolders, embedded, seed, num_images, spec, val_images, val_batch_size
+            )
             cache["tok"] = make_tokenizer(context_length)
-        tasks, rsets = cache["sets"]
-        return evaluate_model(model, tasks, rsets, cache["tok"], batch_size)
+        tasks, rsets, vsets = cache["sets"]
+        return evaluate_model(model, tasks, rsets, cache["tok"], batch_size, val_sets=vsets)
 
     return evaluate
+
+
+def eval_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; a ValueError saying what to use otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # "tpu": torch's message lists every device type it knows
+        raise ValueError(
+            f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N ({e})"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: compt evaluates on cpu, cuda or mps, not {dev.type}")
+    return dev
 
 
 def evaluate_checkpoint(
@@ -299,6 +451,7 @@ def evaluate_checkpoint(
     """
     from compt.paradigms.clip.export import load_model
 
+    device = eval_device(device)  # before loading: a wrong device should not cost a model load
     model, model_cfg, info = load_model(path)
     image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
     context_length = int(model_cfg["text_cfg"].get("context_length", 77))
