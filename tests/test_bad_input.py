@@ -8,6 +8,9 @@ and counted by reason, until more than ``data.max_skips`` of them stop the run w
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -532,3 +535,14 @@ def test_grow_takes_a_run_folder_and_refuses_to_overwrite_its_teacher(tmp_path, 
     argv = ["grow", "--teacher", str(run), "--student", "debug-L", "--out", str(run / "final.pt")]
     assert cli_main(argv) == 2
     _assert_says(capsys.readouterr().err, "final.pt is the teacher itself", "another file")
+
+
+def test_ctrl_c_in_a_short_command_is_one_line_and_130(capsys):
+    """Ctrl-C in `compt plan` (or grow, eval...) was a KeyboardInterrupt traceback (issue 11 item 10)."""
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # seconds: 5 ViTs at M = 7
+    timer.start()
+    try:
+        assert cli_main(["plan", "--family", "vit", "--captions", "7"]) == 130
+    finally:
+        timer.cancel()
+    assert capsys.readouterr().err.strip() == "compt: interrupted by Ctrl-C"
