@@ -140,3 +140,27 @@ def test_skipped_samples_on_one_rank_are_masked_exactly(tmp_path):
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
     # Sum over ranks of each rank's local-slice gradient = the gradient of the global loss.
     torch.testing.assert_close(torch.tensor(got["grad"]) / 2, image.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_torchrun_job_on_a_folder_in_use_stops_on_every_rank(tmp_path):
+    """Only rank 0 takes the lock (issue 11); its refusal reaches rank 1, which must not wait forever."""
+    hold = "import sys, time; from compt.engine.lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+    hold += "print('held', flush=True); time.sleep(300)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        args = ["--member", "debug-S", "--data", "synthetic", "--set", "data.num_samples=16", "--steps", "1",
+                "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")]  # fmt: skip
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd = [*torchrun, "-m", "compt", "train", *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(f"is in use by another run: pid {holder.pid}") == 2, output[-4000:]  # both ranks
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -17,6 +17,7 @@ from compt.config import from_dict, to_dict
 from compt.cost import member_cost
 from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from compt.engine.optim import CosineSchedule, build_optimizer, fused_adamw, param_groups
+from compt.engine.resume import RunMismatchError
 from compt.engine.runlog import read_metrics
 from compt.engine.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, train_member
 from compt.families import get_member
@@ -195,17 +196,17 @@ def test_baseline_run_counts_costs_checkpoints_and_finishes_once(tmp_path):
 # --- exact resume --------------------------------------------------------------------------------
 
 
-def _run_interrupted(cfg: TrainConfig, at_step: int):
-    """Train ``cfg``, sending ourselves SIGTERM from the evaluate callback at ``at_step``, then resume."""
+def _run_interrupted(cfg: TrainConfig, at_step: int, signum: int = signal.SIGTERM):
+    """Train ``cfg``, sending ourselves ``signum`` from the evaluate callback at ``at_step``, then resume."""
 
     def evaluate(model, step):
         if step == at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return {"step_seen": float(step)}
 
     with pytest.raises(TrainingInterrupted) as stopped:
         train_member(cfg, evaluate=evaluate)
-    assert stopped.value.code == 143 and stopped.value.checkpoint.name == f"step_{at_step}.pt"
+    assert stopped.value.code == 128 + signum and stopped.value.checkpoint.name == f"step_{at_step}.pt"
     assert (
         latest_checkpoint(cfg.out_dir).name == f"step_{at_step}.pt"
         and not (Path(cfg.out_dir) / "final.pt").exists()
@@ -217,6 +218,7 @@ def _run_interrupted(cfg: TrainConfig, at_step: int):
 # MSG's masks mid-ramp (6 steps x 0.9 -> a 5-step ramp), grown AdamW moments, a faster cosine.
 RECIPES = {
     "baseline": None,
+    "baseline-ctrl-c": None,  # SIGINT: exit 130, saved and resumed like SIGTERM (issue 11)
     "link-auto-alpha": dict(alpha="auto"),
     "link-linear-hypercloning": dict(
         alpha_schedule="linear", alpha_schedule_fraction=0.7, width="hypercloning"
@@ -241,7 +243,8 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path, teacher_ckpt, moments_t
     full = train_member(
         config(tmp_path / "full", **kw), evaluate=lambda model, step: {"step_seen": float(step)}
     )
-    resumed = _run_interrupted(config(tmp_path / "resumed", **kw), at_step=3)  # step 3: mid-epoch 0
+    signum = signal.SIGINT if recipe.endswith("ctrl-c") else signal.SIGTERM
+    resumed = _run_interrupted(config(tmp_path / "resumed", **kw), at_step=3, signum=signum)  # mid-epoch 0
     a, b = load_checkpoint(full.final_checkpoint)["model"], load_checkpoint(resumed.final_checkpoint)["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
@@ -437,6 +440,47 @@ def test_should_stop_ends_the_link_early(tmp_path):
     assert load_checkpoint(result.final_checkpoint)["metrics"] == {"score": 4.0}
     evals = read_metrics(tmp_path / "metrics.jsonl", "eval")
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True
+
+
+def test_a_failing_evaluation_keeps_what_trained(tmp_path):
+    """issue 11: an eval set that fails after the last step lost the member; now it saves, then raises."""
+
+    def broken(model, step):
+        raise ValueError("zero-shot folder zs/ does not exist")
+
+    with pytest.raises(ValueError, match="zs/ does not exist"):
+        train_member(config(tmp_path), evaluate=broken)
+    assert not (tmp_path / "final.pt").exists()
+    assert load_checkpoint(tmp_path / "step_6.pt")["step"] == 6  # save_every_steps=0: nothing else was saved
+    result = train_member(config(tmp_path), evaluate=lambda model, step: {"score": 1.0})
+    assert result.steps == 6 and result.metrics == {"score": 1.0}
+    starts = read_metrics(tmp_path / "metrics.jsonl", "start")
+    assert [r["step"] for r in starts] == [0, 6]  # the rerun only evaluated
+
+
+def test_a_finished_run_of_another_config_is_refused_and_retrain_moves_it_aside(tmp_path, teacher_ckpt):
+    """issue 11: final.pt was reused whatever the config; now only when its config matches."""
+    first = train_member(config(tmp_path / "run", steps=2))
+    trained = _sha(first.final_checkpoint)
+    assert train_member(config(tmp_path / "run", steps=2, keep_last=5)) == first  # free fields: reused
+    with pytest.raises(RunMismatchError, match=r"train.lr is 0.001 there but 0.002 now.*--retrain"):
+        train_member(config(tmp_path / "run", steps=2, lr=2e-3))
+    again = train_member(config(tmp_path / "run", steps=2, lr=2e-3), retrain=True)
+    assert load_checkpoint(again.final_checkpoint)["config"]["lr"] == 2e-3
+    assert _sha(tmp_path / "run.replaced-1" / "final.pt") == trained  # moved aside, not deleted
+
+
+def test_a_link_whose_teacher_was_retrained_is_stale(tmp_path, teacher_ckpt):
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, load_checkpoint(teacher_ckpt))
+    link = config(tmp_path / "link", member="debug-L", teacher=str(teacher), steps=2)
+    train_member(link)
+    save_checkpoint(teacher, load_checkpoint(teacher) | {"wall_s": 123.0})  # its config is the same
+    with pytest.raises(RunMismatchError, match=r"its teacher .*teacher.pt was retrained since"):
+        train_member(link)
+    train_member(link, retrain=True)
+    assert (tmp_path / "link.replaced-1" / "final.pt").is_file()
+    assert train_member(link).steps == 2  # the new link matches its teacher: reused
 
 
 def test_resume_refuses_a_folder_of_another_run(tmp_path):

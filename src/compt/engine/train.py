@@ -20,15 +20,15 @@ rerunning with the same ``out_dir`` resumes exactly where it stopped, and a fini
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
-import signal
-import threading
+import re
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from compt.config import from_dict, to_dict
-from compt.cost import member_cost
+from compt.cost import member_cost, run_steps
 from compt.distill import (
     DEFAULT_ALPHA,
     DEFAULT_RATIO,
@@ -51,11 +51,12 @@ from compt.distill import (
 from compt.engine import dist
 from compt.engine.checkpoint import (
     check_writable,
+    checkpoint_digest,
     latest_checkpoint,
-    load_checkpoint,
     save_checkpoint,
-    verify_checkpoint,
 )
+from compt.engine.interrupt import TrainingInterrupted, signal_name, stop_agreed, stop_on_signals
+from compt.engine.lock import hold
 from compt.engine.optim import (
     PAPER_WARMUP_STEPS,
     CosineSchedule,
@@ -63,7 +64,7 @@ from compt.engine.optim import (
     load_moments,
     moments_by_name,
 )
-from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
+from compt.engine.resume import DataStream, check_prior_run, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
 from compt.grow import grow, grow_moments, list_depth_strategies, list_width_strategies
@@ -77,6 +78,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "train_member",
+    "check_runtime",
 ]
 
 _LOG = logging.getLogger("compt.train")
@@ -189,16 +191,9 @@ class TrainConfig:
                 self.alpha_schedule != "constant" or self.alpha_schedule_fraction == 1,
                 "only applies to alpha_schedule linear or step; leave it at 1 with constant",
             ),
-            (
-                "width",
-                self.width in list_width_strategies(),
-                f"must be one of {', '.join(list_width_strategies())}",
-            ),
-            (
-                "depth",
-                self.depth in list_depth_strategies(),
-                f"must be one of {', '.join(list_depth_strategies())}",
-            ),
+            # Looked up only when a link grows: a typo would fail after the previous member trained.
+            ("width", self.width in list_width_strategies(), _one_of(self.width, list_width_strategies())),
+            ("depth", self.depth in list_depth_strategies(), _one_of(self.depth, list_depth_strategies())),
             ("mask_ramp_fraction", 0 < self.mask_ramp_fraction <= 1, "must be in (0, 1]"),
             ("optimizer_init", self.optimizer_init in OPTIMIZER_INITS, f"must be one of {OPTIMIZER_INITS}"),
             ("lr_decay_fraction", 0 < self.lr_decay_fraction <= 1, "must be in (0, 1]"),
@@ -206,9 +201,28 @@ class TrainConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"train.{name} {why} (got {getattr(self, name)!r})")
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:K (got {self.device!r})")
         if not isinstance(self.alpha, str):
             object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _one_of(value: Any, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), options, n=1)
+    return f"must be one of {', '.join(options)}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` when this machine cannot run ``cfg``: no such device, fp16 without CUDA.
+
+    :func:`compt.chain.load_spec` calls it for every member, so that the spec fails when it is loaded,
+    not after a member trained (issue 11); ``train_member`` finds the same errors at setup.
+    """
+    _precision(cfg, dist.resolve_device(cfg.device, dist.launch_local_rank()))
 
 
 @dataclass
@@ -244,17 +258,6 @@ class TrainResult:
     planned_steps: int = 0  # steps the schedule planned (> steps when `should_stop` ended the run early)
 
 
-class TrainingInterrupted(SystemExit):
-    """SIGTERM arrived: a checkpoint was written at the step boundary; rerun the same command to resume."""
-
-    def __init__(self, message: str, checkpoint: Path | None):
-        super().__init__(143)  # 128 + SIGTERM, the exit status schedulers expect from a terminated job
-        self.message, self.checkpoint = message, checkpoint
-
-    def __str__(self) -> str:
-        return self.message
-
-
 @dataclass
 class _Run:
     """Everything one run holds while it trains (built by :func:`_setup`)."""
@@ -279,7 +282,7 @@ class _Run:
     teacher_info: dict[str, Any] | None
     teacher_macs_per_step: int = 0  # the teacher forward's share of macs_per_step (none if L_IFD is off)
     masks: GrowthMask | None = None  # MSG's growth masks while they ramp (width "msg"), else None
-    stop_requested: bool = False
+    stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
 
@@ -392,6 +395,7 @@ def train_member(
     *,
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     should_stop: Callable[[dict[str, float]], bool] | None = None,
+    retrain: bool = False,
 ) -> TrainResult:
     """Train one member (a baseline, or a chain link when ``cfg.teacher`` is set) and return its result.
 
@@ -400,32 +404,40 @@ def train_member(
     :attr:`TrainResult.metrics`. ``should_stop(metrics) -> True`` ends the run early (``final.pt`` is
     written as usual). Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
     resumes from the newest valid ``step_*.pt``; a run whose ``final.pt`` exists returns at once.
+    A folder holding a run of another config is an error naming the change, unless ``retrain``,
+    which moves it aside (``<out_dir>.replaced-<N>``) and trains afresh. Another process training
+    in the same folder is an error too (:mod:`compt.engine.lock`).
 
     Raises :class:`NonFiniteLossError` when the loss turns NaN/inf (no checkpoint is written after
-    it) and :class:`TrainingInterrupted` (a ``SystemExit``) after saving on SIGTERM.
+    it) and :class:`TrainingInterrupted` (a ``SystemExit``) after saving on SIGTERM or SIGINT.
     """
-    final = Path(cfg.out_dir) / "final.pt"
-    if final.is_file():
-        if verify_checkpoint(final):
-            return _result(final, load_checkpoint(final))
-        warnings.warn(
-            f"{final} is corrupted or truncated (SHA-256 mismatch); resuming from the newest valid "
-            "step checkpoint to write it again",
-            stacklevel=2,
-        )
     check_writable(cfg.out_dir, "train.out_dir")  # now, not at the first checkpoint
     info = dist.init_distributed(cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     run = None
     try:
-        run = _setup(cfg, info)
-        with _save_on_sigterm(run):
-            return _loop(run, evaluate, should_stop)
+        with hold(cfg.out_dir):  # one run per folder (issue 11); rank 0 holds it for the job
+            done = dist.run_on_main(lambda: _reuse_finished(cfg, retrain))
+            if done is not None:
+                return done
+            run = _setup(cfg, info)
+            with stop_on_signals(run, run.out_dir / "final.pt"):
+                return _loop(run, evaluate, should_stop)
     finally:
         if run is not None:
             run.log.close()
         torch.use_deterministic_algorithms(was_deterministic)
         dist.teardown(info)
+
+
+def _reuse_finished(cfg: TrainConfig, retrain: bool) -> TrainResult | None:
+    """The result of a finished run of ``cfg`` in its out_dir, else None (rank 0; see check_prior_run)."""
+    payload = check_prior_run(cfg, retrain)
+    if payload is None:
+        return None
+    final = Path(cfg.out_dir) / "final.pt"
+    _LOG.info("%s: trained before (%s), with this config; not training again", cfg.member, final)
+    return _result(final, payload)
 
 
 def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
@@ -441,7 +453,11 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
             log_step(run, stats)
         at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
         if has_eval and (last or at_eval):
-            metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+            try:
+                metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+            except Exception:
+                _save_before_raising(run)
+                raise
             if stop_early and not last:
                 last = True
                 if not at_log:
@@ -449,49 +465,32 @@ def _loop(run: _Run, evaluate, should_stop) -> TrainResult:
         if last:
             return _finish(run, metrics)
         at_save = fresh and cfg.save_every_steps > 0 and st.step % cfg.save_every_steps == 0
-        stop = _stop_agreed(run, sync_point=at_log or at_save)
+        stop = stop_agreed(run, sync_point=at_log or at_save)
         if at_save or stop:
             check_finite(run)  # never save weights that a NaN step has touched
             path = save_run(run, run.out_dir / f"step_{st.step}.pt")
         if stop:
-            msg = f"stopped by SIGTERM at step {st.step}; saved {path}; rerun the same command to resume"
+            msg = f"stopped by {signal_name(stop)} at step {st.step}; saved {path}; "
+            msg += "rerun the same command to resume"
             _LOG.warning(msg)
-            raise TrainingInterrupted(msg, path)
+            raise TrainingInterrupted(msg, path, stop)
         stats = _train_step(run, run.data.next())
         _advance(run)
+        run.log.heartbeat(st.step, st.wall_s + time.perf_counter() - run.clock)
 
 
-def _stop_agreed(run: _Run, sync_point: bool) -> bool:
-    """Whether SIGTERM arrived; ranks agree at log/save steps (a collective), a lone process every step."""
-    if run.info.world_size == 1:
-        return run.stop_requested
-    if not sync_point:
-        return False
-    flag = torch.tensor(float(run.stop_requested), device=run.info.device)
-    return bool(dist.all_reduce_max(flag).item())
+def _save_before_raising(run: _Run) -> None:
+    """The evaluation failed (e.g. an eval folder went missing): keep the steps trained so far.
 
-
-@contextmanager
-def _save_on_sigterm(run: _Run):
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        run.stop_requested = True
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if run.stop_requested:  # arrived during the last boundary (final eval/save): final.pt is written,
-        # but a caller such as the chain would go on to train the next member; stop here instead.
-        final = run.out_dir / "final.pt"
-        msg = f"stopped by SIGTERM after {run.cfg.member} finished ({final}); rerun the same command"
-        _LOG.warning(msg)
-        raise TrainingInterrupted(msg, final)
+    Before final.pt the last checkpoint may be far behind (issue 11: an ImageFolder error after
+    the last step lost the whole member); a rerun resumes here and only evaluates again.
+    """
+    check_finite(run)
+    path = save_run(run, run.out_dir / f"step_{run.state.step}.pt")
+    _LOG.error(
+        "%s: the evaluation at step %d failed; saved %s. Fix the cause and rerun the same command: the "
+        "run resumes there and evaluates again", run.cfg.member, run.state.step, path,
+    )  # fmt: skip
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -547,6 +546,7 @@ def _build_link(
     """Teacher, projection T and cost of a chain link; at step 0 grows the student (and, if asked, its
     AdamW moments) from the teacher."""
     teacher, payload, t_member = load_teacher(cfg.teacher, member)
+    digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
     masks = moments = None
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
         if cfg.optimizer_init == "grown":  # first: a teacher without moments fails before any work
@@ -570,7 +570,7 @@ def _build_link(
         total_steps=total_steps,
     )
     teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
-    info = {"checkpoint": str(cfg.teacher), "member": t_member.name}
+    info = {"checkpoint": str(cfg.teacher), "member": t_member.name, "sha256": digest}
     return _Link(distiller, projection, info, teacher_macs, masks, moments)
 
 
@@ -590,7 +590,7 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     _configure_torch(cfg, device)
     state = TrainState()
     data = DataStream(cfg, member, info, state)
-    total_steps = cfg.steps or max(1, round(cfg.epochs * data.steps_per_epoch))
+    total_steps = cfg.steps or run_steps(cfg.epochs, data.steps_per_epoch)  # as compt plan counts them
     resume_from = latest_checkpoint(cfg.out_dir)
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
     model = member.create()
@@ -619,22 +619,38 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
                teacher_macs_per_step=teacher_macs_per_step, masks=link and link.masks)  # fmt: skip
     if resume_from is not None:
         restore_run(run, resume_from)  # the growth masks too, if the checkpoint was taken mid-ramp
-        _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
     if run.masks is not None:  # after the optimizer and the restore: both see the plain parameters
         run.masks.install(model)
     run.forward = _wrap(paradigm.student(model, projection), cfg, info)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
-                     start_wall_s=state.wall_s)  # fmt: skip
-    start = {"kind": "start", "step": state.step, "member": member.name, "teacher": run.teacher_info}
-    start |= {"world_size": info.world_size, "device": str(device), "precision": str(amp_dtype or "fp32")}
-    start |= {"total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch}
-    start |= {"warmup_steps": schedule.warmup_steps, "macs_per_step": macs_per_step}
-    run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
+    run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
+                     steps_per_epoch=data.steps_per_epoch, batch_size=cfg.global_batch_size,
+                     start_step=state.step, start_wall_s=state.wall_s)  # fmt: skip
+    _announce(run, resume_from)
     run.clock = time.perf_counter()
     return run
+
+
+def _announce(run: _Run, resume_from: Path | None) -> None:
+    """The ``start`` record, and a line saying what trains (or where it resumed) for the job's log."""
+    cfg, st, name = run.cfg, run.state, run.member.name
+    precision = str(run.amp_dtype or "fp32")
+    start = {"kind": "start", "step": st.step, "member": name, "teacher": run.teacher_info}
+    start |= {"world_size": run.info.world_size, "device": str(run.info.device), "precision": precision}
+    start |= {"total_steps": run.total_steps, "steps_per_epoch": run.data.steps_per_epoch}
+    start |= {"warmup_steps": run.schedule.warmup_steps, "macs_per_step": run.macs_per_step}
+    run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
+    if resume_from is not None:
+        _LOG.info("%s: resumed from %s at step %d/%d (epoch %d)", name, resume_from, st.step, run.total_steps,
+                  st.epoch)  # fmt: skip
+        return
+    teacher = f", teacher {run.teacher_info['member']}" if run.teacher_info else ""
+    epochs = run.total_steps / run.data.steps_per_epoch
+    _LOG.info("%s: training %d steps (%.4g epochs of %d), global batch %d, %s on %s x %d%s", name,
+              run.total_steps, epochs, run.data.steps_per_epoch, cfg.global_batch_size, precision,
+              run.info.device.type, run.info.world_size, teacher)  # fmt: skip
 
 
 def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo) -> nn.Module:
@@ -671,6 +687,9 @@ def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
         save_checkpoint(final, payload)
         record = {"kind": "final", "step": st.step, "samples_seen": st.samples_seen}
         run.log.write(record | {"train_macs": st.train_macs, "wall_s": st.wall_s, "checkpoint": str(final)})
+        _LOG.info(
+            "%s: finished %d steps, %.1f s of training -> %s", run.cfg.member, st.step, st.wall_s, final
+        )
     dist.barrier()
     return _result(final, payload)
 

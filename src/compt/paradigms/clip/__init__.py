@@ -108,6 +108,13 @@ class ClipParadigm(Paradigm):
                 f"tokenizer with {need} token ids; set vocab_size: {need} in its family definition"
             )
 
+    def num_samples(self, data_cfg: DataConfig, member: ClipMember) -> int:
+        from compt.paradigms.clip.data import StreamDataset, build_dataset
+
+        # Built once and cached by build_dataset: the trainer reuses it, so a table is read only once.
+        dataset = build_dataset(data_cfg, image_size=member.image_size, context_length=member.context_length)
+        return int(dataset.num_samples) if isinstance(dataset, StreamDataset) else len(dataset)
+
     def data_flag(self, value: str) -> dict[str, Any]:
         """``compt train --data``: a registered kind, a CSV/TSV table or webdataset shards."""
         from compt.paradigms.clip.data import list_datasets
@@ -161,6 +168,19 @@ class ClipParadigm(Paradigm):
             spec=data_cfg.synthetic if data_cfg is not None else None,  # held-out scenes, same vocabulary
             **options,
         )
+
+    def check_eval(self, member: ClipMember, *, imagefolders: tuple[str, ...] = (), **options: Any) -> None:
+        # The sets are read after training; a folder that is not there would fail only then.
+        for folder in map(Path, imagefolders):
+            if not folder.is_dir():
+                raise ValueError(
+                    f"eval.imagefolders: {folder} does not exist (expected a folder with one sub-folder "
+                    "of images per class); fix the path or remove it"
+                )
+            if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+                raise ValueError(
+                    f"eval.imagefolders: {folder} has no class sub-folders (expected {folder}/<class>/*.jpg)"
+                )
 
     def check_metric(self, metric: str) -> None:
         # compt.paradigms.clip.evaluate's keys; a typo here would make until_lossless wait forever.
