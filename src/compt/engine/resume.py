@@ -17,7 +17,7 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 (:func:`compt.grow.masks.plain_state_dict`). Resuming checks that the folder holds the same run
 (:func:`check_same_run`); a checkpoint written before a field existed is read with the value that
 its code implied (:data:`LEGACY_VALUES`). The functions here
-take the trainer's run object (``compt.engine.train._Run``); this module never imports the trainer.
+take the trainer's run object (``compt.engine.setup.Run``); this module never imports the trainer.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; no checkpoint was written after it, the last good one is intact."""
 
 
-# --- step-boundary work of the trainer (``run`` is compt.engine.train's run object) -------------------
+# --- step-boundary work of the trainer (``run`` is compt.engine.setup.Run) --------------------------
 
 
 class EvaluationError(RuntimeError):
