@@ -102,15 +102,26 @@ def restore_rng(states: list[dict[str, Any]], rank: int, device: torch.device, f
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path) -> None:
-    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes."""
+def check_same_run(
+    now: dict[str, Any],
+    saved: dict[str, Any],
+    path: str | Path,
+    *,
+    same_run: tuple[str, ...] = SAME_RUN_FIELDS,
+    free: tuple[str, ...] = _FREE_FIELDS,
+) -> None:
+    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes.
+
+    ``same_run`` / ``free``: the fields that define the run and those that may change silently
+    (defaults: TrainConfig's; a loop with another config passes its own).
+    """
 
     def strip(data: Any) -> Any:
         return (
             {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
         )
 
-    for key in SAME_RUN_FIELDS:
+    for key in same_run:
         a, b = now.get(key), saved.get(key)
         if key == "data":
             a, b = strip(a), strip(b)
@@ -119,9 +130,7 @@ def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path)
                 f"{path} belongs to a different run: train.{key} is {b!r} there but {a!r} now. Use a new "
                 f"out_dir for the new settings, or the old settings to resume."
             )
-    changed = [
-        k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)
-    ]
+    changed = [k for k in now if k not in same_run and k not in free and now[k] != saved.get(k)]
     if changed:
         warnings.warn(
             f"resuming {path} with changed settings: "

@@ -62,6 +62,12 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "train_member",
+    "train_step",
+    "advance",
+    "stop_agreed",
+    "save_on_sigterm",
+    "resolve_precision",
+    "configure_torch",
 ]
 
 _LOG = logging.getLogger("compt.train")
@@ -568,3 +574,14 @@ def _result(path: Path, payload: dict[str, Any]) -> TrainResult:
         metrics=dict(payload.get("metrics") or {}),
         planned_steps=int(payload.get("planned_steps", payload["steps"])),
     )
+
+
+# --- the step machinery, for loops built on this engine ------------------------------------------
+# The fine-tune (compt.paradigms.clip.finetune.train, issue 16) runs its own stage-aware loop over the
+# same step, counters, SIGTERM handling and precision; it passes a run object with the fields these read.
+train_step = _train_step
+advance = _advance
+stop_agreed = _stop_agreed
+save_on_sigterm = _save_on_sigterm
+resolve_precision = _precision
+configure_torch = _configure_torch
