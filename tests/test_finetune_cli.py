@@ -4,14 +4,19 @@ input is one clear line and exit status 2 (issue 16)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from compt.cli import main
-from compt.engine.checkpoint import save_checkpoint
+from compt.engine.checkpoint import load_checkpoint, save_checkpoint
 from compt.families import get_member
 from compt.paradigms.clip.finetune.sets import load_splits
 
@@ -127,3 +132,34 @@ def test_bad_input_is_one_clear_line_and_exit_status_2(member_ckpt, made_set, tm
         err = capsys.readouterr().err.strip()
         assert err.startswith("compt finetune: error: ") and len(err.splitlines()) == 1, err
         assert message in err, (message, err)
+
+
+def _cli(*argv: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("COMPT_DEBUG", None)
+    cmd = [sys.executable, "-m", "compt", "finetune", *argv]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_ends_like_an_uninterrupted_run(
+    member_ckpt, made_set, tmp_path
+):
+    common = ["--train", str(made_set / "train"), "--test", str(made_set / "test"), "--steps", "40",
+              "--batch-size", "8", "--lr", "1e-3", "--progressive", "autoprog-zero", "--schedule", "manual",
+              "--save-every", "1", "--device", "cpu"]  # fmt: skip
+    reference = _cli(str(member_ckpt), *common, "--out", str(tmp_path / "whole"))
+    assert reference.wait(timeout=600) == 0, reference.communicate()[1][-3000:]
+    out = tmp_path / "stopped"
+    proc = _cli(str(member_ckpt), *common, "--out", str(out))
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and not any(out.glob("step_*.pt")) and time.monotonic() < deadline:
+        time.sleep(0.003)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM at step" in err and "rerun the same command" in err and "Traceback" not in err
+    assert not (out / "final.pt").exists()
+    rerun = _cli(str(member_ckpt), *common, "--out", str(out))
+    assert rerun.wait(timeout=600) == 0, rerun.communicate()[1][-3000:]
+    a, b = (load_checkpoint(folder / "final.pt")["model"] for folder in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
