@@ -91,6 +91,9 @@ def test_the_linear_probe_mode_fits_on_frozen_features_and_files_its_result(setu
     assert result.probe["c"] > 0 and result.probe["num_train"] == 48 and result.probe["num_classes"] == 8
     assert json.loads((tmp_path / "probe" / "result.json").read_text())["test_top1"] == result.test_top1
     assert not (tmp_path / "probe" / "final.pt").exists()
+    # The run's seed draws the probe's validation split, as it draws everything else of a run.
+    other = finetune(_cfg(setup, tmp_path / "probe-1", mode="linear-probe", seed=1))
+    assert other.probe["val_top1"] != result.probe["val_top1"]
 
 
 def test_each_autoprog_zero_stage_trains_exactly_its_blocks_at_its_resolution(setup, tmp_path):

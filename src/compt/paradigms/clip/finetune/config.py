@@ -81,7 +81,7 @@ class FinetuneConfig:
     out_dir: str | None = None  # None: <member folder>/finetune/<set>/<label>-seed<seed>
     progressive: str | None = None  # None | autoprog-zero (full mode only): staged unfreezing + resolution
     autoprog_zero: AutoProgZeroConfig = field(default_factory=AutoProgZeroConfig)  # with progressive
-    probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear-probe mode's settings
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear-probe mode's (its seed: `seed`)
     epochs: float = 10.0  # passes over the training images (fractions allowed); ignored when `steps` is set
     steps: int | None = None  # optimizer steps of the whole run; overrides `epochs`
     global_batch_size: int = 64  # images per optimizer step
@@ -95,7 +95,7 @@ class FinetuneConfig:
     grad_clip: float = 0.0  # max global gradient L2 norm; 0 disables clipping
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a grad scaler)
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise reproducible, slower
-    seed: int = 0  # data order, SID initialization and draws, search batches, validation split
+    seed: int = 0  # data order, SID init and draws, search batches, validation splits (probe's too)
     val_fraction: float = 0.0  # training images held out (stratified) and scored as val_top1; 0: none
     save_every_steps: int = 100  # write step_<N>.pt every this many optimizer steps (0: only final.pt)
     keep_last: int = 2  # step_*.pt files kept (0: keep all)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,9 @@ def _probe(cfg: FinetuneConfig, device: torch.device) -> FinetuneResult:
     """The linear probe (C chosen on its own validation split of the training set); nothing to resume."""
     model, _, source, train, test = _load(cfg)
     start = time.perf_counter()
-    probe = linear_probe(model.to(device), source["image_size"], train, test, cfg.probe)
+    # finetune.seed draws the probe's validation split too: one seed per run, whatever the mode.
+    probe_cfg = replace(cfg.probe, seed=cfg.seed)
+    probe = linear_probe(model.to(device), source["image_size"], train, test, probe_cfg)
     result = FinetuneResult.of(
         cfg, source, test_top1=probe.test_top1, num_train=probe.num_train, num_test=probe.num_test,
         num_classes=probe.num_classes, wall_s=time.perf_counter() - start, probe=probe.to_dict(),
