@@ -111,7 +111,7 @@ def _bad_inputs(tmp_path, member_ckpt, made_set):
         ),
         (ok + ["--train", str(one_class / "train")], "at least two"),
         (ok + ["--test", str(missing / "test")], "class folders differ"),
-        ([str(not_clip), *ok[1:]], "does not hold an open_clip CLIP"),
+        ([str(not_clip), *ok[1:]], "does not hold a clip model"),
         ([str(tmp_path / "nothing.pt"), *ok[1:]], "does not exist"),
         (
             ok[:5] + done + ["--mode", "linear-probe"],

@@ -158,7 +158,7 @@ def test_load_clip_reads_a_checkpoint_and_an_export_alike(tmp_path, clip, member
 )
 def test_a_checkpoint_that_is_not_a_clip_is_a_clear_error(tmp_path, model_cfg):
     path = save_checkpoint(tmp_path / "final.pt", {"model": {"w": torch.zeros(2)}, "model_cfg": model_cfg})
-    with pytest.raises(CheckpointError, match="does not hold an open_clip CLIP"):
+    with pytest.raises(CheckpointError, match="does not hold a clip model"):
         load_clip(path)
 
 

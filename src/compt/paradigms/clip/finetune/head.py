@@ -54,12 +54,7 @@ def load_clip(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
     from compt.paradigms.clip.export import load_model
 
     how = "pass a compt CLIP checkpoint (a run's final.pt), its run folder, or an exported member folder"
-    try:
-        model, cfg, info = load_model(path)
-    except (TypeError, KeyError) as e:  # CLIP(**cfg) on a config of another kind of model
-        raise CheckpointError(
-            f"{path} does not hold an open_clip CLIP ({type(e).__name__}: {e}); {how}"
-        ) from e
+    model, cfg, info = load_model(path)  # a checkpoint of another kind of model: CheckpointError
     if not isinstance(cfg, dict) or "vision_cfg" not in cfg or not hasattr(model, "encode_image"):
         raise CheckpointError(f"{path} holds a model without an image tower (no vision_cfg); {how}")
     return model, cfg, info
