@@ -77,11 +77,18 @@ class Protocol:
 
 
 # Metrics computed from evaluate_model's keys, so a finished run can be re-scored without retraining.
+# Its chance/<key> entries are chance levels, not measurements: never part of a derived metric.
+def _measured(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if not k.startswith("chance/")}
+
+
 DERIVED_METRICS = {
-    "mean_retrieval_r10": lambda m: statistics.fmean(v for k, v in m.items() if k.endswith("_r10")),
-    "mean_retrieval_r5": lambda m: statistics.fmean(v for k, v in m.items() if k.endswith("_r5")),
+    "mean_retrieval_r10": lambda m: statistics.fmean(
+        v for k, v in _measured(m).items() if k.endswith("_r10")
+    ),
+    "mean_retrieval_r5": lambda m: statistics.fmean(v for k, v in _measured(m).items() if k.endswith("_r5")),
     "zeroshot_without_colour": lambda m: statistics.fmean(
-        v for k, v in m.items() if k.startswith("zeroshot/") and k != "zeroshot/colour/top1"
+        v for k, v in _measured(m).items() if k.startswith("zeroshot/") and k != "zeroshot/colour/top1"
     ),
 }
 

@@ -117,6 +117,7 @@ def _assert_says(message: str, *fragments: str) -> None:
         ("missing", "missing_file"),
         ("empty_caption", "empty_caption"),
         ("short_row", "bad_row"),
+        ("empty_path", "empty_path"),
     ],
 )
 def test_a_bad_sample_is_skipped_and_counted(tmp_path, bad, reason):
@@ -128,6 +129,8 @@ def test_a_bad_sample_is_skipped_and_counted(tmp_path, bad, reason):
         rows[1] = ("gone.png", "a picture that is not there")
     elif bad == "empty_caption":
         rows[1] = (rows[1][0], "   ")
+    elif bad == "empty_path":  # was reported as where='.' (issue 11 item 14)
+        rows[1] = ("  ", "a picture without a path")
     path = _table(tmp_path, rows)
     if bad == "short_row":  # a row with one column too few
         path.write_text(path.read_text() + "only-one-column\n")
@@ -136,6 +139,9 @@ def test_a_bad_sample_is_skipped_and_counted(tmp_path, bad, reason):
     (images, texts), *_ = list(loader)
     assert images.shape[0] == 3 and texts.shape[0] == 3  # the bad one is dropped from its batch
     assert loader.skips == {reason: 1}
+    if bad == "empty_path":
+        skip = loader.batches.dataset.load(1, None)  # shuffle=False: row 2 is sample 1
+        assert skip.where.endswith("train.tsv data row 2") and "column 'filepath' is empty" in skip.detail
 
 
 def test_too_many_bad_samples_stop_with_the_file_and_the_limit(tmp_path):
@@ -359,3 +365,11 @@ def test_eval_folder_missing_or_without_classes(tmp_path):
     (tmp_path / "flat").mkdir()
     _image(tmp_path / "flat" / "x.png")
     _assert_says(_message(lambda: imagefolder_task(tmp_path / "flat", 16)), "flat", "no class sub-folders")
+
+
+def test_a_step_whose_samples_are_all_bad_trains_on_borrowed_ones(tmp_path):
+    # Issue 11 item 9: the first batch of 4 is all missing files (was: RuntimeError inside open_clip).
+    rows = [(f"gone{i}.png", f"a missing picture {i}") for i in range(4)] + _good_rows(tmp_path, 4)
+    data = DataConfig(kind="csv", path=str(_table(tmp_path, rows)), shuffle=False)
+    result = train_member(_train_cfg(tmp_path, data=data, global_batch_size=4, steps=2, save_every_steps=0))
+    assert result.steps == 2 and result.final_checkpoint.is_file()

@@ -145,7 +145,7 @@ def test_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog):
         (names[0], "   "),
     ]
     path = _tsv(tmp_path, rows)
-    with caplog.at_level(logging.WARNING, logger="compt.data"):
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
         loader = _loader(path, gbs=10)
         # A trainer takes len(loader) batches and never sees the generator end: the summary is
         # logged before the last batch is handed out.
@@ -201,3 +201,101 @@ def test_num_samples_limits_rows_and_image_root(tmp_path):
     loader = _loader(path, num_samples=4, image_root=str(tmp_path / "pics"))
     assert len(loader) == 1 and loader.skips == {}
     assert sum(len(i) for i, _ in loader) == 4
+
+
+def test_a_batch_of_only_bad_samples_is_refilled_from_the_following_ones(tmp_path, caplog):
+    names = _jpegs(tmp_path / "images", 5)
+    # Rows 3..5 (the whole second batch of 3) are missing: step 1 borrows rows 6, 7, 0 (wrapping).
+    rows = [(n, f"good {i}") for i, n in enumerate(names[:3])]
+    rows += [(f"images/gone{i}.jpg", f"gone {i}") for i in range(3)]
+    rows += [(n, f"good {i}") for i, n in enumerate(names[3:], 3)]
+    path = _tsv(tmp_path, rows)
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+        loader = _loader(path, gbs=3, shuffle=False)
+        batches = list(loader)
+    assert [len(i) for i, _ in batches] == [3, 3]
+    ds = build_dataset(DataConfig(kind="csv", path=str(path)), image_size=32, context_length=32)
+    borrowed = [ds.load(i, sample_rng(0, 0, i))[0] for i in (6, 7, 0)]
+    assert torch.equal(batches[1][0], torch.stack(borrowed))
+    assert loader.skips == {"missing_file": 3} and loader.repairs == {"refilled_batch": 1}
+    assert "refilled_batch" in caplog.text and "step 1" in caplog.text
+    # A resume at the refilled step sees the same batch (the refill is a function of the step).
+    cfg = DataConfig(kind="csv", path=str(path), shuffle=False)
+    resumed = list(build_loader(cfg, image_size=32, context_length=32, global_batch_size=3, start_step=1))
+    assert torch.equal(resumed[0][0], batches[1][0]) and torch.equal(resumed[0][1], batches[1][1])
+    with_workers = list(_loader(path, gbs=3, shuffle=False, workers=2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, with_workers, strict=True))
+
+
+def test_a_batch_with_nothing_to_borrow_is_an_error_naming_the_step(tmp_path):
+    rows = [(f"images/gone{i}.jpg", f"gone {i}") for i in range(8)]
+    with pytest.raises(DataError, match=r"step 0 has no usable sample.*missing_file=4"):
+        list(_loader(_tsv(tmp_path, rows), gbs=4, shuffle=False, max_skips=4))
+
+
+def _lines(tmp_path, lines, name="train.tsv"):
+    path = tmp_path / name
+    path.write_bytes(b"filepath\ttitle\n" + b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def test_a_stray_quote_swallowing_rows_is_an_error_naming_the_row(tmp_path):
+    names = _jpegs(tmp_path / "images", 8)
+    lines = [f"{n}\tphoto {i}".encode() for i, n in enumerate(names)]
+    lines[2] = f'{names[2]}\t"stray quote opens photo 2'.encode()
+    lines[6] = f'{names[6]}\tphoto 6 ends with a quote"'.encode()
+    # Both csv and pandas (OpenCLIP) read this as 4 rows, row 3's caption holding rows 4-7.
+    with pytest.raises(DataError, match=r"train.tsv: data row 3 \(line 4\) runs over lines 4-8.*line 5: "):
+        _loader(_lines(tmp_path, lines))
+    lines[6] = f"{names[6]}\tphoto 6".encode()  # one stray quote left: it never closes
+    with pytest.raises(DataError, match=r"data row 3 \(line 4\) runs over lines 4-9"):
+        _loader(_lines(tmp_path, lines))
+    lines[2], lines[-1] = lines[2].replace(b'"', b""), f'{names[7]}\t"quote on the last row'.encode()
+    with pytest.raises(DataError, match=r"OpenCLIP's reader \(pandas.read_csv\) cannot split it.*EOF inside"):
+        _loader(_lines(tmp_path, lines))
+
+
+def test_rows_read_vs_lines_are_logged_and_quoted_line_breaks_are_fine(tmp_path, caplog):
+    names = _jpegs(tmp_path / "images", 4)
+    lines = [f"{n}\tphoto {i}".encode() for i, n in enumerate(names)]
+    lines[1] = f'{names[1]}\t"a long caption\nover two lines, e.g. from an MLLM"'.encode()
+    with caplog.at_level(logging.INFO, logger="compt.paradigms.clip.data"):
+        loader = _loader(_lines(tmp_path, lines + [b""]))
+    assert len(loader) == 1 and loader.skips == {}
+    assert "4 rows read from 5 lines after the header (1 line breaks inside quoted fields)" in caplog.text
+
+
+QUOTE_CASES = [
+    b'a.jpg\tsay "hi" now',
+    b'a.jpg\t"he said ""x"" twice"',
+    b'a.jpg\t"quoted" then text',
+    b'a.jpg\t"tab\tinside quotes"',
+    b'a.jpg\t"a caption\nwith a line break"',
+    b"a.jpg\tNA",
+    b"a.jpg\t",
+    b"a.jpg\tnull",
+    b"",
+    b"a.jpg\tplain caption",
+]
+
+
+def test_cells_are_the_ones_openclip_reads_with_pandas(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = _lines(tmp_path, QUOTE_CASES)
+    ds = build_dataset(DataConfig(kind="csv", path=str(path)), image_size=32, context_length=32)
+    ours = [ds._record(i)[0][1] for i in range(len(ds))]
+    # OpenCLIP's own call is pd.read_csv(path, sep=sep); its NaN for empty/"NA"/"null" cells is a
+    # pandas default compt does not copy (OpenCLIP then trains on the caption "nan").
+    theirs = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)["title"].tolist()
+    assert ours == theirs and len(ours) == len(QUOTE_CASES) - 1
+    assert pd.read_csv(path, sep="\t")["title"].isna().sum() == 3
+
+
+def test_a_caption_that_is_not_utf8_is_kept_and_counted(tmp_path):
+    names = _jpegs(tmp_path / "images", 4)
+    lines = [f"{n}\tphoto {i}".encode() for i, n in enumerate(names)]
+    lines[2] = names[2].encode() + b"\tcaf\xe9 cr\xe8me (latin-1)"
+    loader = _loader(_lines(tmp_path, lines), shuffle=False)
+    (images, _), *_ = list(loader)
+    assert len(images) == 4 and loader.skips == {}
+    assert loader.repairs == {"non_utf8_text": 1}

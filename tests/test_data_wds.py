@@ -43,7 +43,8 @@ def _shards(folder, num_shards=4, per_shard=8, stats=True, bad=None):
                 if bad.get(key) != "no_image":
                     _add(tar, f"{key}.jpg", image)
                 caption = "" if bad.get(key) == "empty" else f"a photo of item {key}"
-                _add(tar, f"{key}.txt", caption.encode())
+                text = caption.encode() + (b" caf\xe9" if bad.get(key) == "latin1" else b"")
+                _add(tar, f"{key}.txt", text)
                 meta = {
                     "key": key,
                     "status": "success",
@@ -142,7 +143,7 @@ def test_truncated_tar_corrupt_image_missing_shard_are_counted(tmp_path, caplog)
     # Read in this order (shuffle off): missing shard, truncated shard (1 whole sample), shard 0.
     pattern = "::".join(str(tmp_path / "shards" / f) for f in ("00003.tar", "00002.tar", "00000.tar"))
     cfg = _cfg(pattern, num_samples=11, wds_shuffle_buffer=0, shuffle=False)
-    with caplog.at_level(logging.WARNING, logger="compt.data"):
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
         loader, batches = _run(cfg, gbs=11)
     assert loader.skips == {
         "corrupt_image": 1,
@@ -167,3 +168,47 @@ def test_missing_size_and_missing_shards_are_clear_errors(tmp_path):
         )
     with pytest.raises(DataError, match="data.path is empty"):
         build_dataset(DataConfig(kind="wds"), image_size=32, context_length=32)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_of_only_bad_samples_borrows_from_the_next_batches(tmp_path, workers):
+    # One shard per stream, no shuffling: stream 0 reads shard 0 in order; its first batch (4) is bad.
+    bad = {f"00000{i:04d}": "corrupt" for i in range(4)}
+    pattern = _shards(tmp_path / "shards", num_shards=2, per_shard=12, bad=bad)
+    cfg = _cfg(pattern, workers=workers, shuffle=False, wds_shuffle_buffer=0, num_samples=24)
+    loader, batches = _run(cfg, gbs=4)
+    assert [len(i) for i, _ in batches] == [4] * 6
+    stream0 = batches[:: max(1, workers)]  # the steps stream 0 serves
+    # Step 0 borrowed the stream's next batch, which is still served in its own turn.
+    assert torch.equal(stream0[0][0], stream0[1][0]) and torch.equal(stream0[0][1], stream0[1][1])
+    assert loader.skips == {"corrupt_image": 4} and loader.repairs == {"refilled_batch": 1}
+    _, resumed = _run(cfg, gbs=4, start_step=1)  # resume after the refilled step: unchanged
+    for (i, t), (ri, rt) in zip(batches[1:], resumed, strict=True):
+        assert torch.equal(i, ri) and torch.equal(t, rt)
+
+
+def test_a_caption_that_is_not_utf8_is_kept_and_counted(tmp_path, caplog):
+    pattern = _shards(tmp_path / "shards", num_shards=1, per_shard=4, bad={"000000002": "latin1"})
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+        loader, batches = _run(_cfg(pattern, shuffle=False, wds_shuffle_buffer=0), gbs=4)
+    assert [len(i) for i, _ in batches] == [4]
+    assert loader.skips == {} and loader.repairs == {"non_utf8_text": 1}
+    assert "000000002.txt" in caplog.text and "repaired non_utf8_text=1" in caplog.text
+
+
+def test_a_broken_size_file_names_itself(tmp_path):
+    pattern = _shards(tmp_path / "shards", num_shards=1, stats=False)
+    (tmp_path / "shards" / "sizes.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"sizes.json: cannot read the sample count.*data.num_samples"):
+        build_dataset(_cfg(pattern), image_size=32, context_length=32)
+    (tmp_path / "shards" / "sizes.json").unlink()
+    (tmp_path / "shards" / "__len__").write_text("many\n")
+    with pytest.raises(DataError, match=r"__len__: cannot read the sample count"):
+        build_dataset(_cfg(pattern), image_size=32, context_length=32)
+
+
+def test_a_json_that_is_not_an_object_is_a_bad_json_skip(tmp_path):
+    pattern = _shards(tmp_path / "shards", num_shards=1, per_shard=2)
+    ds = build_dataset(_cfg(pattern, num_samples=2), image_size=32, context_length=32)
+    out = ds.decode({"__key__": "k", "__url__": "u", "jpg": b"", "json": b"[1, 2]"}, epoch=0)
+    assert out.reason == "bad_json" and "not an object" in out.detail  # was an AttributeError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from compt.paradigms.clip.data.evalsets import (
     RetrievalSet,
     ZeroShotTask,
     _force_relation,
+    check_imagefolder,
     embedded_eval_sets,
     export_imagefolder,
     imagefolder_task,
@@ -132,3 +134,45 @@ def test_imagefolder_errors(tmp_path):
         )
     with pytest.raises(DataError, match="unknown embedded eval task"):
         embedded_eval_sets(32, tasks=("shapes",))
+
+
+def test_one_class_is_refused_because_it_scores_100_whatever_the_model(tmp_path):
+    root = _folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(
+        DataError, match=r"one: 1 class folder\(s\) with image files \(cat;.*at least two classes"
+    ):
+        imagefolder_task(root, 24)
+    (root / "dog").mkdir()  # a second class, but empty: still only one class with images
+    with pytest.raises(DataError, match="1 class folder"):
+        check_imagefolder(root)
+    (root / "bird").mkdir()
+    (root / "bird" / "0.jpg").write_bytes(b"not a jpeg")  # files, but none readable
+    with pytest.raises(DataError, match=r"1 class folder\(s\) with readable images \(cat"):
+        imagefolder_task(root, 24)
+
+
+def test_an_empty_class_folder_is_named_in_a_warning_and_stays_a_candidate(tmp_path, caplog):
+    root = _folder(tmp_path / "pets")
+    (root / "hamster").mkdir()
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+        task = imagefolder_task(root, 24)
+    assert task.classnames == ["golden retriever", "hamster", "tabby cat"]
+    assert task.labels.tolist() == [0, 0, 0, 2, 2, 2]
+    assert "1 class folder(s) without image files stay candidates" in caplog.text and "hamster" in caplog.text
+
+
+def test_unreadable_eval_images_are_counted_by_reason(tmp_path, caplog):
+    root = _folder(tmp_path / "pets")
+    (root / "tabby_cat" / "broken.jpg").write_bytes(b"garbage")
+    Image.fromarray(np.full((4, 4), 9.0, dtype=np.float32)).save(root / "tabby_cat" / "hdr.tif")
+    with caplog.at_level(logging.WARNING, logger="compt.paradigms.clip.data"):
+        task = imagefolder_task(root, 24)
+    assert len(task.labels) == 6
+    assert "skipped 2: corrupt_image=1, unsupported_image=1" in caplog.text
+
+
+def test_a_class_names_file_that_is_not_utf8_names_itself(tmp_path):
+    root = _folder(tmp_path / "pets")
+    (root / "classnames.txt").write_bytes(b"golden retriever\ntabby c\xe4t\n")
+    with pytest.raises(DataError, match=r"classnames.txt is not UTF-8 text.*save it as UTF-8"):
+        imagefolder_task(root, 24)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -18,7 +19,9 @@ from compt.paradigms.clip.evaluate import (
     build_evaluator,
     evaluate_checkpoint,
     evaluate_model,
+    retrieval_chance,
     retrieval_recall,
+    zeroshot_chance,
     zeroshot_top1,
 )
 from compt.paradigms.clip.export import export_member
@@ -131,7 +134,7 @@ def test_evaluate_model_keys_means_mode_and_no_grad(model, tok):
     expected |= {
         f"retrieval/{s}/{d}_r{k}" for s in ("captions", "second") for d in ("i2t", "t2i") for k in (1, 5, 10)
     }
-    assert set(m) == expected
+    assert set(m) == expected | {f"chance/{k}" for k in expected}
     assert m["mean_zeroshot_top1"] == pytest.approx(
         (m["zeroshot/shapes/top1"] + m["zeroshot/other/top1"]) / 2
     )
@@ -190,7 +193,9 @@ def test_build_evaluator_is_a_train_callback(tmp_path, model):
     evaluate = build_evaluator(32, 32, imagefolders=[_write_imagefolder(tmp_path / "f")], embedded=False)
     model.train()
     first = evaluate(model, 10)
-    assert set(first) == {"zeroshot/f/top1", "mean_zeroshot_top1"} and model.training
+    keys = {"zeroshot/f/top1", "mean_zeroshot_top1"}
+    assert set(first) == keys | {f"chance/{k}" for k in keys} and model.training
+    assert first["chance/zeroshot/f/top1"] == 50.0  # two balanced classes
     assert evaluate(model, 20) == first  # same sets, same model: same numbers
     # Two ImageFolders with the same folder name get distinct metric keys.
     a, b = _write_imagefolder(tmp_path / "a" / "val"), _write_imagefolder(tmp_path / "b" / "val")
@@ -203,14 +208,53 @@ def test_cli_eval_json_and_table(tmp_path, capsys):
     folder = _write_imagefolder(tmp_path / "colours")
     assert cli_main(["eval", str(ckpt.parent), "--no-embedded", "--imagefolder", str(folder), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == {
-        "zeroshot/colours/top1",
-        "mean_zeroshot_top1",
-    }
+    keys = {"zeroshot/colours/top1", "mean_zeroshot_top1"}
+    assert doc["member"] == "tiny-XS" and set(doc["metrics"]) == keys | {f"chance/{k}" for k in keys}
     assert cli_main(["eval", str(ckpt), "--no-embedded", "--imagefolder", str(folder)]) == 0
-    assert "zeroshot/colours/top1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "zeroshot/colours/top1" in out and "(chance  50.00)" in out and "chance/" not in out
     assert cli_main(["eval", str(ckpt), "--no-embedded"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     assert cli_main(["eval", str(tmp_path / "garbage.pt")]) == 2
     assert "garbage.pt cannot be read" in capsys.readouterr().err
+
+
+def test_chance_levels_are_the_majority_class_and_the_expected_random_recall():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # the best blind guess, class 0, is right 3 times in 6
+    assert zeroshot_chance(Task("t", ["a", "b", "c", "d"], ["{}"], torch.zeros(6, 3, 8, 8), labels)) == 50.0
+    caps = [["a"], ["b", "c"], ["d"]]  # 4 texts
+    rset = RSet("r", torch.zeros(3, 3, 8, 8), caps)
+    owner = [0, 1, 1, 2]
+    for k in (1, 2, 10):  # every ordering of the 4 texts equally likely, for every image
+        orders = list(itertools.permutations(range(4)))
+        hits = [sum(any(owner[t] == i for t in o[:k]) for o in orders) / len(orders) for i in range(3)]
+        chance = retrieval_chance(rset, ks=(k,))
+        assert chance[f"i2t_r{k}"] == pytest.approx(100 * sum(hits) / 3)
+        assert chance[f"t2i_r{k}"] == pytest.approx(100 * min(k, 3) / 3)
+
+
+def test_an_untrained_model_scores_near_its_chance_level(model, tok):
+    task = _task(n=200, seed=5)
+    m = evaluate_model(model, [task], [], tok, batch_size=64)
+    assert m["chance/zeroshot/shapes/top1"] == zeroshot_chance(task) == m["chance/mean_zeroshot_top1"]
+    assert abs(m["zeroshot/shapes/top1"] - 20.0) < 10.0  # 5 classes, noise images, random weights
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [
+        ("tpu", "'tpu' is not a torch device: use cpu, cuda or cuda:N"),
+        pytest.param(
+            "cuda",
+            "no CUDA device is available here; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        ("cuda:99", "cuda:99"),
+    ],
+)
+def test_eval_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, device, fragment):
+    ckpt = _checkpoint(tmp_path)
+    assert cli_main(["eval", str(ckpt), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compt eval: error: --device") and fragment in err and "Traceback" not in err

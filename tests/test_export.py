@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import open_clip
@@ -115,6 +117,10 @@ def test_export_from_module_payload_and_run_folder(tmp_path):
 def test_load_model_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing"):
         load_model(tmp_path / "nothing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / CONFIG_NAME).write_text('{"model_cfg": ')
+    with pytest.raises(ValueError, match=r"broken/open_clip_config.json is not valid JSON"):
+        load_model(tmp_path / "broken")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="final.pt"):
         load_model(tmp_path / "empty")
@@ -131,6 +137,61 @@ def test_cli_export(tmp_path, capsys):
     assert cli_main(["export", str(tmp_path / "garbage.pt"), str(tmp_path / "o3")]) == 2
     assert "garbage.pt cannot be read" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_files_honour_the_umask(tmp_path, umask):
+    _, ckpt = _checkpoint(tmp_path, "debug-S")
+    old = os.umask(umask)
+    try:
+        out = export_member(ckpt, tmp_path / "out")
+    finally:
+        os.umask(old)
+    # Both files as any new file under this umask (safetensors alone used to write 0600).
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {
+        CONFIG_NAME: 0o666 & ~umask,
+        WEIGHTS_NAME: 0o666 & ~umask,
+    }
+
+
+def test_export_refuses_to_replace_another_models_export(tmp_path, capsys):
+    _, small = _checkpoint(tmp_path / "s", "debug-S")
+    _, large = _checkpoint(tmp_path / "l", "debug-L")
+    _, again = _checkpoint(tmp_path / "a", "debug-S", seed=1)  # same member, other weights
+    out = tmp_path / "out"
+    assert cli_main(["export", str(small), str(out)]) == 0
+    assert cli_main(["export", str(small), str(out)]) == 0  # the same export again: fine
+    for other, why in ((large, ""), (again, " with other weights")):
+        assert cli_main(["export", str(other), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} already holds the export of debug-S{why}; exporting" in err and "--force" in err
+        assert load_model(out)[2]["member"] == "debug-S"  # untouched
+    assert cli_main(["export", str(large), str(out), "--force"]) == 0
+    assert load_model(out)[2]["member"] == "debug-L"
+
+
+def test_export_onto_a_file_is_one_line(tmp_path, capsys):
+    _, ckpt = _checkpoint(tmp_path, "debug-S")
+    (tmp_path / "taken").write_text("notes")
+    assert cli_main(["export", str(ckpt), str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "taken is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "notes"
+
+
+def test_an_export_whose_config_belongs_to_another_member_is_named(tmp_path, capsys):
+    _, ckpt = _checkpoint(tmp_path, "debug-S")
+    out = export_member(ckpt, tmp_path / "out")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["model_cfg"] = get_member("debug-L").model_cfg  # was an AssertionError inside open_clip
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"does not fit open_clip_config.json \(member debug-S.*shapes differ"
+    ):
+        load_model(out)
+    assert cli_main(["eval", str(out), "--num-images", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compt eval: error:") and "--force" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from compt.cli import main as cli_main
-from compt.report import load_run, member_curve, read_metrics, render_markdown, write_report
+from compt.report import load_run, member_curve, read_metrics, render_markdown, report_warnings, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -290,3 +290,81 @@ def test_report_reads_a_real_training_run(tmp_path):
     assert [round(x / result.train_macs, 6) for x, _ in curve] == [0.5, 1.0]  # evals at steps 3 and 6 of 6
     assert curve[-1][1] == pytest.approx(result.metrics["mean_zeroshot_top1"])
     assert write_report(run).is_file()
+
+
+def _with(
+    run: Path, chance: float | None = None, config: dict | None = None, top1: dict | None = None
+) -> Path:
+    """Rewrite a run's summary with chance levels beside its metrics, another config, or other top-1s."""
+    doc = json.loads((run / "summary.json").read_text())
+    for m in doc["members"]:
+        if top1 and m["name"] in top1:
+            m["metrics"]["mean_zeroshot_top1"] = top1[m["name"]]
+        if chance is not None:
+            m["metrics"]["chance/mean_zeroshot_top1"] = chance
+            m["metrics"]["chance/mean_retrieval_r1"] = 0.2
+            m["metrics"]["chance/zeroshot/shapes/top1"] = chance
+    if config is not None:
+        doc["config"] = config
+    (run / "summary.json").write_text(json.dumps(doc))
+    return run
+
+
+def test_both_sides_at_chance_is_not_lossless_and_is_named(runs):
+    chain, base = runs
+    # tiny-XS at chance on both sides (12.9 vs 12.5 chance): its zero-shot gap of 0 says nothing.
+    _with(chain, chance=12.5, top1={"tiny-XS": 12.9})
+    _with(base, chance=12.5, top1={"tiny-XS": 13.1})
+    run, baseline = load_run(chain), load_run(base)
+    md = render_markdown(run, baseline)
+    rows = _table_rows(md)
+    assert rows["tiny-XS"]["Zero-shot top-1"] == "12.90 (at chance)"
+    assert rows["tiny-XS"]["Lossless"] == "yes (mean_zeroshot_top1 at chance)"  # judged on R@1 alone
+    assert rows["tiny-S"]["Lossless"] == "yes" and rows["tiny-S"]["Zero-shot top-1"] == "26.00"
+    assert "Chance level (a blind guess): Zero-shot top-1 12.50, Retrieval R@1 0.20" in md
+    warnings = report_warnings(run, baseline)
+    assert len(warnings) == 1 and warnings[0].startswith("tiny-XS: CoM-PT and baseline are at chance")
+    assert f"> **Warning:** {warnings[0]}" in md
+    (shapes,) = [line for line in md.splitlines() if line.startswith("| `zeroshot/shapes/top1` |")]
+    assert shapes.endswith("| 30.00 (30.20) | 12.50 |")  # the chance column
+
+
+def test_a_member_at_chance_on_every_metric_has_no_verdict(tmp_path):
+    chain = _write_run(
+        tmp_path / "c", "chain", [("tiny-XS", 8, 1e12, 60, 13.0), ("tiny-S", 4, 1e12, 50, 30.0)]
+    )
+    base = _write_run(
+        tmp_path / "b", "individual", [("tiny-XS", 8, 1e12, 60, 1.0), ("tiny-S", 8, 3e12, 90, 30.0)]
+    )
+    _with(chain, chance=12.5)  # tiny-XS: R@1 6.5 is far above its 0.2 chance, so pin it to chance too
+    _with(base, chance=12.5, top1={"tiny-XS": 12.0})
+    for run in (chain, base):
+        doc = json.loads((run / "summary.json").read_text())
+        doc["members"][0]["metrics"]["mean_retrieval_r1"] = 0.5
+        (run / "summary.json").write_text(json.dumps(doc))
+    md = render_markdown(load_run(chain), load_run(base))
+    assert _table_rows(md)["tiny-XS"]["Lossless"] == "n/a (both at chance)"
+    assert "Lossless for every member: not established (tiny-XS: see the warnings)." in md
+
+
+def test_a_baseline_trained_on_other_data_is_named_and_not_judged(runs, capsys, tmp_path):
+    chain, base = runs
+    data = {"kind": "synthetic", "num_samples": 12800, "workers": 2, "synthetic": {"colours": ["red"]}}
+    _with(chain, config={"data": data, "eval": {"seed": 0, "metric": "mean_zeroshot_top1"}})
+    other = {**data, "num_samples": 6400, "workers": 0}  # workers differ too: not a data difference
+    _with(base, config={"data": other, "eval": {"seed": 0, "metric": "mean_retrieval_r1"}})
+    md = render_markdown(load_run(chain), load_run(base))
+    assert {r["Lossless"] for r in _table_rows(md).values()} == {"n/a (different data)"}
+    assert "data.num_samples: 12800 vs 6400" in md and "workers" not in md.split("## Table 2")[0]
+    assert cli_main(["report", str(chain), str(base), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("compt report: warning: the baseline") and "data.num_samples: 12800 vs 6400" in err
+
+
+def test_report_out_on_an_unwritable_path_is_one_line(runs, tmp_path, capsys):
+    chain, base = runs
+    (tmp_path / "blocker").write_text("")
+    assert cli_main(["report", str(chain), str(base), "--out", str(tmp_path / "blocker" / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "report folder" in err and "blocker/rep cannot be written" in err and "--out" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -8,7 +8,10 @@ the parsed namespace, returning an exit code). Adding a command is one new modul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 
 from compt.engine.checkpoint import CheckpointError
@@ -29,14 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``compt`` command; returns its exit status (2: a user error, printed as one line)."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # `compt chain show SPEC | head`: the reader is gone, which is no error (issue 11 item 10).
+        # Python flushes stdout again at exit and would report the same pipe: point it at devnull.
+        with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a tool killed by SIGPIPE returns (141)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
+        return status
     except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
         # User errors: one clear line, no traceback (set COMPT_DEBUG=1 for the traceback).
-        import os
-
         if os.environ.get("COMPT_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from compt.engine.checkpoint import CheckpointError
-    from compt.paradigms.clip.evaluate import evaluate_checkpoint
+    from compt.paradigms.clip.evaluate import CHANCE_PREFIX, evaluate_checkpoint
 
     try:
         metrics, info = evaluate_checkpoint(
@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     size = f"{info['image_size']} px, context {info['context_length']}"
     print(f"{info['member'] or '?'} from {info['source']} ({size})")
-    width = max(map(len, metrics))
-    for key, value in metrics.items():
-        print(f"  {key:<{width}}  {value:6.2f}")
+    shown = {k: v for k, v in metrics.items() if not k.startswith(CHANCE_PREFIX)}
+    width = max(map(len, shown))
+    for key, value in shown.items():
+        chance = metrics.get(CHANCE_PREFIX + key)
+        print(f"  {key:<{width}}  {value:6.2f}" + (f"  (chance {chance:6.2f})" if chance is not None else ""))
     return 0

@@ -17,6 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ckpt", metavar="CKPT", help="checkpoint file, run folder (final.pt / newest step_*.pt) or export"
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if absent)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the export of another model (member, config or weights) already in OUT_DIR",
+    )
     p.set_defaults(func=run)
 
 
@@ -25,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from compt.paradigms.clip.export import export_member
 
     try:
-        out = export_member(args.ckpt, args.out_dir)
+        out = export_member(args.ckpt, args.out_dir, force=args.force)
     except CheckpointError as e:  # a corrupt or foreign file is a user error: one line, exit 2
         raise ValueError(str(e)) from e
     print(f"exported {args.ckpt} -> {out}  (open_clip: 'local-dir:{out}')")

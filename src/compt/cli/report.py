@@ -32,12 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
-    from compt.report import resolve_runs, write_report
+    from compt.report import load_run, report_warnings, resolve_runs, write_report
 
     run_path, baseline = resolve_runs(args.run, args.baseline)
     out = args.out or (Path(args.run) / "report" if Path(args.run).is_dir() else None)
-    report = write_report(run_path, baseline, out, metric=args.metric)
+    run, base = load_run(run_path), (load_run(baseline) if baseline is not None else None)
+    for warning in report_warnings(run, base):  # also at the top of report.md
+        print(f"compt report: warning: {warning}", file=sys.stderr)
+    report = write_report(run, base, out, metric=args.metric)
     print(f"report: {report} (figures: {', '.join(sorted(p.name for p in report.parent.glob('*.png')))})")
     return 0

@@ -19,7 +19,14 @@ official code instead reseeds the global RNG, which yields only 4 possible capti
 A bad sample (missing or corrupt image, empty caption, truncated shard) comes back as a
 :class:`Skip`; the loader drops it from its batch, counts it by reason in ``loader.skips``, logs
 ``skipped N: reason=count, ...``, and raises :class:`DataError` once more than ``max_skips`` were
-skipped in the epoch.
+skipped in the epoch. A sample usable only after a repair (caption bytes that are not UTF-8, read
+as U+FFFD) comes back :class:`Repaired`: it is kept and counted in ``loader.repairs``.
+
+A batch whose samples are *all* bad would reach the model with 0 rows (open_clip cannot reshape an
+empty batch, issue 11 item 9). It is refilled with the samples that follow it in the epoch order
+(``refill_batch``): a function of (seed, epoch, step) like everything else, so a resumed run
+refills identically; ``repairs["refilled_batch"]`` counts such batches. The borrowed samples are
+counted where they belong, in their own batch, not twice.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import torch
 __all__ = [
     "DataError",
     "Skip",
+    "Repair",
+    "Repaired",
     "Sample",
     "MapDataset",
     "StreamDataset",
@@ -49,7 +58,7 @@ __all__ = [
     "pin_batches",
 ]
 
-log = logging.getLogger("compt.data")
+log = logging.getLogger("compt.paradigms.clip.data")
 _LOG_FIRST_SKIPS = 5  # skips logged one by one before only the summary is kept
 
 
@@ -69,13 +78,30 @@ class Skip:
 Sample = tuple[torch.Tensor, torch.Tensor]  # image [3, H, W] float32, tokens [M, L] int64
 
 
+@dataclass(frozen=True)
+class Repair:
+    """A sample (or batch) used after a repair: ``reason`` is the counter key, ``where`` a file or key."""
+
+    reason: str
+    where: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Repaired:
+    """What ``load`` returns for a sample it can use only after ``repair`` (kept, and counted)."""
+
+    sample: Sample
+    repair: Repair
+
+
 @runtime_checkable
 class MapDataset(Protocol):
-    """Random-access dataset: ``load(i, rng)`` returns a :data:`Sample` or a :class:`Skip`."""
+    """Random-access dataset: ``load(i, rng)`` -> a :data:`Sample`, a :class:`Skip` or :class:`Repaired`."""
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int, rng: np.random.Generator) -> Sample | Skip: ...
+    def load(self, index: int, rng: np.random.Generator) -> Sample | Skip | Repaired: ...
 
 
 @runtime_checkable
@@ -134,6 +160,47 @@ def format_skips(skips: dict[str, int]) -> str:
     return f"skipped {total}: " + ", ".join(f"{k}={v}" for k, v in sorted(skips.items()))
 
 
+Note = Skip | Repair  # what a batch reports besides its tensors
+
+
+def sort_out(out: Sample | Skip | Repaired, good: list[Sample], notes: list[Note]) -> bool:
+    """File one ``load``/``decode`` result: its sample into ``good``, its Skip/Repair into ``notes``.
+
+    Returns True when the sample is usable.
+    """
+    if isinstance(out, Skip):
+        notes.append(out)
+        return False
+    if isinstance(out, Repaired):
+        notes.append(out.repair)
+        out = out.sample
+    good.append(out)
+    return True
+
+
+def refill_batch(
+    following: Iterator[Sample | Skip | Repaired], local: int, max_scan: int, step: int
+) -> tuple[list[Sample], list[Note]]:
+    """Good samples for a batch whose own samples were all bad, taken in order from ``following``.
+
+    Stops at ``local`` good samples, or after more than ``max_scan`` bad ones (then it returns none
+    and the loader raises naming the step). The bad ones read here are not counted: they are
+    counted in their own batch. Returns the samples and the ``refilled_batch`` repair note.
+    """
+    good: list[Sample] = []
+    scanned = bad = 0
+    for out in following:
+        scanned += 1
+        if not sort_out(out, good, []):
+            bad += 1
+        if len(good) == local or bad > max_scan:
+            break
+    if not good:
+        return [], []
+    detail = f"(every sample bad; {len(good)} taken from the {scanned} that follow)"
+    return good, [Repair("refilled_batch", f"step {step}", detail)]
+
+
 def collate(samples: list[Sample], image_size: int, num_captions: int, context_length: int) -> Sample:
     """Stack samples to ``[B, 3, H, W]`` and ``[B, M, L]`` (B may be 0 if all were skipped)."""
     if not samples:
@@ -162,6 +229,7 @@ class Loader(abc.ABC):
         self.max_skips = max_skips
         self.source = source
         self.skips: dict[str, int] = {}
+        self.repairs: dict[str, int] = {}  # reason -> samples (or batches) used after a repair
         self._logged_at = time.monotonic()
 
     def __len__(self) -> int:
@@ -171,7 +239,16 @@ class Loader(abc.ABC):
         """``skipped N: reason=count, ...`` for this loader so far (``skipped 0: `` if none)."""
         return format_skips(self.skips)
 
-    def _count(self, skipped: list[Skip]) -> None:
+    def _count(self, notes: list[Note]) -> None:
+        repairs = [n for n in notes if isinstance(n, Repair)]
+        if repairs:
+            counter = Counter(self.repairs)
+            for r in repairs:
+                counter[r.reason] += 1
+                if sum(counter.values()) <= _LOG_FIRST_SKIPS:
+                    log.warning("repaired (%s) %s %s", r.reason, r.where, r.detail)
+            self.repairs = dict(counter)
+        skipped = [n for n in notes if isinstance(n, Skip)]
         if not skipped:
             return
         counter = Counter(self.skips)
@@ -197,16 +274,24 @@ class Loader(abc.ABC):
         at most once a minute while skips accumulate, so a long epoch reports as it goes.
         """
         step = self.start_step
-        for images, texts, bad in batches:
-            before = sum(self.skips.values())
-            self._count(bad)
+        for images, texts, notes in batches:
+            before = sum(self.skips.values()) + sum(self.repairs.values())
+            self._count(notes)
+            if len(images) == 0:
+                raise DataError(
+                    f"{self.source}: step {step} has no usable sample: all of its own and up to "
+                    f"data.max_skips={self.max_skips} that follow it are bad ({format_skips(self.skips)}). "
+                    "Fix or remove the bad files."
+                )
             step += 1
             now = time.monotonic()
-            if self.skips and (
-                step == self.steps or (sum(self.skips.values()) > before and now - self._logged_at > 60)
-            ):
+            after = sum(self.skips.values()) + sum(self.repairs.values())
+            if after and (step == self.steps or (after > before and now - self._logged_at > 60)):
                 self._logged_at = now
-                log.warning("%s: %s", self.source, format_skips(self.skips))
+                line = format_skips(self.skips)
+                if self.repairs:
+                    line += "; repaired " + ", ".join(f"{k}={v}" for k, v in sorted(self.repairs.items()))
+                log.warning("%s: %s", self.source, line)
             yield images, texts
 
     @abc.abstractmethod
@@ -228,23 +313,33 @@ class _StepBatches(torch.utils.data.Dataset):
         rank: int,
         world_size: int,
         collate_args: tuple[int, int, int],
+        max_skips: int,
     ):
         self.dataset, self.order, self.seed, self.epoch = dataset, order, seed, epoch
         self.global_batch_size = global_batch_size
         self.local = global_batch_size // world_size
         self.rank = rank
         self.collate_args = collate_args
+        self.max_skips = max_skips
 
     def __len__(self) -> int:
         return len(self.order) // self.global_batch_size
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[Skip]]:
+    def _load(self, position: int) -> Sample | Skip | Repaired:
+        index = int(self.order[position % len(self.order)])
+        return self.dataset.load(index, sample_rng(self.seed, self.epoch, index))
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[Note]]:
         lo = step * self.global_batch_size + self.rank * self.local
-        good, bad = [], []
-        for index in self.order[lo : lo + self.local].tolist():
-            out = self.dataset.load(index, sample_rng(self.seed, self.epoch, index))
-            (bad if isinstance(out, Skip) else good).append(out)
-        return (*collate(good, *self.collate_args), bad)
+        good: list[Sample] = []
+        notes: list[Note] = []
+        for position in range(lo, lo + self.local):
+            sort_out(self._load(position), good, notes)
+        if not good:  # borrow the samples after this slice (wrapping around the epoch order)
+            following = (self._load(p) for p in range(lo + self.local, lo + len(self.order)))
+            good, refill = refill_batch(following, self.local, self.max_skips, step)
+            notes += refill
+        return (*collate(good, *self.collate_args), notes)
 
 
 class MapLoader(Loader):
@@ -285,6 +380,7 @@ class MapLoader(Loader):
             rank=rank,
             world_size=world_size,
             collate_args=collate_args,
+            max_skips=max_skips,
         )
         self.workers = workers
 

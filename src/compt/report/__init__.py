@@ -8,6 +8,7 @@ from compt.report.tables import (
     member_curve,
     read_metrics,
     render_markdown,
+    report_warnings,
     resolve_runs,
     write_report,
 )
@@ -20,5 +21,6 @@ __all__ = [
     "render_markdown",
     "resolve_runs",
     "write_report",
+    "report_warnings",
     "MAIN_METRICS",
 ]

@@ -45,8 +45,10 @@ baseline, ``acceleration.png`` (Fig. 5: individual and accumulated acceleration 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +56,18 @@ from pathlib import Path
 from typing import Any
 
 from compt.families import normalize_name
+from compt.lossless import (
+    CHANCE_MARGIN_FRACTION,
+    CHANCE_MARGIN_POINTS,
+    CHANCE_PREFIX,
+    LOSSLESS_POINTS,
+    at_chance,
+    chance_level,
+    comparable,
+    comparison_warnings,
+    gap,
+    verdict,
+)
 from compt.report.finetune import finetune_section
 
 __all__ = [
@@ -64,13 +78,13 @@ __all__ = [
     "render_markdown",
     "resolve_runs",
     "write_report",
+    "report_warnings",
     "MAIN_METRICS",
 ]
 
 SUMMARY_NAME = "summary.json"
 # The Table 2 columns, in order, when present: ImageNet/VTAB+-style zero-shot top-1 and COCO-style R@1.
 MAIN_METRICS = {"mean_zeroshot_top1": "Zero-shot top-1", "mean_retrieval_r1": "Retrieval R@1"}
-LOSSLESS_POINTS = 0.5  # paper §4: lossless = less than 0.5 points below the baseline
 _MEMBER_KEYS = {
     "name": str,
     "teacher": (str, type(None)),
@@ -247,27 +261,29 @@ def _table2(run: Run, baseline: Run | None, mains: list[str], scale: float, unit
         b = baseline.member(m["name"]) if baseline else None
         row = [m["name"], m["teacher"] or "—", f"{m['epochs']:.4g}"]
         for k in mains:
-            row.append(_num(m["metrics"].get(k)))
+            row.append(_cell(m["metrics"], k))
             if baseline:
-                gap = _gap(m, b, k)
-                row += [_num(b["metrics"].get(k) if b else None), "—" if gap is None else f"{gap:+.2f}"]
+                d = gap(m, b, k)
+                row += [_cell(b["metrics"], k) if b else "—", "—" if d is None else f"{d:+.2f}"]
         for key in ("train_macs", "accumulated_train_macs", "wall_s", "accumulated_wall_s"):
             cell = _time(m[key], tu) if key.endswith("wall_s") else _macs(m[key], scale)
             row.append(cell + _ratio(b[key] if b else None, m[key]))
         if baseline and mains:
-            row.append("yes" if _lossless(m, b, mains) else "no")
+            row.append(verdict(m, b, mains, comparable(run.summary, baseline.summary)))
         out.append("| " + " | ".join(row) + " |")
     return out
 
 
-def _gap(m: dict[str, Any], b: dict[str, Any] | None, key: str) -> float | None:
-    ours, base = m["metrics"].get(key), (b["metrics"].get(key) if b else None)
-    return ours - base if ours is not None and base is not None else None
+def _chance(runs: list[Run], key: str) -> float | None:
+    """The chance level of ``key`` (the same eval sets give every member the same one)."""
+    return next(
+        (c for r in runs for m in r.members if (c := chance_level(m["metrics"], key)) is not None), None
+    )
 
 
-def _lossless(m: dict[str, Any], b: dict[str, Any] | None, mains: list[str]) -> bool:
-    gaps = [_gap(m, b, k) for k in mains]
-    return b is not None and all(g is not None and g >= -LOSSLESS_POINTS for g in gaps)
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    """A metric, marked when it is no better than a blind guess (compt.caveats)."""
+    return _num(metrics.get(key)) + (" (at chance)" if at_chance(metrics, key) else "")
 
 
 def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, unit: str, tu) -> list[str]:
@@ -298,14 +314,28 @@ def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, u
         line += f" Training only the largest member alone costs {_macs(largest['train_macs'], scale)}."
     out += ["", line]
     if mains:
-        ok = all(_lossless(m, baseline.member(m["name"]), mains) for m in run.members)
-        out.append(f"Lossless for every member: {'yes' if ok else 'no'}.")
+        same = comparable(run.summary, baseline.summary)
+        verdicts = {m["name"]: verdict(m, baseline.member(m["name"]), mains, same) for m in run.members}
+        unknown = [name for name, v in verdicts.items() if v.startswith("n/a")]
+        if unknown:
+            out.append(
+                f"Lossless for every member: not established ({', '.join(unknown)}: see the warnings)."
+            )
+        else:
+            ok = all(v.startswith("yes") for v in verdicts.values())
+            out.append(f"Lossless for every member: {'yes' if ok else 'no'}.")
     return out
 
 
 def _per_task_section(run: Run, baseline: Run | None) -> list[str]:
     runs = [run] + ([baseline] if baseline else [])
-    keys = {k for r in runs for m in r.members for k in m["metrics"] if k not in MAIN_METRICS}
+    keys = {
+        k
+        for r in runs
+        for m in r.members
+        for k in m["metrics"]
+        if k not in MAIN_METRICS and not k.startswith(CHANCE_PREFIX)
+    }
     if not keys:
         return []
     names = [m["name"] for m in run.members]
@@ -313,16 +343,16 @@ def _per_task_section(run: Run, baseline: Run | None) -> list[str]:
         "",
         "## Per-task results",
         "",
-        "| Metric | " + " | ".join(names) + " |",
-        "|" + "---|" * (len(names) + 1),
+        "| Metric | " + " | ".join(names) + " | Chance |",
+        "|" + "---|" * (len(names) + 2),
     ]
     for k in sorted(keys, key=_natural):
         cells = []
         for m in run.members:
             b = baseline.member(m["name"]) if baseline else None
             base = b["metrics"].get(k) if b else None
-            cells.append(_num(m["metrics"].get(k)) + (f" ({_num(base)})" if base is not None else ""))
-        out.append(f"| `{k}` | " + " | ".join(cells) + " |")
+            cells.append(_cell(m["metrics"], k) + (f" ({_num(base)})" if base is not None else ""))
+        out.append(f"| `{k}` | " + " | ".join(cells) + f" | {_num(_chance(runs, k))} |")
     if baseline:
         out.append("\nBaseline values in parentheses.")
     return out
@@ -345,7 +375,16 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
         )
     else:
         intro = f"Run: `{run.root}`. Metrics in %. No baseline given: no gaps or ratios."
-    out = [f"# {title}", "", intro, "", "## Table 2", ""] + _table2(run, baseline, mains, scale, unit, tu)
+    chance = [f"{MAIN_METRICS[k]} {_num(_chance(runs, k))}" for k in mains if _chance(runs, k) is not None]
+    if chance:
+        intro += (
+            f" Chance level (a blind guess): {', '.join(chance)}; a value less than "
+            f"max({CHANCE_MARGIN_POINTS:g}, {CHANCE_MARGIN_FRACTION:g} × chance) points above it is marked "
+            "'at chance'."
+        )
+    out = [f"# {title}", "", intro, ""]
+    out += [f"> **Warning:** {w}" for w in report_warnings(run, baseline)]
+    out += ["", "## Table 2", ""] + _table2(run, baseline, mains, scale, unit, tu)
     if baseline:
         out += _baseline_section(run, baseline, mains, scale, unit, tu)
     out += _per_task_section(run, baseline)
@@ -353,6 +392,11 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
     if figures:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(out) + "\n"
+
+
+def report_warnings(run: Run, baseline: Run | None = None) -> list[str]:
+    """Why gaps or verdicts of this report may mean nothing, each cause named (compt.lossless)."""
+    return comparison_warnings(run, baseline, _metrics_present([run] + ([baseline] if baseline else [])))
 
 
 def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path) -> list[str]:
@@ -444,7 +488,14 @@ def write_report(
     run = run if isinstance(run, Run) else load_run(run)
     baseline = baseline if isinstance(baseline, Run) or baseline is None else load_run(baseline)
     out = Path(out_dir) if out_dir is not None else run.root / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied", str(out))
+    except OSError as e:  # a bare errno traceback before (issue 11 item 10)
+        raise ValueError(
+            f"report folder {out} cannot be written ({e.strerror or e}); pass --out with a writable folder"
+        ) from None
     runs = [run] + ([baseline] if baseline else [])
     if metric is None:  # the run's headline metric, else the first Table 2 metric it has
         present = [

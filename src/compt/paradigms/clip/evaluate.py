@@ -18,6 +18,12 @@ Keys of the returned dict::
     retrieval/<set>/i2t_r{1,5,10}     one triple per set and direction
     retrieval/<set>/t2i_r{1,5,10}
     mean_retrieval_r1                 mean over sets of (i2t_r1 + t2i_r1) / 2
+    chance/<key>                      the chance level of each key above
+
+The chance level is what a model that learned nothing scores: for top-1, the majority class's share
+of the images (100/K on a balanced task: a constant guess does that well); for recall@k, the
+expected recall of a random ranking. A report marks results near it (issue 11 item 6), where a
+"lossless" comparison would say nothing.
 
 The model is evaluated in eval mode, without gradients, in batches, on the device its parameters
 live on; its train/eval mode is restored afterwards, so the training loop may call this mid-run.
@@ -25,6 +31,7 @@ live on; its train/eval mode is restored afterwards, so the training loop may ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,14 +41,19 @@ from open_clip import build_zero_shot_classifier
 
 __all__ = [
     "RECALL_KS",
+    "CHANCE_PREFIX",
+    "zeroshot_chance",
+    "retrieval_chance",
     "evaluate_model",
     "zeroshot_top1",
     "retrieval_recall",
     "build_evaluator",
     "evaluate_checkpoint",
+    "eval_device",
 ]
 
 RECALL_KS = (1, 5, 10)
+CHANCE_PREFIX = "chance/"  # chance/<metric key>: the chance level of that metric
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -181,6 +193,33 @@ def retrieval_recall(
     return out
 
 
+def zeroshot_chance(task: _Task) -> float:
+    """Top-1 (%) of the best guess that ignores the image: always the most frequent class."""
+    labels = torch.as_tensor(task.labels).long()
+    if len(labels) == 0:
+        return 0.0
+    return 100.0 * torch.bincount(labels, minlength=len(task.classnames)).max().item() / len(labels)
+
+
+def retrieval_chance(rset: _RetrievalSet, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """Expected recall@k (%) of a random ranking, keyed like :func:`retrieval_recall`.
+
+    Image->text: an image with c of the T captions misses the top k with probability
+    C(T-c, k) / C(T, k); text->image: a caption's image is in the top k of N with probability k/N.
+    """
+    n = len(rset.images)
+    per_image = [len(c) for c in rset.captions]
+    total = sum(per_image)
+    out: dict[str, float] = {}
+    for k in ks:
+        miss = {
+            c: math.prod((total - c - j) / (total - j) for j in range(min(k, total))) for c in set(per_image)
+        }
+        out[f"i2t_r{k}"] = 100.0 * sum(1.0 - miss[c] for c in per_image) / max(n, 1)
+        out[f"t2i_r{k}"] = 100.0 * min(k, n) / max(n, 1)
+    return out
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tasks: Sequence[_Task],
@@ -204,20 +243,25 @@ def evaluate_model(
     net.eval()
     metrics: dict[str, float] = {}
     try:
-        top1 = []
+        chance: dict[str, float] = {}
         for task in tasks:
-            acc = zeroshot_top1(net, task, tokenizer, batch_size)
-            metrics[f"zeroshot/{task.name}/top1"] = acc
-            top1.append(acc)
-        if top1:
-            metrics["mean_zeroshot_top1"] = sum(top1) / len(top1)
-        r1 = []
+            metrics[f"zeroshot/{task.name}/top1"] = zeroshot_top1(net, task, tokenizer, batch_size)
+            chance[f"zeroshot/{task.name}/top1"] = zeroshot_chance(task)
         for rset in retrieval_sets:
             rec = retrieval_recall(net, rset, tokenizer, batch_size)
             metrics.update({f"retrieval/{rset.name}/{k}": v for k, v in rec.items()})
-            r1.append((rec["i2t_r1"] + rec["t2i_r1"]) / 2)
-        if r1:
-            metrics["mean_retrieval_r1"] = sum(r1) / len(r1)
+            chance.update({f"retrieval/{rset.name}/{k}": v for k, v in retrieval_chance(rset).items()})
+        for values in (metrics, chance):  # the means, and the chance level of the means
+            top1 = [values[f"zeroshot/{t.name}/top1"] for t in tasks]
+            r1 = [
+                (values[f"retrieval/{r.name}/i2t_r1"] + values[f"retrieval/{r.name}/t2i_r1"]) / 2
+                for r in retrieval_sets
+            ]
+            if top1:
+                values["mean_zeroshot_top1"] = sum(top1) / len(top1)
+            if r1:
+                values["mean_retrieval_r1"] = sum(r1) / len(r1)
+        metrics.update({CHANCE_PREFIX + k: v for k, v in chance.items()})
     finally:
         net.train(was_training)
     return metrics
@@ -282,6 +326,29 @@ def build_evaluator(
     return evaluate
 
 
+def eval_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; a ValueError saying what to use otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # "tpu": torch's message lists every device type it knows
+        raise ValueError(
+            f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N ({e})"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: compt evaluates on cpu, cuda or mps, not {dev.type}")
+    return dev
+
+
 def evaluate_checkpoint(
     path: str | Path,
     *,
@@ -299,6 +366,7 @@ def evaluate_checkpoint(
     """
     from compt.paradigms.clip.export import load_model
 
+    device = eval_device(device)  # before loading: a wrong device should not cost a model load
     model, model_cfg, info = load_model(path)
     image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
     context_length = int(model_cfg["text_cfg"].get("context_length", 77))

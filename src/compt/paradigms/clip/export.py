@@ -17,6 +17,10 @@ transform: resize to the member's image size, center crop, and the normalization
 The tokenizer is open_clip's default one, at the context length in ``model_cfg["text_cfg"]``. The
 ``compt`` entry (member name, compt version) is ignored by open_clip.
 
+An export does not replace another model's export in the same folder unless asked to
+(``force=True``, ``compt export --force``; issue 11 item 7), and its files get the permissions the
+umask gives any new file (safetensors alone used to create 0600 files teammates could not read).
+
 :func:`load_model` is the one loader behind ``compt eval`` and ``compt export``: it accepts a
 checkpoint file, a run folder (``final.pt`` or the newest valid ``step_*.pt``) or an export folder.
 """
@@ -65,11 +69,18 @@ def is_export_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     # The temporary name does not end in .safetensors/.json, so open_clip never picks up a half file.
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would; safetensors writes 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -97,6 +108,51 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap(model)
 
 
+def _same_weights(file: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    """True when the safetensors ``file`` holds exactly ``tensors`` (read lazily, tensor by tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return set(f.keys()) == tensors.keys() and all(
+                torch.equal(f.get_tensor(k), tensors[k]) for k in f.keys()
+            )
+    except (SafetensorError, OSError):
+        return False
+
+
+def _check_target(out: Path, member: str | None, model_cfg: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """Refuse a target that is a file, or that holds another model's export (issue 11 items 7, 10).
+
+    The same member with the same config and weights is the same export: writing it again is fine
+    (a chain's rerun, an export repeated by hand).
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"export folder {out} is a file, not a folder; give the folder to write the export to"
+        )
+    if not is_export_dir(out):  # nothing there, or an export killed before its config (incomplete)
+        return
+    try:
+        there = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        there = None
+    theirs = (there.get("compt") or {}) if isinstance(there, dict) else {}
+    what = theirs.get("member") or "a model compt did not export"
+    if not isinstance(there, dict) or theirs.get("member") != member:
+        why = ""
+    elif there.get("model_cfg") != model_cfg:
+        why = " with another model config"
+    elif not _same_weights(out / WEIGHTS_NAME, tensors):
+        why = " with other weights"
+    else:
+        return
+    raise ValueError(
+        f"{out} already holds the export of {what}{why}; exporting {member or 'this model'} would replace "
+        "it. Choose another folder, or pass --force (force=True) to replace it"
+    )
+
+
 def export_member(
     model_or_ckpt: torch.nn.Module | dict[str, Any] | str | Path,
     out_dir: str | Path,
@@ -104,12 +160,14 @@ def export_member(
     model_cfg: dict[str, Any] | None = None,
     member: str | None = None,
     preprocess_cfg: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``out_dir/open_clip_config.json`` and ``out_dir/open_clip_model.safetensors``; return out_dir.
 
     ``model_or_ckpt`` is an open_clip ``CLIP`` (then ``model_cfg`` is required: a module does not
     carry its config), a checkpoint payload dict, or a path accepted by :func:`load_model`.
-    ``preprocess_cfg`` overrides fields of :func:`default_preprocess_cfg`.
+    ``preprocess_cfg`` overrides fields of :func:`default_preprocess_cfg`. A folder holding another
+    model's export (another member, config or weights) is refused unless ``force``.
     """
     from safetensors.torch import save_file
 
@@ -153,7 +211,14 @@ def export_member(
     }
     tensors = _plain_state(state, where)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not force:
+        _check_target(out, member, model_cfg, tensors)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"export folder {out} cannot be created ({e.strerror or e}); choose another folder"
+        ) from None
     # Weights first, config last: a folder with a config is a complete export.
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2) + "\n"
@@ -170,6 +235,41 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def _check_weights(folder: Path, config: dict[str, Any]) -> None:
+    """The export's weights must fit its config: say which tensors do not (open_clip asserts, issue 11)."""
+    from open_clip.model import CLIP
+    from safetensors import SafetensorError, safe_open
+
+    file = folder / WEIGHTS_NAME
+    model_cfg = config.get("model_cfg") if isinstance(config, dict) else None
+    if not isinstance(model_cfg, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} has no 'model_cfg' mapping; it is not an open_clip export")
+    if not file.is_file():
+        return  # other weight files (open_clip_pytorch_model.bin, ...) are open_clip's to judge
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            want = {k: tuple(v.shape) for k, v in CLIP(**model_cfg).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError):
+        return  # not a plain CLIP config (a custom text tower, ...): open_clip builds and judges it
+    try:
+        with safe_open(str(file), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} cannot be read ({e}); export the member again") from None
+    shape = [f"{k} {have[k]} vs {want[k]}" for k in want if k in have and have[k] != want[k]]
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if shape or missing or extra:
+        parts = [f"{len(shape)} tensor shapes differ (first: {shape[0]})" if shape else ""]
+        parts += [f"{len(missing)} tensors missing (first: {missing[0]})" if missing else ""]
+        parts += [f"{len(extra)} unexpected (first: {extra[0]})" if extra else ""]
+        member = (config.get("compt") or {}).get("member")
+        raise ValueError(
+            f"{folder}: {WEIGHTS_NAME} does not fit {CONFIG_NAME} (member {member or '?'}, weights vs "
+            f"config: {'; '.join(p for p in parts if p)}). The config belongs to another model than the "
+            f"weights: export the member again (compt export CKPT {folder} --force)"
+        )
+
+
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """Load a member from a checkpoint file, a run folder or an export folder.
 
@@ -181,7 +281,13 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any], dict[
 
     path = Path(path)
     if path.is_dir() and is_export_dir(path):
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        try:
+            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except ValueError as e:  # bad JSON or not UTF-8: name the file (was a bare decoder message)
+            raise ValueError(
+                f"{path / CONFIG_NAME} is not valid JSON ({e}); export the member again"
+            ) from None
+        _check_weights(path, config)
         model, _, _ = load_exported(path)
         member = (config.get("compt") or {}).get("member")
         return model, config["model_cfg"], {"member": member, "source": str(path), "format": "export"}

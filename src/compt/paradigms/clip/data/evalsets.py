@@ -17,6 +17,7 @@ any task in that layout, so the embedded tasks can be inspected or reused by oth
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -28,8 +29,8 @@ import torch
 import yaml
 from PIL import Image
 
-from compt.engine.loader import DataError
-from compt.paradigms.clip.data.images import MEAN, STD, ImageError, eval_transform, open_image
+from compt.engine.loader import DataError, format_skips
+from compt.paradigms.clip.data.images import IMAGE_SUFFIXES, MEAN, STD, ImageError, eval_transform, open_image
 from compt.paradigms.clip.data.scene_captions import NUMBER, all_captions, relation
 from compt.paradigms.clip.data.synthetic import Scene, SyntheticSpec, render_tensor, sample_scene, scene_rng
 
@@ -38,15 +39,16 @@ __all__ = [
     "RetrievalSet",
     "embedded_eval_sets",
     "imagefolder_task",
+    "check_imagefolder",
+    "ImageFolderLayout",
     "export_imagefolder",
     "DEFAULT_TASKS",
     "DEFAULT_TEMPLATES",
 ]
 
-log = logging.getLogger("compt.data")
+log = logging.getLogger("compt.paradigms.clip.data")
 DEFAULT_TASKS = ("shape", "colour", "count", "binding")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 
 
 @dataclass(frozen=True)
@@ -266,12 +268,15 @@ def _read_names_file(path: Path, folders: list[str]) -> tuple[list[str], list[st
     """Class names (in sorted-folder order) and optional templates from a txt/json/yaml file."""
     if not path.is_file():
         raise DataError(f"class-names file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"class-names file {path} is not UTF-8 text ({e}); save it as UTF-8") from None
     if path.suffix == ".txt":
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        data = {"classnames": names}
+        data = {"classnames": [line.strip() for line in text.splitlines() if line.strip()]}
     else:
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+            data = yaml.safe_load(text)  # JSON is YAML too
         except yaml.YAMLError as e:
             raise DataError(f"{path}: not valid YAML/JSON ({e})") from None
         if isinstance(data, list):
@@ -297,6 +302,69 @@ def _read_names_file(path: Path, folders: list[str]) -> tuple[list[str], list[st
     return [str(n) for n in names], templates
 
 
+@dataclass(frozen=True)
+class ImageFolderLayout:
+    """What an ImageFolder holds, read without decoding an image (see :func:`check_imagefolder`)."""
+
+    root: Path
+    folders: list[str]  # class sub-folders, sorted: label i is folders[i]
+    files: list[list[Path]]  # image files per class folder
+    classnames: list[str]
+    templates: list[str] | None  # from the class-names file, if it has them
+
+
+def check_imagefolder(path: str | Path, classnames_file: str | Path | None = None) -> ImageFolderLayout:
+    """Check an ImageFolder's layout and class names, cheaply (no image is decoded).
+
+    Raises :class:`DataError` when it cannot make a meaningful zero-shot task: no folder, no class
+    sub-folders, a names file that does not fit, or fewer than two classes with images (one class
+    scores 100% whatever the model, issue 11 item 6). Class folders without images are kept as
+    candidates (labels index the sorted folders; :func:`export_imagefolder` writes such folders for
+    classes a small set did not draw) and named in a warning. A chain can call this before training.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"zero-shot folder {root} does not exist (expected one sub-folder per class)")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.jpg)")
+    if classnames_file is None:
+        found = [root / f"classnames{s}" for s in (".yaml", ".yml", ".json", ".txt")]
+        classnames_file = next((f for f in found if f.is_file()), None)
+    templates = None
+    if classnames_file is not None:
+        names, templates = _read_names_file(Path(classnames_file), folders)
+    else:
+        names = [f.replace("_", " ") for f in folders]
+    files = [
+        sorted(f for f in (root / d).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        for d in folders
+    ]
+    _check_classes(root, folders, [len(f) for f in files], "image files")
+    return ImageFolderLayout(root, folders, files, names, templates)
+
+
+def _check_classes(root: Path, folders: list[str], counts: list[int], what: str) -> None:
+    """At least two classes with images (else an error); a warning naming the classes without."""
+    empty = [f for f, n in zip(folders, counts, strict=True) if n == 0]
+    having = [f for f, n in zip(folders, counts, strict=True) if n]
+    if len(having) < 2:
+        raise DataError(
+            f"{root}: {len(having)} class folder(s) with {what} ({', '.join(having) or 'none'}; "
+            f"suffixes {', '.join(sorted(IMAGE_SUFFIXES))}): zero-shot top-1 needs at least two classes, "
+            "since one scores 100% whatever the model. Add class folders with images"
+        )
+    if empty:
+        log.warning(
+            "zero-shot folder %s: %d class folder(s) without %s stay candidates that can only be wrong: "
+            "%s (add their images, or remove the folders if the class is not meant to be in the task)",
+            root,
+            len(empty),
+            what,
+            ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""),
+        )
+
+
 def imagefolder_task(
     path: str | Path,
     image_size: int,
@@ -309,43 +377,28 @@ def imagefolder_task(
 
     Class names come from ``classnames_file`` (or ``classnames.{yaml,json,txt}`` inside ``path``),
     else from the folder names with ``_`` as spaces; templates from that file, else ``templates``,
-    else :data:`DEFAULT_TEMPLATES`. Unreadable images are skipped with a warning.
+    else :data:`DEFAULT_TEMPLATES`. The layout is checked by :func:`check_imagefolder`; unreadable
+    images are skipped, counted by reason in a warning.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"zero-shot folder {root} does not exist (expected one sub-folder per class)")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.jpg)")
-    if classnames_file is None:
-        found = [root / f"classnames{s}" for s in (".yaml", ".yml", ".json", ".txt")]
-        classnames_file = next((f for f in found if f.is_file()), None)
-    file_templates = None
-    if classnames_file is not None:
-        names, file_templates = _read_names_file(Path(classnames_file), folders)
-    else:
-        names = [f.replace("_", " ") for f in folders]
-    images, labels, skipped = [], [], 0
-    for label, folder in enumerate(folders):
-        for file in sorted((root / folder).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+    layout = check_imagefolder(path, classnames_file)
+    root = layout.root
+    images, labels, skipped = [], [], collections.Counter()
+    for label, files in enumerate(layout.files):
+        for file in files:
             try:
                 images.append(eval_transform(open_image(file, draft_size=image_size), image_size))
                 labels.append(label)
             except ImageError as e:
-                skipped += 1
+                skipped[e.reason] += 1
                 log.warning("zero-shot task %s: skipping %s (%s)", root.name, file, e)
-    if not images:
-        raise DataError(
-            f"{root}: no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders"
-        )
     if skipped:
-        log.warning("zero-shot task %s: skipped %d: corrupt_image=%d", root.name, skipped, skipped)
+        log.warning("zero-shot task %s: %s", root.name, format_skips(dict(skipped)))
+    counts = collections.Counter(labels)
+    _check_classes(root, layout.folders, [counts[i] for i in range(len(layout.folders))], "readable images")
     return ZeroShotTask(
         name or root.name,
-        names,
-        list(file_templates or templates or DEFAULT_TEMPLATES),
+        layout.classnames,
+        list(layout.templates or templates or DEFAULT_TEMPLATES),
         torch.stack(images),
         torch.tensor(labels, dtype=torch.long),
     )

@@ -18,10 +18,21 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "open_image", "train_transform", "eval_transform", "to_tensor", "MEAN", "STD"]
+__all__ = [
+    "ImageError",
+    "open_image",
+    "to_rgb",
+    "train_transform",
+    "eval_transform",
+    "to_tensor",
+    "MEAN",
+    "STD",
+]
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32).view(3, 1, 1)
 STD = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32).view(3, 1, 1)
+# Files an image folder or a table may name (what Pillow decodes; the suffix, not the content).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
 _CROP_SCALE = (0.9, 1.0)  # open_clip AugmentationCfg default
 _CROP_RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop default
 
@@ -34,8 +45,44 @@ class ImageError(Exception):
         self.reason = reason
 
 
+def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
+    """8-bit RGB of a decoded image in any mode Pillow opens; :class:`ImageError` if it cannot be.
+
+    Pillow's ``convert("RGB")`` is right for the 8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr,
+    LAB, ...; alpha is dropped, as open_clip's own preprocess does) but *clips* wider pixels to 255:
+    a 16-bit PNG (mode ``I;16``) would load as pure white (issue 11). 16-bit pixels (``I;16*``, and
+    ``I``, which 16-bit PGM/PPM and older Pillow's 16-bit PNGs decode to) are scaled by 255/65535;
+    float pixels (``F``, float TIFFs) are taken as 0..1. Other ranges are refused, not guessed.
+    """
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
+        arr = np.asarray(img).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageError(
+                "unsupported_image",
+                f"{where}: 32-bit integer pixels span {arr.min()}..{arr.max()}, outside the 16-bit range "
+                "0..65535 that compt scales to 8 bits; convert the file to an 8- or 16-bit image",
+            )
+        # x / 257 is x * 255 / 65535; 257 is odd, so (x + 128) // 257 rounds to nearest, no ties.
+        img = Image.fromarray(((arr + 128) // 257).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise ImageError(
+                "unsupported_image",
+                f"{where}: float pixels span {arr.min():g}..{arr.max():g}; compt reads float images as "
+                "0..1 (convert the file to an 8- or 16-bit image, or rescale it to 0..1)",
+            )
+        img = Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), mode="L")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:  # a mode Pillow decodes but cannot convert (e.g. premultiplied La)
+        raise ImageError(
+            "unsupported_image", f"{where}: cannot convert mode {img.mode} to RGB ({e})"
+        ) from None
+
+
 def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file (path or bytes) to RGB; raise :class:`ImageError` with a reason.
+    """Decode an image file (path or bytes) to 8-bit RGB (:func:`to_rgb`); raise :class:`ImageError`.
 
     ``draft_size`` lets JPEG decoding shrink by 2/4/8 while staying at least that size, which makes
     decoding large photos several times faster without changing what the model sees much.
@@ -46,16 +93,18 @@ def open_image(source: str | Path | bytes, draft_size: int | None = None) -> Ima
         raise ImageError("missing_file", f"image file not found: {source}") from None
     except OSError as e:
         raise ImageError("unreadable_file", f"cannot open image {source}: {e}") from None
+    where = "image bytes" if isinstance(source, bytes) else str(source)
     try:
         with fp:
             img = Image.open(fp)
             if draft_size:
                 img.draft("RGB", (draft_size, draft_size))
             img.load()  # force the decode here, inside the try, so truncated data is caught
-            return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        where = "image bytes" if isinstance(source, bytes) else str(source)
         raise ImageError("corrupt_image", f"cannot decode {where}: {e}") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it stopped a whole run
+        raise ImageError("oversized_image", f"{where}: {e}") from None
+    return to_rgb(img, where)
 
 
 def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:

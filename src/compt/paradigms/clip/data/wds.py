@@ -11,15 +11,19 @@ of ``W`` takes every ``W``-th shard, and its ``K`` workers split those again, so
 reads disjoint shards (at least ``W*K`` shards are needed). Each stream cycles over its shards
 (re-permuted every pass) through a seeded shuffle buffer, and step ``s`` is served by stream
 ``s % K``; each batch consumes exactly ``B`` raw samples (bad ones are dropped from the batch, not
-replaced). A sample's captions and crop come from a generator seeded by ``(seed, epoch, its key)``.
-So a run is reproducible for a fixed world size and worker count, and ``start_step`` resumes
-exactly: the skipped batches' tar members are read but not decoded. Unlike the map-style sets, the
-batches do depend on the world size and the worker count (shards are split across streams).
+replaced; a batch of only bad samples borrows from the stream's next batches, which are read
+ahead and still served in their own turn, so the consumption per batch does not change). A
+sample's captions and crop come from a generator seeded by ``(seed, epoch, its key)``. So a run is
+reproducible for a fixed world size and worker count, and ``start_step`` resumes exactly: the
+skipped batches' tar members are read but not decoded. Unlike the map-style sets, the batches do
+depend on the world size and the worker count (shards are split across streams).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -32,13 +36,23 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from compt.engine.loader import DataError, Loader, Skip, collate, epoch_order
+from compt.engine.loader import (
+    DataError,
+    Loader,
+    Repair,
+    Repaired,
+    Skip,
+    collate,
+    epoch_order,
+    refill_batch,
+    sort_out,
+)
 from compt.paradigms.clip.data.captions import caption_pool, parse_caption_cell, sample_captions
 from compt.paradigms.clip.data.images import ImageError, eval_transform, open_image, train_transform
 
 __all__ = ["ShardDataset", "StreamLoader", "expand_shards", "dataset_size"]
 
-log = logging.getLogger("compt.data")
+log = logging.getLogger("compt.paradigms.clip.data")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -56,17 +70,32 @@ def dataset_size(shards: list[str]) -> int | None:
     folder = Path(shards[0]).parent
     sizes = folder / "sizes.json"
     if sizes.is_file():
-        table = json.loads(sizes.read_text())
+        table = _read_size_file(sizes, json.loads)
         try:
             return sum(int(table[Path(s).name]) for s in shards)
         except KeyError as e:
             raise DataError(f"{sizes}: no entry for shard {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise DataError(
+                f"{sizes}: expected {{shard name: sample count}} ({e}); fix or delete it"
+            ) from None
     if (folder / "__len__").is_file():
-        return int((folder / "__len__").read_text().strip())
+        return _read_size_file(folder / "__len__", lambda text: int(text.strip()))
     stats = [Path(s).with_name(Path(s).stem + "_stats.json") for s in shards]
     if all(p.is_file() for p in stats):
-        return sum(int(json.loads(p.read_text()).get("successes", 0)) for p in stats)
+        return sum(_read_size_file(p, lambda text: int(json.loads(text).get("successes", 0))) for p in stats)
     return None
+
+
+def _read_size_file(path: Path, parse):
+    """``parse(text of path)``; a DataError naming the file when it is not what it should be."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON, a list, a non-number
+        raise DataError(
+            f"{path}: cannot read the sample count ({type(e).__name__}: {e}); fix or delete the file, "
+            "or set data.num_samples"
+        ) from None
 
 
 def _tar_samples(url: str) -> Iterator[dict | Skip]:
@@ -167,7 +196,17 @@ class ShardDataset:
                 meta = json.loads(raw["json"])
             except ValueError as e:
                 return Skip("bad_json", where, str(e))
-        text = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else meta.get("caption") or ""
+            if not isinstance(meta, dict):  # a list or a number would fail at meta.get below
+                return Skip("bad_json", where, f"(a JSON {type(meta).__name__}, not an object)")
+        repair = None
+        if "txt" in raw:
+            try:
+                text = raw["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:  # counted, not silently replaced (issue 11 item 8)
+                text = raw["txt"].decode("utf-8", errors="replace")
+                repair = Repair("non_utf8_text", f"{where}.txt", f"(bytes {e.start}..{e.end} read as U+FFFD)")
+        else:
+            text = meta.get("caption") or ""
         extra = [meta.get(k) for k in self.cfg.wds_caption_keys]
         raw_caption = " ".join(parse_caption_cell(text)[:1])
         pool = caption_pool(raw_caption, extra, self.cfg.max_sub_captions)
@@ -183,7 +222,8 @@ class ShardDataset:
             image = train_transform(img, self.image_size, rng)
         else:
             image = eval_transform(img, self.image_size)
-        return image, self.tokenize(sample_captions(pool, self.cfg.num_captions, rng))
+        sample = image, self.tokenize(sample_captions(pool, self.cfg.num_captions, rng))
+        return sample if repair is None else Repaired(sample, repair)
 
 
 class _Streams(torch.utils.data.IterableDataset):
@@ -216,12 +256,25 @@ class _Streams(torch.utils.data.IterableDataset):
         raw = self.ds._raw_stream(self.rank_shards[stream :: self.k], seed_words)
         for _ in range(first * self.local):  # resume: read past whole batches without decoding
             next(raw)
-        for _step in range(self.start_step + w, self.steps, self.k):
-            good, bad = [], []
-            for _ in range(self.local):
-                out = self.ds.decode(next(raw), self.epoch)
-                (bad if isinstance(out, Skip) else good).append(out)
-            yield (*collate(good, *self.collate_args), bad)
+        ahead: collections.deque = collections.deque()  # decoded batches read ahead for a refill
+
+        def read_batch():
+            return [self.ds.decode(next(raw), self.epoch) for _ in range(self.local)]
+
+        def following():  # this stream's next batches, read ahead and kept to be served in turn
+            for i in itertools.count():
+                if i == len(ahead):
+                    ahead.append(read_batch())
+                yield from ahead[i]
+
+        for step in range(self.start_step + w, self.steps, self.k):
+            good, notes = [], []
+            for out in ahead.popleft() if ahead else read_batch():
+                sort_out(out, good, notes)
+            if not good:  # every sample bad (issue 11 item 9): borrow from the batches that follow
+                good, refill = refill_batch(following(), self.local, self.ds.cfg.max_skips, step)
+                notes += refill
+            yield (*collate(good, *self.collate_args), notes)
 
 
 class StreamLoader(Loader):

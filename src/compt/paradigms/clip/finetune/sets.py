@@ -26,6 +26,7 @@ import torch
 
 from compt.engine.loader import DataError
 from compt.paradigms.clip.data.evalsets import ZeroShotTask, export_imagefolder, imagefolder_task
+from compt.paradigms.clip.data.images import IMAGE_SUFFIXES
 from compt.paradigms.clip.data.scene_captions import NUMBER
 from compt.paradigms.clip.data.synthetic import (
     TRAIN_STREAM,
@@ -153,6 +154,10 @@ def _class_folders(root: Path, split: str) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def load_splits(
     train_dir: str | Path, test_dir: str | Path, image_size: int
 ) -> tuple[ZeroShotTask, ZeroShotTask]:
@@ -179,6 +184,12 @@ def load_splits(
             f"train and test class folders differ: missing in {test_root}: {only_train}; missing in "
             f"{train_root}: {only_test}; both splits need the same class sub-folders (an empty one is fine "
             "in test)"
+        )
+    # Named here, before the zero-shot reader's own (and less specific) "fewer than two classes".
+    no_files = [c for c in train_classes if not _image_files(train_root / c)]
+    if no_files:
+        raise DataError(
+            f"{train_root}: class folder(s) {no_files} hold no readable image; add images or remove them"
         )
     train = imagefolder_task(train_root, image_size, name="train")
     test = imagefolder_task(test_root, image_size, name="test")
