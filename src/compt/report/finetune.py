@@ -74,7 +74,7 @@ def finetune_section(run: Any, baseline: Any | None = None) -> list[str]:
         out += [
             f"Set `{name}`: {some.get('num_classes')} classes, {some.get('num_train')} training / "
             f"{some.get('num_test')} test images. Test top-1 %, mean ± std [seeds]"
-            + (f"; {baseline.label} in parentheses." if baseline else "."),
+            + (f"; {baseline.label.lower()} in parentheses." if baseline else "."),
             "",
             "| Model | " + " | ".join(labels) + " |",
             "|" + "---|" * (len(labels) + 1),
