@@ -17,7 +17,13 @@ The protocol (docs/finetune.md):
    SID, each seed, the same epochs and lr as the full fine-tune. The full runs of that member
    evaluate every ``--eval-every`` steps: the training MACs (and wall seconds) at which the seeds'
    mean full curve first reaches an AutoProg-Zero variant's mean final top-1 (linear interpolation)
-   over that variant's own cost is its speedup at equal test accuracy.
+   over that variant's own cost is its speedup at equal test accuracy. Every searched stage's
+   candidates with their cost / NTK / ZiCo ranks, and what the proxies alone (or a cost weight of
+   0.5) would have chosen from the same scores.
+5. The proxies at stage 0 for every (level, resolution), over 5 independent draws of the search
+   batches, on the pretrained AutoProg-Zero member (no training).
+6. Both schedules with ``min_scale`` 0.5 (lowest resolution 4 x 4 patches instead of 2 x 2), each
+   seed, filed under ``RUN/finetune-diag/``: a diagnostic of the searched schedule's collapse.
 
 Runs are filed under each member's folder (``compt report RUN`` tabulates them), the learning-rate
 runs under ``RUN/finetune-lr/``; rerunning resumes and skips finished runs. Writes ``OUT/results.json``
@@ -128,6 +134,8 @@ def _speedups(full: list[dict], variants: dict[str, list[dict]]) -> list[str]:
         plans = " ".join(f"({s['level']}, {s['resolution']})" for s in runs[0]["stages"])
         if hit is None:  # better than the full run ever got: the speedup is at least the whole run's
             reach, mac_x, wall_x = "never", f"> {f_macs / macs:.2f}", f"> {f_wall / wall:.2f}"
+        elif hit[0] == 0:  # no better than the zero-shot head before any step: no speedup to speak of
+            reach, mac_x, wall_x = "at step 0 (zero-shot)", "none", "none"
         else:
             reach, mac_x, wall_x = f"{hit[0]:.3e}", f"{hit[0] / macs:.2f}", f"{hit[1] / wall:.2f}"
         cells = [label, _mean_std([r["test_top1"] for r in runs]), f"{macs:.3e}", f"{macs / f_macs:.2f}"]
@@ -159,6 +167,30 @@ def _search_analysis(runs: list[dict]) -> list[str]:
             run = f"{r['label']} s{r['seed']}"
             rows.append(f"| {run} | {s['stage']} | {cells} | {chosen} | {pick(0.0)} | {pick(0.5)} |")
     return rows
+
+
+def _coarsest_grid(cfg: FinetuneConfig, root: Path, name: str, seeds: list[int]) -> list[str]:
+    """Step 6: the schedules with their lowest resolution at half size (4 x 4 patches, not 2 x 2).
+
+    A diagnostic of the searched schedule's collapse: is it the 2 x 2-patch grid a 32 px member
+    trains on at a quarter of its size? (DiT's AutoProg-Zero keeps 4 x 4 latent tokens there.)
+    """
+    rows = [
+        "| variant, min_scale 0.5 | test top-1 | MACs / full | (level, px) per stage, seed 0 |",
+        "|---|---|---|---|",
+    ]
+    full = statistics.fmean(_run(_at(cfg, seed=s))["train_macs"] for s in seeds)  # the runs of step 4
+    for schedule in ("manual", "search"):
+        apz = AutoProgZeroConfig(schedule=schedule, min_scale=0.5)
+        runs = [
+            _run(replace(cfg, progressive="autoprog-zero", autoprog_zero=apz, seed=s,
+                         out_dir=str(root / "finetune-diag" / name / f"{schedule}-min0.5-seed{s}")))
+            for s in seeds
+        ]  # fmt: skip
+        plans = " ".join(f"({st['level']}, {st['resolution']})" for st in runs[0]["stages"])
+        macs = statistics.fmean(r["train_macs"] for r in runs) / full
+        rows.append(f"| {schedule} | {_mean_std([r['test_top1'] for r in runs])} | {macs:.2f} | {plans} |")
+    return [f"## The coarsest grid ({name}, lowest resolution 16 px)", ""] + rows + [""]
 
 
 def _proxies(cfg: FinetuneConfig, draws: int = 5) -> list[str]:
@@ -213,7 +245,7 @@ def main() -> None:
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     p.add_argument("--apz-member", help="chain member for AutoProg-Zero (default: the chain's last)")
     p.add_argument("--eval-every", type=int, default=16, help="steps between evaluations of its full runs")
-    p.add_argument("--parts", default="transfer,autoprog,proxies")
+    p.add_argument("--parts", default="transfer,autoprog,proxies,grid")
     args = p.parse_args()
     root, out, seeds = Path(args.run), Path(args.out), [int(s) for s in args.seeds.split(",")]
     chain, individual = _members(root, "chain"), _members(root, "individual")
@@ -238,6 +270,8 @@ def main() -> None:
         tables += _autoprog(replace(base, eval_every_steps=args.eval_every), apz_name, seeds, doc)
     if "proxies" in args.parts:
         tables += _proxies(base)
+    if "grid" in args.parts:
+        tables += _coarsest_grid(replace(base, eval_every_steps=args.eval_every), root, apz_name, seeds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "tables.md").write_text("\n".join(tables) + "\n")
