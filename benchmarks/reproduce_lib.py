@@ -239,10 +239,17 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
     return record
 
 
-def run_jobs(proto: Protocol, jobs: list[Job], out: str, workers: int, log=print) -> dict[str, dict]:
-    """Run ``jobs`` (each after its dependencies) on ``workers`` processes; returns key -> result."""
+def run_jobs(
+    proto: Protocol, jobs: list[Job], out: str, workers: int, log=print, runner=None
+) -> dict[str, dict]:
+    """Run ``jobs`` (each after its dependencies) on ``workers`` processes; returns key -> result.
+
+    ``runner(proto, job, out) -> result`` trains one job (default :func:`run_job`; benchmarks/recipe_lib.py
+    passes its own, with its own protocol and jobs).
+    """
     import compt.engine.train  # noqa: F401  (imported before forking: workers share one snapshot of the code)
 
+    run_job_fn = runner or run_job
     by_key = {j.key: j for j in jobs}
     results: dict[str, dict] = {}
     pending = list(jobs)
@@ -254,10 +261,10 @@ def run_jobs(proto: Protocol, jobs: list[Job], out: str, workers: int, log=print
             for job in ready[: (workers - len(running)) if pool else 1]:
                 pending.remove(job)
                 if pool is None:
-                    results[job.key] = run_job(proto, job, out)
+                    results[job.key] = run_job_fn(proto, job, out)
                     log(f"  done {job.key} ({results[job.key]['wall_s']:.0f} s)")
                 else:
-                    running[pool.submit(run_job, proto, job, out)] = job
+                    running[pool.submit(run_job_fn, proto, job, out)] = job
             if pool is None:
                 if pending and not ready:
                     raise RuntimeError(f"jobs waiting on unknown dependencies: {[j.key for j in pending]}")

@@ -8,6 +8,9 @@ and counted by reason, until more than ``data.max_skips`` of them stop the run w
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -242,7 +245,38 @@ SPEC_CASES = {
         ["train.accum_steps", "divide global_batch_size=8"],
     ),
     "chain-owned field in train": ({"train": {"teacher": "x.pt"}}, ["'teacher'", "the chain sets it"]),
+    "steps in link": ({"link": {"steps": 5}}, ["train/link must not set 'steps'", "the chain sets it"]),
     "unwritable output folder": (None, ["out_dir", "is a file, not a folder", "choose another out_dir"]),
+    # issue 11: these passed `chain show` and failed at `run`, some only after member 1 had trained.
+    "typo in link.width": (
+        {"link": {"width": "insrt"}},
+        ["debug-L", "train.width must be one of", "did you mean 'insert'", "'insrt'"],
+    ),
+    "typo in train.depth": (
+        {"train": {"global_batch_size": 8, "depth": "dupliate"}},
+        ["train.depth must be one of duplicate", "did you mean 'duplicate'", "'dupliate'"],
+    ),
+    "missing eval.imagefolders folder": (
+        {"eval": {"imagefolders": ["no-such-zs"]}},
+        ["eval.imagefolders", "no-such-zs does not exist", "one sub-folder of images per class"],
+    ),
+    "batch larger than the dataset": (
+        {"train": {"global_batch_size": 32}},
+        ["16 samples", "global batch of 32", "smaller train.global_batch_size"],
+    ),
+    "typo in data.kind": (
+        {"data": {"kind": "synthtic", "num_samples": 16}},
+        ["spec.yaml", "unknown data.kind 'synthtic'", "did you mean 'synthetic'"],
+    ),
+    "fp16 on CPU": (
+        {"train": {"global_batch_size": 8, "precision": "fp16", "device": "cpu"}},
+        ["member debug-S", "precision=fp16 needs a CUDA device", "use fp32 or bf16"],
+    ),
+    "target_ratio below 1": ({"target_ratio": 0.5, "epochs": [1, 1]}, ["target_ratio must be >= 1", "0.5"]),
+    "unknown device": (
+        {"train": {"device": "tpu"}},
+        ["train.device must be auto, cpu, cuda or cuda:K", "'tpu'"],
+    ),
 }
 
 
@@ -254,6 +288,15 @@ def test_bad_spec_fails_before_training(tmp_path, case):
         changes = {"out_dir": str(tmp_path / "blocker" / "run")}
     path = _spec(tmp_path, **changes)
     _assert_says(_message(lambda: load_spec(path)), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_fails_at_load(tmp_path):
+    path = _spec(tmp_path, train={"global_batch_size": 8, "device": "cuda"})
+    _assert_says(
+        _message(lambda: load_spec(path)), "member debug-S", "device 'cuda'", "no CUDA device", "auto or cpu"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -373,3 +416,133 @@ def test_a_step_whose_samples_are_all_bad_trains_on_borrowed_ones(tmp_path):
     data = DataConfig(kind="csv", path=str(_table(tmp_path, rows)), shuffle=False)
     result = train_member(_train_cfg(tmp_path, data=data, global_batch_size=4, steps=2, save_every_steps=0))
     assert result.steps == 2 and result.final_checkpoint.is_file()
+
+
+# --- issue 11: specs, overrides and output paths that used to give Python's words, not ours -------
+
+
+SPEC_FILE_CASES = {
+    "empty file": ("", [], ["spec.yaml is empty", "family, out_dir", "configs/demo.yaml"]),
+    "top-level list": ("- family: debug\n", [], ["spec.yaml", "expected a mapping", "got a list"]),
+    "required key missing": ("name: x\n", [], ["spec.yaml", "missing required key(s) 'family', 'out_dir'"]),
+    "--set into a scalar": (
+        None,
+        ["name.x=1"],
+        ["override 'name.x=1'", "name is 'demo'", "not a mapping", "set name=VALUE"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SPEC_FILE_CASES))
+def test_bad_spec_file_or_override_is_a_clear_error(tmp_path, case):
+    text, overrides, fragments = SPEC_FILE_CASES[case]
+    path = _spec(tmp_path, name="demo") if text is None else tmp_path / "spec.yaml"
+    if text is not None:
+        path.write_text(text)
+    msg = _message(lambda: load_spec(path, overrides))
+    _assert_says(msg, *fragments)
+    assert "__init__" not in msg and "dictionary update sequence" not in msg
+
+
+@pytest.mark.parametrize("root", ["/proc", "/sys"])
+def test_out_dir_on_a_virtual_filesystem_fails_at_load(tmp_path, root):
+    # Root passes every permission check, so only a real probe tells (issue 11: a bare errno before).
+    if not Path(root).is_dir():
+        pytest.skip(f"no {root} here")
+    path = _spec(tmp_path, out_dir=f"{root}/compt-run")
+    _assert_says(_message(lambda: load_spec(path)), f"out_dir {root}/compt-run cannot be written",
+                 f"{root} does not accept new files", "choose another out_dir")  # fmt: skip
+
+
+def test_grow_onto_an_unwritable_path_fails_before_growing(tmp_path, teachers, capsys):
+    argv = ["grow", "--teacher", str(teachers["debug-S"]), "--student", "debug-L", "--out", "/sys/compt/x.pt"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    _assert_says(err, "--out /sys/compt cannot be written", "choose another --out")
+    assert "resume" not in err and "Traceback" not in err
+
+
+# --- issue 11: the train and chain command lines -----------------------------------------------------
+
+
+def _train_argv(out: Path, *extra: str) -> list[str]:
+    return ["train", "--member", "debug-L", "--data", "synthetic", "--set", "data.num_samples=16", "--steps",
+            "1", "--batch-size", "8", "--device", "cpu", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_train_over_another_members_final_pt_is_refused_until_retrain(tmp_path, teachers, capsys):
+    """issue 11: it printed "debug-L: 16 steps" and left debug-S's final.pt in place."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "final.pt").write_bytes(teachers["debug-S"].read_bytes())
+    assert cli_main(_train_argv(out)) == 2
+    err = capsys.readouterr().err
+    _assert_says(err, "belongs to a different run", "train.member is 'debug-S' there but 'debug-L' now",
+                 "nothing was trained", "--retrain")  # fmt: skip
+    assert torch.load(out / "final.pt", weights_only=False)["member"] == "debug-S"
+    assert cli_main(_train_argv(out, "--retrain")) == 0
+    assert torch.load(out / "final.pt", weights_only=False)["member"] == "debug-L"
+    assert torch.load(tmp_path / "run.replaced-1" / "final.pt", weights_only=False)["member"] == "debug-S"
+
+
+def test_teacher_may_be_a_run_folder(tmp_path, teachers, capsys):
+    assert cli_main(_train_argv(tmp_path / "link", "--teacher", str(teachers["debug-S"].parent))) == 0
+    assert torch.load(tmp_path / "link" / "final.pt", weights_only=False)["teacher"]["member"] == "debug-S"
+    (tmp_path / "unfinished").mkdir()
+    assert cli_main(_train_argv(tmp_path / "x", "--teacher", str(tmp_path / "unfinished"))) == 2
+    _assert_says(
+        capsys.readouterr().err, "--teacher", "unfinished is a folder without final.pt", "finish it first"
+    )
+
+
+def test_negative_eval_every_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(_train_argv(tmp_path / "run", "--eval-every", "-3"))
+    assert e.value.code == 2
+    _assert_says(capsys.readouterr().err, "--eval-every", "must be >= 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_out_on_an_unwritable_path_is_one_line(tmp_path, capsys):
+    assert cli_main(_train_argv(Path("/sys/compt-run"))) == 2
+    err = capsys.readouterr().err
+    _assert_says(err, "train.out_dir /sys/compt-run cannot be written", "choose another train.out_dir")
+    assert "Traceback" not in err
+
+
+def test_after_individual_the_suggested_report_command_works(tmp_path, capsys):
+    """issue 11: it suggested `compt report OUT`, which failed: the chain's summary.json did not exist."""
+    path = _spec(tmp_path, members=["debug-S"], epochs=[1], baseline_epochs=1)
+    assert cli_main(["chain", "run", str(path), "--individual"]) == 0
+    out = capsys.readouterr().out
+    suggested = [
+        line.split("#")[0].split() for line in out.splitlines() if line.startswith(("report:", "next:"))
+    ]
+    assert suggested == [["report:", "compt", "report", str(tmp_path / "run" / "individual")],
+                         ["next:", "compt", "chain", "run", str(path)]]  # fmt: skip
+    assert cli_main(suggested[0][2:]) == 0
+    assert (tmp_path / "run" / "individual" / "report" / "report.md").is_file()
+
+
+def test_grow_takes_a_run_folder_and_refuses_to_overwrite_its_teacher(tmp_path, teachers, capsys):
+    run = teachers["debug-S"].parent
+    assert (
+        cli_main(["grow", "--teacher", str(run), "--student", "debug-L", "--out", str(tmp_path / "g.pt")])
+        == 0
+    )
+    assert torch.load(tmp_path / "g.pt", weights_only=False)["grow"]["teacher_member"] == "debug-S"
+    capsys.readouterr()
+    argv = ["grow", "--teacher", str(run), "--student", "debug-L", "--out", str(run / "final.pt")]
+    assert cli_main(argv) == 2
+    _assert_says(capsys.readouterr().err, "final.pt is the teacher itself", "another file")
+
+
+def test_ctrl_c_in_a_short_command_is_one_line_and_130(capsys):
+    """Ctrl-C in `compt plan` (or grow, eval...) was a KeyboardInterrupt traceback (issue 11 item 10)."""
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # seconds: 5 ViTs at M = 7
+    timer.start()
+    try:
+        assert cli_main(["plan", "--family", "vit", "--captions", "7"]) == 130
+    finally:
+        timer.cancel()
+    assert capsys.readouterr().err.strip() == "compt: interrupted by Ctrl-C"

@@ -1,8 +1,13 @@
 """compt.chain: a minimal 2-member chain end to end, its baselines, resume-as-skip, spec errors."""
 
+import argparse
 import dataclasses
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -12,8 +17,10 @@ import yaml
 
 from compt.chain import ChainSpec, load_spec, member_train_config, run_chain
 from compt.cli import main as cli_main
+from compt.cli.chain import _load as load_cli_spec
 from compt.config import ConfigError
 from compt.engine.checkpoint import load_checkpoint
+from compt.engine.resume import RunMismatchError
 from compt.engine.runlog import read_metrics
 
 SPEC = {
@@ -138,11 +145,34 @@ def test_until_lossless_stops_a_link_on_a_loss_at_the_first_check_within_toleran
     assert "mean_zeroshot_top1" in link["metrics"]  # the final evaluation after the stop is the full one
 
 
-def test_until_lossless_without_baseline_is_a_clear_error(tmp_path):
-    path = _write(tmp_path, until_lossless={"enabled": True})
-    spec = load_spec(path)
-    with pytest.raises(ConfigError, match="--individual"):  # the first member trains, the link stops
+def test_until_lossless_against_twins_of_another_spec_is_refused(finished, tmp_path):
+    """The sweep after issue 11: twins trained on other data were a silent, wrong until_lossless target."""
+    _, individual, _ = finished
+    spec = load_spec(
+        _write(tmp_path, until_lossless={"enabled": True}, data={"kind": "synthetic", "num_samples": 32})
+    )
+    (tmp_path / "run" / "individual").mkdir(parents=True)
+    (tmp_path / "run" / "individual" / "summary.json").write_text(json.dumps(individual))  # num_samples 64
+    with pytest.raises(ConfigError, match="the twins in .* were trained with another data than this spec"):
         run_chain(spec)
+    assert not (tmp_path / "run" / "chain").exists()
+
+
+def test_exponent_floats_in_a_spec_are_numbers(tmp_path):
+    path = _write(tmp_path)
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3"))
+    assert "lr: 1e-3" in path.read_text()
+    assert load_spec(path).train["lr"] == 1e-3  # YAML 1.1 read "1e-3" as a string
+
+
+def test_until_lossless_without_baseline_is_a_clear_error(tmp_path, capsys):
+    path = _write(tmp_path, until_lossless={"enabled": True})
+    spec = load_spec(path)  # loads: `--individual` must be able to run first
+    with pytest.raises(ConfigError, match="--individual"):
+        run_chain(spec)
+    assert not (tmp_path / "run" / "chain").exists()  # before the first member trains (issue 11)
+    assert cli_main(["chain", "show", str(path)]) == 0
+    assert "until_lossless: not ready for the chain yet" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -178,11 +208,32 @@ def test_links_use_link_overrides_and_baselines_do_not(tmp_path):
     assert (twin.warmup_steps, twin.teacher, twin.epochs) == (1, None, 2)
 
 
+def test_a_grown_moments_link_makes_its_teacher_keep_moments(tmp_path):
+    spec = load_spec(_write(tmp_path, link={"optimizer_init": "grown"}))
+    teacher, link = (
+        member_train_config(spec, 0, individual=False),
+        member_train_config(spec, 1, individual=False),
+    )
+    assert teacher.keep_moments and not link.keep_moments and link.optimizer_init == "grown"
+    assert member_train_config(spec, 0, individual=True).keep_moments  # one run for both trees
+    assert not member_train_config(spec, 1, individual=True).keep_moments
+    assert not member_train_config(load_spec(_write(tmp_path)), 0, individual=False).keep_moments
+
+
 def test_cli_show_and_unknown_key_message(tmp_path, capsys):
     assert cli_main(["chain", "show", str(_write(tmp_path))]) == 0
-    assert "debug-L: chain epochs 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "debug-L: chain epochs 1" in out
+    assert 'data (64 samples per epoch): {"kind": "synthetic"' in out  # issue 11: show prints the data
     assert cli_main(["chain", "run", str(_write(tmp_path, famly="debug"))]) == 2
     assert "did you mean 'family'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["2024", "yes", "runs/a: b", "[x]"])
+def test_chain_out_is_a_path_whatever_it_looks_like_in_yaml(tmp_path, out, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(spec=str(_write(tmp_path)), overrides=[], out=out)
+    assert load_cli_spec(args).out_dir == out  # the sweep after issue 11: YAML read 2024 as a number
 
 
 def test_spec_is_a_frozen_dataclass():
@@ -208,3 +259,56 @@ def test_first_member_is_not_reused_across_different_configs(tmp_path):
     a = load_checkpoint(Path(spec.out_dir) / "individual" / "debug-S" / "final.pt")
     b = load_checkpoint(Path(spec.out_dir) / "chain" / "debug-S" / "final.pt")
     assert b["config"]["lr"] == 2.0e-3 and a["config"]["lr"] == 1.0e-3
+
+
+def test_chain_run_into_a_log_file_prints_progress_growth_warmup_and_resume(tmp_path):
+    """issue 11/12: `compt chain run SPEC > log 2>&1` used to write nothing while it trained."""
+    spec = _write(tmp_path, train={**SPEC["train"], "warmup_steps": None})  # Table C's, with its note
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def run_into_a_file(name: str) -> str:
+        with open(tmp_path / name, "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "compt", "chain", "run", str(spec)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, timeout=300).returncode  # fmt: skip
+        text = (tmp_path / name).read_text()
+        assert rc == 0, text[-3000:]
+        return text
+
+    text = run_into_a_file("first.log")
+    for member, steps, epochs in (("debug-S", 8, "2.00"), ("debug-L", 4, "1.00")):
+        line = rf"compt\.train: {member} step {steps}/{steps} epoch {epochs}/{epochs} loss \d+\.\d{{4}}"
+        assert re.search(line + r".* [\d.]+ samples/s eta 0:00:00\n", text), text
+    assert "t/chain: debug-L, member 2/2, link from debug-S, 1 epochs" in text
+    assert "grew debug-L from debug-S: width=insert depth=duplicate" in text
+    assert "warmup: the paper's 8000 steps exceed 10% of this 8-step run; using 1" in text
+    assert "debug-S eval at step 8: " in text and "mean_zeroshot_top1" in text
+    link = tmp_path / "run" / "chain" / "debug-L"
+    (link / "final.pt").unlink()  # as if killed before its final.pt: step_2.pt is the newest
+    text = run_into_a_file("rerun.log")
+    assert f"debug-S: trained before ({tmp_path / 'run' / 'chain' / 'debug-S' / 'final.pt'})" in text
+    assert f"debug-L: resumed from {link / 'step_2.pt'} at step 2/4 (epoch 0)" in text
+
+
+def test_a_rerun_with_another_config_is_refused_then_retrained_keeping_the_old_run(tmp_path):
+    """issue 11: `--set epochs=[2,3] --set train.lr=1e-2` after a finished chain retrained nothing, yet
+    summary.json recorded the new config and 3 epochs for a member that trained 1."""
+    path = _write(tmp_path)
+    run_chain(load_spec(path))
+    root = tmp_path / "run" / "chain"
+    before = {p: p.stat().st_mtime_ns for p in [*root.rglob("final.pt"), root / "summary.json"]}
+    changed = load_spec(path, ["epochs=[2,3]", "train.lr=1e-2"])
+    with pytest.raises(RunMismatchError) as e:
+        run_chain(changed)
+    message = str(e.value)
+    for fragment in ("debug-S/final.pt belongs to a different run", "train.lr is 0.001 there but 0.01 now",
+                     "nothing was trained", "new out_dir", "--retrain", "debug-S.replaced-1"):  # fmt: skip
+        assert fragment in message, message
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing trained, nothing rewritten
+    summary = run_chain(changed, retrain=True)
+    assert [(m["steps"], m["epochs"]) for m in summary["members"]] == [(8, 2.0), (12, 3.0)]
+    for name, steps in (("debug-S", 8), ("debug-L", 4)):  # the old runs, moved aside, not deleted
+        old = load_checkpoint(root / f"{name}.replaced-1" / "final.pt")
+        assert (old["steps"], old["config"]["lr"]) == (steps, 1e-3)
+    on_disk = json.loads((root / "summary.json").read_text())
+    # what trained, as numbers: `1e-2` was a YAML 1.1 string in summary.json before (issue 11's sweep)
+    assert on_disk["config"]["train"]["lr"] == 1e-2 and on_disk["members"][1]["steps"] == 12

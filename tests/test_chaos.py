@@ -285,3 +285,28 @@ def test_sigterm_during_a_members_last_boundary_stops_the_chain(tmp_path, refere
     assert not any((root / MEMBERS[1]).glob("step_*.pt")), "the chain went on training after SIGTERM"
     _run_to_end(spec)
     _assert_same_as_reference(root, reference)
+
+
+def test_ctrl_c_to_the_process_group_saves_and_exits_130(tmp_path, reference):
+    """issue 11: Ctrl-C was a KeyboardInterrupt traceback that saved nothing. A terminal's Ctrl-C reaches
+    the whole process group, DataLoader workers included: they must leave it to the trainer."""
+    spec = _write_spec(tmp_path)
+    spec.write_text(
+        yaml.safe_dump({**SPEC, "out_dir": str(tmp_path / "run"), "data": {**SPEC["data"], "workers": 1}})
+    )
+    link = tmp_path / "run" / "chain" / MEMBERS[1]
+    cmd = [sys.executable, "-m", "compt", "chain", "run", str(spec)]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, **pipes)  # its own process group
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while proc.poll() is None and not any(link.glob("step_*.pt")) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    rc, out, err = _finish(proc)
+    assert rc == 130, f"expected exit status 130 after Ctrl-C, got {rc}:\n{err[-3000:]}"
+    assert "stopped by Ctrl-C (SIGINT) at step" in err and "rerun the same command" in err
+    assert "Traceback" not in err, err[-3000:]
+    saved = [p for p in link.glob("step_*.pt") if p.name in err]
+    assert saved and all(verify_checkpoint(p) for p in saved) and not (link / "final.pt").exists()
+    _run_to_end(spec)  # data.workers is free to change: the same run as the reference
+    _assert_same_as_reference(tmp_path / "run" / "chain", reference)

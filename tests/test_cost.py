@@ -162,8 +162,10 @@ def test_member_cost_is_cached_and_validates():
 def test_run_macs_adds_teacher_forward_and_update_steps():
     s, t = member_cost("tiny-S"), member_cost("tiny-XS")
     macs = run_macs(s, samples=1000, epochs=3, batch_size=64, teacher=t)
-    assert macs == 1000 * 3 * (s.train_macs + t.forward_macs) + 3 * (1000 // 64) * s.update_macs
-    assert run_macs(s, samples=1000, epochs=3, batch_size=64) == macs - 1000 * 3 * t.forward_macs
+    steps = 3 * (1000 // 64)  # the last partial batch of each epoch is dropped, as the loader does
+    assert macs == steps * (64 * (s.train_macs + t.forward_macs) + s.update_macs)
+    assert run_macs(s, samples=1000, epochs=3, batch_size=64) == macs - steps * 64 * t.forward_macs
+    assert run_macs(s, samples=1000, epochs=0.5, batch_size=64) == 8 * (64 * s.train_macs + s.update_macs)
 
 
 # --- epoch allocation (§3.1.2) -------------------------------------------------------------------

@@ -55,12 +55,21 @@ def _train_args(out: Path, teacher: Path) -> list[str]:
         "0",
         "--seed",
         "3",
+        # issue 13: MSG's parametrized masks under DDP, removed at step 3; the teacher off after step 4
+        "--set",
+        "width=msg",
+        "--set",
+        "mask_ramp_fraction=0.6",
+        "--set",
+        "alpha_schedule=step",
+        "--set",
+        "alpha_schedule_fraction=0.8",
     ]
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     # A link exercises everything that crosses ranks: gathered features for L_task, per-rank L_IFD,
-    # the auto alpha (averaged distance) and the projection's gradients.
+    # the auto alpha (averaged distance), the projection's gradients, growth masks and their removal.
     teacher_args = [
         "train",
         "--member",
@@ -87,6 +96,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for a, b in zip(one, two, strict=True):
         for key in ("loss_task", "loss_ifd", "loss", "alpha", "logit_scale"):
             assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key)
+    assert one[0]["mse_image"] < 1e-10 and one[-1]["alpha"] == 0  # starts as its teacher; distils 4 steps
     start = read_metrics(tmp_path / "two" / "metrics.jsonl", "start")[0]
     assert start["world_size"] == 2
     final_one = torch.load(tmp_path / "one" / "final.pt", weights_only=False)
@@ -130,3 +140,27 @@ def test_skipped_samples_on_one_rank_are_masked_exactly(tmp_path):
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
     # Sum over ranks of each rank's local-slice gradient = the gradient of the global loss.
     torch.testing.assert_close(torch.tensor(got["grad"]) / 2, image.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_a_torchrun_job_on_a_folder_in_use_stops_on_every_rank(tmp_path):
+    """Only rank 0 takes the lock (issue 11); its refusal reaches rank 1, which must not wait forever."""
+    hold = "import sys, time; from compt.engine.lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+    hold += "print('held', flush=True); time.sleep(300)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        args = ["--member", "debug-S", "--data", "synthetic", "--set", "data.num_samples=16", "--steps", "1",
+                "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")]  # fmt: skip
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd = [*torchrun, "-m", "compt", "train", *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(f"is in use by another run: pid {holder.pid}") == 2, output[-4000:]  # both ranks
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compt.distill import AutoAlpha, Distiller, feature_mse, make_projection
+from compt.distill import (
+    AutoAlpha,
+    Distiller,
+    alpha_schedule,
+    feature_mse,
+    list_alpha_schedules,
+    make_projection,
+    register_alpha_schedule,
+)
 from compt.families import get_member
 from compt.paradigms import get_paradigm
 
@@ -75,7 +83,7 @@ def test_teacher_runs_under_the_students_autocast(teacher):
 
 
 def test_fixed_alpha_loss_is_eq1_averaged_over_modalities(teacher):
-    distiller = Distiller(teacher, CLIP, alpha=500)
+    distiller = Distiller(teacher, CLIP, alpha=500, ref_dim=None)  # the literal per-dimension MSE
     s_img, s_txt = torch.randn(3, 32, requires_grad=True), torch.randn(3, 2, 32)
     t_img, t_txt = torch.randn(3, 32), torch.randn(3, 2, 32)
     out = distiller.loss(
@@ -86,6 +94,66 @@ def test_fixed_alpha_loss_is_eq1_averaged_over_modalities(teacher):
     assert out["alpha"].item() == 500
     out["loss"].backward()
     assert s_img.grad is not None
+
+
+@pytest.mark.parametrize("dim", [32, 64, 512])
+def test_fixed_alpha_weighs_squared_distance_the_same_at_every_width(teacher, dim):
+    """Issue 13: alpha means the paper's weight at D = 512, so every width gets alpha / 512 per unit
+    of ||s - t||^2 between normalized features; ref_dim=None keeps the literal alpha * MSE."""
+    g = torch.Generator().manual_seed(dim)
+    s_img, s_txt = torch.randn(4, dim, generator=g), torch.randn(4, 2, dim, generator=g)
+    t_img, t_txt = torch.randn(4, dim, generator=g), torch.randn(4, 2, dim, generator=g)
+
+    def sq_distance(s, t):  # mean over rows of the squared distance of the unit vectors
+        return (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1).mean()
+
+    want = 500 / 512 * (sq_distance(s_img, t_img) + sq_distance(s_txt, t_txt)) / 2
+    feats = ({"image": s_img, "text": s_txt}, {"image": t_img, "text": t_txt})
+    out = Distiller(teacher, CLIP, alpha=500).loss(*feats, task_loss=torch.tensor(4.0))
+    torch.testing.assert_close(out["loss"], want)
+    assert out["alpha"].item() == pytest.approx(500 * dim / 512)  # the weight on the mean MSE
+    literal = Distiller(teacher, CLIP, alpha=500, ref_dim=None).loss(*feats, task_loss=torch.tensor(4.0))
+    torch.testing.assert_close(literal["loss"], want * 512 / dim)  # 16x heavier at D = 32
+    auto = Distiller(teacher, CLIP, alpha="auto", ratio=0.1).loss(*feats, task_loss=torch.tensor(4.0))
+    assert (auto["loss"] / 4.0).item() == pytest.approx(0.1, rel=1e-5)  # a ratio needs no width scale
+
+
+def test_alpha_schedules_scale_alpha_by_the_runs_progress(teacher):
+    """constant (paper), linear to 0 (Knowledge Inheritance), step off (SALT): a function of the step."""
+    factors = {
+        name: [
+            Distiller(teacher, CLIP, schedule=name, fraction=f, total_steps=10).factor(t) for t in range(10)
+        ]
+        for name, f in (("constant", 1.0), ("linear", 0.5), ("step", 0.3))
+    }
+    assert factors["constant"] == [1.0] * 10
+    assert factors["linear"] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2] + [0.0] * 5)
+    assert factors["step"] == [1.0] * 3 + [0.0] * 7
+    distiller = Distiller(teacher, CLIP, alpha=500, schedule="linear", fraction=0.5, total_steps=10)
+    feats = ({"image": torch.randn(3, 32)}, {"image": torch.randn(3, 32)})
+    full = distiller.loss(*feats, task_loss=torch.tensor(4.0))
+    part = distiller.loss(*feats, task_loss=torch.tensor(4.0), factor=distiller.factor(3))
+    torch.testing.assert_close(part["loss"], 0.4 * full["loss"])
+    assert part["alpha"].item() == pytest.approx(0.4 * full["alpha"].item())
+
+
+def test_alpha_schedule_registry_is_extensible_and_strict(teacher):
+    assert {"constant", "linear", "step"} <= set(list_alpha_schedules())
+
+    @register_alpha_schedule("test-half")
+    def half(progress, fraction):
+        return 0.5
+
+    assert alpha_schedule("test-half") is half
+    assert Distiller(teacher, CLIP, schedule="test-half").factor(3) == 0.5
+    with pytest.raises(ValueError, match="already registered"):
+        register_alpha_schedule("linear")(half)
+    with pytest.raises(ValueError, match="unknown alpha schedule 'cosine'; known: constant"):
+        Distiller(teacher, CLIP, schedule="cosine")
+    with pytest.raises(ValueError, match="fraction"):
+        Distiller(teacher, CLIP, schedule="step", fraction=0.0)
+    with pytest.raises(ValueError, match="reference dim"):
+        Distiller(teacher, CLIP, ref_dim=0)
 
 
 def test_auto_alpha_holds_the_ratio(teacher):
@@ -126,7 +194,7 @@ def _task(image: torch.Tensor, text: torch.Tensor, scale: float = 10.0) -> torch
 
 def test_gate_drops_ifd_once_the_student_beats_its_teacher(teacher):
     """Beyond the paper: L_IFD counts only while the student's task loss is >= the teacher's."""
-    distiller = Distiller(teacher, CLIP, alpha=500, gate=True)
+    distiller = Distiller(teacher, CLIP, alpha=500, gate=True, ref_dim=None)
     images, texts = _batch(b=4)
     feats = distiller.teacher_features((images, texts))  # a random-init teacher: near chance
     t_img, t_txt = feats["image"], feats["text"]
@@ -190,15 +258,16 @@ def test_link_with_the_gate_trains_and_logs_it(tmp_path):
 @pytest.mark.parametrize("alpha", [500.0, "auto"])
 def test_cuda_ifd_loss_does_not_sync_with_the_host(teacher, alpha):
     # Issue 17: a fixed alpha was made with torch.tensor(alpha, device=cuda), one host sync per step.
-    distiller = Distiller(teacher, alpha=alpha)
+    distiller = Distiller(teacher, CLIP, alpha=alpha)
     s_img, s_txt = torch.randn(3, 32, device="cuda"), torch.randn(3, 2, 32, device="cuda")
     t_img, t_txt = torch.randn(3, 32, device="cuda"), torch.randn(3, 2, 32, device="cuda")
+    feats = ({"image": s_img, "text": s_txt}, {"image": t_img, "text": t_txt})
     task = torch.full((), 4.0, device="cuda")
-    distiller.loss(s_img, s_txt, t_img, t_txt, task_loss=task)  # first call: lazy CUDA set-up
+    distiller.loss(*feats, task_loss=task)  # first call: lazy CUDA set-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = distiller.loss(s_img, s_txt, t_img, t_txt, task_loss=task)
+        out = distiller.loss(*feats, task_loss=task, factor=0.5)  # a scheduled alpha: a host float
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out["loss"].device.type == "cuda" and math.isfinite(out["loss"].item())

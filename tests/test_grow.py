@@ -21,6 +21,7 @@ from compt.grow import (
     Map1D,
     depth_map,
     grow,
+    grow_moments,
     grow_state_dict,
     list_depth_strategies,
     list_width_strategies,
@@ -378,8 +379,74 @@ def test_net2net_preserves_the_function_swin():
     assert report.notes == []
 
 
+def test_hypercloning_preserves_the_function_and_breaks_the_symmetry():
+    """Issue 13: W.repeat(n, n) / n plus +N/-N pairs: exact outputs, unequal gradients for the copies."""
+    # Integer ratios on every normalized space (residual x2 / x3, embedding x2), heads x2 / x3 at the
+    # same head width; the MLPs grow by non-integer ratios, which is exact (no norm over them).
+    t_cfg = vit_cfg(vw=16, vl=2, vhw=8, tw=16, tl=2, th=2, embed=8, v_mlp=2.0, t_mlp=1.0)
+    s_cfg = vit_cfg(vw=32, vl=2, vhw=8, tw=48, tl=2, th=6, embed=16, v_mlp=1.5, t_mlp=2.5)
+    teacher = build(t_cfg, trained=True)
+    clone, tiled = build(s_cfg, 1), build(s_cfg, 1)
+    report = grow(teacher, clone, width="hypercloning", seed=3)
+    grow(teacher, tiled, width="net2net", seed=3)  # the same copies of the residual, no noise
+    assert report.notes == [] and all(t.status == "full" for t in report.tensors.values())
+    images, texts = inputs()
+    torch.testing.assert_close(
+        logits(clone, images, texts), logits(teacher, images, texts), rtol=0, atol=1e-5
+    )
+    # visual.proj [width 16 -> 32 (in), embed 8 -> 16 (out)]: each row pair j, j + 16 sums to the
+    # teacher's row tiled over the embedding copies; the noise is ~10 dB below the weights.
+    t_proj, proj = teacher.visual.proj.detach(), clone.visual.proj.detach()
+    torch.testing.assert_close(proj[:16] + proj[16:], t_proj.repeat(1, 2), rtol=0, atol=1e-6)
+    noise = proj - t_proj.repeat(2, 2) / 2
+    snr_db = 10 * torch.log10(t_proj.repeat(2, 2).div(2).pow(2).mean() / noise.pow(2).mean())
+    assert 7 < snr_db < 13
+    for model in (clone, tiled):
+        img, txt, scale = model(images, texts)[:3]
+        (scale * img @ txt.T).logsumexp(1).sum().backward()
+    g_clone, g_tiled = clone.visual.ln_post.weight.grad, tiled.visual.ln_post.weight.grad
+    torch.testing.assert_close(g_tiled[:16], g_tiled[16:])  # plain copies get the same gradient forever
+    assert not torch.allclose(g_clone[:16], g_clone[16:], atol=1e-4)  # the noise pairs break that
+
+
+def test_grown_moments_are_the_grown_models_gradients():
+    """Issue 13 (staged training): a moment grows as the gradient of a function-preserving copy does:
+    divided by the copies along the axes it produces (a width doubling halves m and quarters v)."""
+    t_cfg = vit_cfg(vw=16, vl=1, vhw=8, tw=16, tl=1, th=2, embed=8, v_mlp=2.0)
+    s_cfg = vit_cfg(vw=32, vl=1, vhw=8, tw=32, tl=1, th=4, embed=16, v_mlp=1.5)
+    teacher, student = build(t_cfg, trained=True), build(s_cfg, 1)
+    grow(teacher, student, width="net2net", seed=3)  # exact, and no noise: the copies stay symmetric
+    images, texts = inputs()
+    for model in (teacher, student):
+        img, txt, scale = model(images, texts)[:3]
+        (scale * img @ txt.T).logsumexp(1).sum().backward()
+    moments = {
+        n: {"exp_avg": p.grad.clone(), "exp_avg_sq": p.grad.pow(2), "step": 7}
+        for n, p in teacher.named_parameters()
+    }
+    payload = {"model": teacher.state_dict(), "model_cfg": t_cfg, "moments": moments}
+    grown = grow_moments(payload, build(s_cfg, 1), width="net2net", seed=3)
+    assert grown.keys() == dict(student.named_parameters()).keys()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(grown[name]["exp_avg"], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            grown[name]["exp_avg_sq"].sqrt(), p.grad.abs(), rtol=1e-4, atol=1e-6, msg=name
+        )
+        assert grown[name]["step"] == 7
+    ln = moments["visual.ln_post.weight"]
+    torch.testing.assert_close(grown["visual.ln_post.weight"]["exp_avg"], ln["exp_avg"].repeat(2) / 2)
+    torch.testing.assert_close(grown["visual.ln_post.weight"]["exp_avg_sq"], ln["exp_avg_sq"].repeat(2) / 4)
+    # insert (not function-preserving): copied into the leading block as they are, zero elsewhere (MSG)
+    inserted = grow_moments(payload, build(s_cfg, 1))["visual.proj"]["exp_avg"]
+    assert torch.equal(inserted[:16, :8], moments["visual.proj"]["exp_avg"]) and not inserted[16:].any()
+    with pytest.raises(GrowError, match="keep_moments"):
+        grow_moments({"model": teacher.state_dict(), "model_cfg": t_cfg}, build(s_cfg, 1))
+
+
 @pytest.mark.parametrize("depth", ["duplicate", "interval", "constant"])
-@pytest.mark.parametrize("width", ["insert", "duplicate", "interpolate", "paper-compat", "net2net"])
+@pytest.mark.parametrize(
+    "width", ["insert", "duplicate", "interpolate", "paper-compat", "net2net", "hypercloning", "msg"]
+)
 def test_every_strategy_pair_gives_a_working_student(width, depth):
     t_cfg = vit_cfg(vw=16, vl=1, vhw=8, tw=16, tl=2, th=2, embed=8)
     s_cfg = vit_cfg(vw=48, vl=3, vhw=16, tw=32, tl=3, th=4, embed=16, v_mlp=3.0)

@@ -9,7 +9,9 @@ import torch
 
 from compt.cli import main
 from compt.cost import member_cost
+from compt.engine.train import TrainConfig, train_member
 from compt.families import get_family
+from compt.paradigms.clip.data import DataConfig
 from compt.plan import plan_chain
 
 torch.set_num_threads(1)
@@ -30,12 +32,12 @@ def test_plan_arithmetic_matches_member_costs():
     samples, base_epochs, epochs, m, batch = 10_000, 20, [20, 6, 4, 3], 3, 128
     plan = plan_chain(TINY, samples, base_epochs, epochs, sample={"num_captions": m}, batch_size=batch)
     costs = [member_cost(n, m) for n in TINY]
-    steps = samples // batch
+    steps = samples // batch  # per epoch: the loader drops the last partial batch
     base_acc = chain_acc = 0
     for i, (row, c, e) in enumerate(zip(plan.rows, costs, epochs, strict=False)):
         teacher_fwd = costs[i - 1].forward_macs if i else 0
-        base = samples * base_epochs * c.train_macs + base_epochs * steps * c.update_macs
-        chain = samples * e * (c.train_macs + teacher_fwd) + e * steps * c.update_macs
+        base = base_epochs * steps * (batch * c.train_macs + c.update_macs)
+        chain = e * steps * (batch * (c.train_macs + teacher_fwd) + c.update_macs)
         base_acc, chain_acc = base_acc + base, chain_acc + chain
         assert (row.baseline_macs, row.chain_macs) == (base, chain)
         assert (row.baseline_accumulated_macs, row.chain_accumulated_macs) == (base_acc, chain_acc)
@@ -58,7 +60,7 @@ def test_plan_without_epochs_allocates_them():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"epochs": [20, 6, 0, 3]}, "epochs of tiny-M must be a positive integer"),
+        ({"epochs": [20, 6, 0, 3]}, "epochs of tiny-M must be a positive number"),
         ({"epochs": [20, 6, 4]}, r"3 epoch values for 4 members"),
         ({"samples": 0}, "samples"),
         ({"baseline_epochs": -1}, "baseline_epochs"),
@@ -69,6 +71,19 @@ def test_plan_bad_arguments(kwargs, match):
     args = {"members": TINY, "samples": 10_000, "baseline_epochs": 20, "epochs": [20, 6, 4, 3]} | kwargs
     with pytest.raises(ValueError, match=match):
         plan_chain(**args)
+
+
+def test_fractional_epochs_cost_exactly_what_the_engine_counts(tmp_path):
+    """issue 11: `compt plan` refused the demo's 3,1,0.75; a link of 0.75 epochs is round(0.75 x steps)."""
+    data = DataConfig(kind="synthetic", num_samples=72)  # 4 steps of 16 per epoch, 8 samples dropped
+    plan = plan_chain(["debug-S", "debug-L"], 72, 1, [1, 0.75], sample={"num_captions": 4}, batch_size=16)
+    common = dict(data=data, global_batch_size=16, warmup_steps=0, save_every_steps=0, device="cpu")
+    teacher = train_member(TrainConfig(member="debug-S", out_dir=str(tmp_path / "S"), epochs=1, **common))
+    link = train_member(TrainConfig(member="debug-L", out_dir=str(tmp_path / "L"), epochs=0.75,
+                                    teacher=str(teacher.final_checkpoint), **common))  # fmt: skip
+    assert (teacher.steps, link.steps) == (4, 3)
+    assert [r.chain_macs for r in plan.rows] == [teacher.train_macs, link.train_macs]
+    assert [r.epochs for r in plan.rows] == [1, 0.75]
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -137,7 +152,7 @@ def test_cli_members_without_family(capsys):
         (["--family", "tiny", "--epochs", "10,3,0,1"], ["epochs of tiny-M", "positive"]),
         (["--family", "tiny", "--epochs", "10,3,-2,1"], ["epochs of tiny-M", "positive"]),
         (["--family", "tiny", "--epochs", "10,3,2"], ["3 epoch values for 4 members"]),
-        (["--family", "tiny", "--epochs", "10,3,x,1"], ["comma-separated integers"]),
+        (["--family", "tiny", "--epochs", "10,3,x,1"], ["comma-separated numbers"]),
         (["--family", "tiny", "--captions", "0"], ["num_captions"]),
         (["--family", "nope"], ["unknown name 'nope'", "tiny"]),
         ([], ["--family"]),
@@ -161,3 +176,22 @@ def test_cli_yaml_family_with_unknown_field(capsys, tmp_path):
     )
     code, _, err = _run(capsys, "--family", str(path))
     assert code == 2 and "'depth'" in err and str(path) in err
+
+
+def test_cli_plans_a_chain_spec_as_it_trains(capsys, tmp_path):
+    """issue 11: `compt plan SPEC.yaml`, the demo's fractional epochs included."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "family: tiny\nmembers: [tiny-XS, tiny-S, tiny-M]\nout_dir: " + str(tmp_path / "run") + "\n"
+        "data: {kind: synthetic, num_samples: 12800, num_captions: 4}\n"
+        "baseline_epochs: 3\nepochs: [3, 1, 0.75]\ntrain: {global_batch_size: 128}\n"
+    )
+    code, from_spec, _ = _run(capsys, str(spec), "--json")
+    assert code == 0
+    flags = ["--family", "tiny", "--members", "tiny-XS,tiny-S,tiny-M", "--samples", "12800",
+             "--baseline-epochs", "3", "--epochs", "3,1,0.75", "--batch-size", "128", "--json"]  # fmt: skip
+    code, from_flags, _ = _run(capsys, *flags)
+    assert code == 0 and json.loads(from_spec) == json.loads(from_flags)
+    assert [r["epochs"] for r in json.loads(from_spec)["members"]] == [3, 1, 0.75]
+    code, _, err = _run(capsys, str(spec), "--epochs", "3,1,1")
+    assert code == 2 and "--epochs: with SPEC these come from the spec" in err

@@ -17,10 +17,11 @@ from compt.config import from_dict, to_dict
 from compt.cost import member_cost
 from compt.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from compt.engine.optim import CosineSchedule, build_optimizer, fused_adamw, param_groups
+from compt.engine.resume import RunMismatchError
 from compt.engine.runlog import read_metrics
 from compt.engine.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, train_member
 from compt.families import get_member
-from compt.grow import grow
+from compt.grow import GrowError, grow
 from compt.paradigms.clip.data import DataConfig
 
 torch.set_num_threads(1)
@@ -48,6 +49,13 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     return train_member(config(tmp_path_factory.mktemp("teacher"), steps=4)).final_checkpoint
 
 
+@pytest.fixture(scope="module")
+def moments_teacher_ckpt(tmp_path_factory) -> Path:
+    """The same teacher, its final.pt holding its AdamW moments (for optimizer_init: grown links)."""
+    cfg = config(tmp_path_factory.mktemp("teacher-moments"), steps=4, keep_moments=True)
+    return train_member(cfg).final_checkpoint
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -66,6 +74,14 @@ def _sha(path: Path) -> str:
         ({"alpha": "half"}, "alpha"),
         ({"betas": (0.9, 1.5)}, "betas"),
         ({"log_every_steps": 0}, "log_every_steps"),
+        ({"alpha_ref_dim": 0}, "alpha_ref_dim"),
+        ({"alpha_schedule": "cosine"}, "alpha_schedule must be one of constant, linear, step"),
+        ({"alpha_schedule": "linear", "alpha_schedule_fraction": 0.0}, "alpha_schedule_fraction"),
+        ({"alpha_schedule_fraction": 0.5}, "only applies to alpha_schedule linear or step"),
+        ({"mask_ramp_fraction": 1.5}, "mask_ramp_fraction"),
+        ({"optimizer_init": "warm"}, "optimizer_init"),
+        ({"width": "hyperclone"}, "train.width must be one of insert, .*hypercloning, msg"),
+        ({"lr_decay_fraction": 0.0}, "lr_decay_fraction"),
     ],
 )
 def test_bad_config_is_named(tmp_path, kw, match):
@@ -128,6 +144,10 @@ def test_cosine_schedule_warms_up_linearly_then_decays_per_step():
     assert s.lr_at(100) == pytest.approx(1e-4)
     lrs = [s.lr_at(i) for i in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    # LEMON: the same peak, a cosine that ends after half the post-warmup steps, then the floor
+    fast = CosineSchedule(lr=1e-3, total_steps=110, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.5)
+    assert fast.lr_at(9) == pytest.approx(1e-3) and fast.lr_at(35) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert fast.lr_at(60) == fast.lr_at(109) == pytest.approx(1e-4)
 
 
 # --- a baseline run ------------------------------------------------------------------------------
@@ -176,17 +196,17 @@ def test_baseline_run_counts_costs_checkpoints_and_finishes_once(tmp_path):
 # --- exact resume --------------------------------------------------------------------------------
 
 
-def _run_interrupted(cfg: TrainConfig, at_step: int):
-    """Train ``cfg``, sending ourselves SIGTERM from the evaluate callback at ``at_step``, then resume."""
+def _run_interrupted(cfg: TrainConfig, at_step: int, signum: int = signal.SIGTERM):
+    """Train ``cfg``, sending ourselves ``signum`` from the evaluate callback at ``at_step``, then resume."""
 
     def evaluate(model, step):
         if step == at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return {"step_seen": float(step)}
 
     with pytest.raises(TrainingInterrupted) as stopped:
         train_member(cfg, evaluate=evaluate)
-    assert stopped.value.code == 143 and stopped.value.checkpoint.name == f"step_{at_step}.pt"
+    assert stopped.value.code == 128 + signum and stopped.value.checkpoint.name == f"step_{at_step}.pt"
     assert (
         latest_checkpoint(cfg.out_dir).name == f"step_{at_step}.pt"
         and not (Path(cfg.out_dir) / "final.pt").exists()
@@ -194,15 +214,37 @@ def _run_interrupted(cfg: TrainConfig, at_step: int):
     return train_member(cfg, evaluate=evaluate)
 
 
-@pytest.mark.parametrize("link", [False, True], ids=["baseline", "link-auto-alpha"])
-def test_resume_mid_epoch_is_bitwise_identical(tmp_path, teacher_ckpt, link):
+# Issue 13's options, each interrupted mid-way: alpha decaying and switched off, HyperCloning's noise,
+# MSG's masks mid-ramp (6 steps x 0.9 -> a 5-step ramp), grown AdamW moments, a faster cosine.
+RECIPES = {
+    "baseline": None,
+    "baseline-ctrl-c": None,  # SIGINT: exit 130, saved and resumed like SIGTERM (issue 11)
+    "link-auto-alpha": dict(alpha="auto"),
+    "link-linear-hypercloning": dict(
+        alpha_schedule="linear", alpha_schedule_fraction=0.7, width="hypercloning"
+    ),
+    "link-msg-grown-salt": dict(
+        width="msg",
+        mask_ramp_fraction=0.9,
+        optimizer_init="grown",
+        alpha_schedule="step",
+        alpha_schedule_fraction=0.5,
+        lr_decay_fraction=0.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path, teacher_ckpt, moments_teacher_ckpt, recipe):
     kw = dict(deterministic=True, eval_every_steps=3, save_every_steps=2)
-    if link:
-        kw |= dict(member="debug-L", teacher=str(teacher_ckpt), alpha="auto")
+    if RECIPES[recipe] is not None:
+        teacher = moments_teacher_ckpt if RECIPES[recipe].get("optimizer_init") == "grown" else teacher_ckpt
+        kw |= dict(member="debug-L", teacher=str(teacher), **RECIPES[recipe])
     full = train_member(
         config(tmp_path / "full", **kw), evaluate=lambda model, step: {"step_seen": float(step)}
     )
-    resumed = _run_interrupted(config(tmp_path / "resumed", **kw), at_step=3)  # step 3: mid-epoch 0
+    signum = signal.SIGINT if recipe.endswith("ctrl-c") else signal.SIGTERM
+    resumed = _run_interrupted(config(tmp_path / "resumed", **kw), at_step=3, signum=signum)  # mid-epoch 0
     a, b = load_checkpoint(full.final_checkpoint)["model"], load_checkpoint(resumed.final_checkpoint)["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
@@ -244,13 +286,95 @@ def test_link_grows_from_the_teacher_and_distills(tmp_path, teacher_ckpt):
         torch.testing.assert_close(final["model"][key], value, msg=key)
     assert final["teacher"]["member"] == "debug-S" and _sha(teacher_ckpt) == teacher_sha  # teacher untouched
     record = read_metrics(tmp_path / "link" / "metrics.jsonl", "train")[-1]
-    assert record["alpha"] == 500 and record["loss_ifd"] > 0
+    # alpha 500 is the paper's weight at D = 512: on debug's 32-d embedding it weighs the MSE 32/512 as much
+    assert record["alpha"] == 500 * 32 / 512 and record["loss_ifd"] > 0
     assert record["loss"] == pytest.approx(record["loss_task"] + record["loss_ifd"])
     assert record["ifd_ratio"] == pytest.approx(record["loss_ifd"] / record["loss_task"])
     s, t = member_cost("debug-L", 4), member_cost("debug-S", 4)
     assert (
         result.train_macs == 16 * (s.train_macs + t.forward_macs) + s.update_macs
     )  # teacher forward counted
+
+
+def test_scheduled_off_distillation_skips_the_teacher(tmp_path, teacher_ckpt):
+    """SALT-style step schedule: L_IFD and the teacher's forward only in the first half of the link."""
+    cfg = config(tmp_path, member="debug-L", teacher=str(teacher_ckpt), steps=4)
+    result = train_member(replace(cfg, alpha_schedule="step", alpha_schedule_fraction=0.5))
+    records = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert [r["alpha"] for r in records] == [500 * 32 / 512] * 2 + [0.0] * 2
+    assert all(r["loss_ifd"] > 0 for r in records[:2]) and all(r["loss_ifd"] == 0 for r in records[2:])
+    s, t = member_cost("debug-L", 4), member_cost("debug-S", 4)
+    assert result.train_macs == 4 * (16 * s.train_macs + s.update_macs) + 2 * 16 * t.forward_macs
+
+
+def test_msg_link_starts_as_its_teacher_and_ends_plain(tmp_path, teacher_ckpt):
+    cfg = config(
+        tmp_path / "msg", member="debug-L", teacher=str(teacher_ckpt), width="msg", save_every_steps=1
+    )
+    result = train_member(replace(cfg, mask_ramp_fraction=0.5, keep_last=0))  # 6 steps: masks ramp over 3
+    first = read_metrics(tmp_path / "msg" / "metrics.jsonl", "train")[0]
+    assert first["loss_ifd"] < 1e-9  # at m = 0 the student computes its teacher's embeddings
+    fresh = get_member("debug-L").create().state_dict().keys()
+    for step in range(1, 6):  # the masks are saved until step 3's update removes them (m = 1)
+        ckpt = load_checkpoint(tmp_path / "msg" / f"step_{step}.pt")
+        assert (ckpt["grow_mask"] is not None) == (step <= 3) and ckpt["model"].keys() == fresh
+    final = load_checkpoint(result.final_checkpoint)
+    assert final["model"].keys() == fresh and "moments" not in final  # final.pt stays small by default
+    early = config(
+        tmp_path / "early", member="debug-L", teacher=str(teacher_ckpt), width="msg", eval_every_steps=2
+    )
+    with pytest.warns(UserWarning, match="before its growth masks reached 1"):
+        stopped = train_member(early, evaluate=lambda m, s: {"s": float(s)}, should_stop=lambda m: True)
+    assert stopped.steps == 2 and load_checkpoint(stopped.final_checkpoint)["model"].keys() == fresh
+
+
+def test_grown_moments_link_starts_from_its_teachers_adam_state(tmp_path, teacher_ckpt, moments_teacher_ckpt):
+    held = load_checkpoint(moments_teacher_ckpt)["moments"]
+    assert held.keys() == dict(get_member("debug-S").create().named_parameters()).keys()
+    assert all(m["step"] == 4 for m in held.values())
+    # betas ~ 1: one update barely moves the moments, so step_1.pt shows the grown ones
+    cfg = config(tmp_path / "grown", member="debug-L", teacher=str(moments_teacher_ckpt), steps=2)
+    cfg = replace(cfg, optimizer_init="grown", betas=(1 - 1e-7, 1 - 1e-7), save_every_steps=1)
+    train_member(cfg)
+    ckpt = load_checkpoint(tmp_path / "grown" / "step_1.pt")
+    student = get_member("debug-L").create()
+    names = {id(p): n for n, p in student.named_parameters()}
+    order = [names[id(p)] for group in param_groups([student], 0.1) for p in group["params"]]
+    by_name = {name: ckpt["optimizer"]["state"][i] for i, name in enumerate(order)}
+    w = "visual.transformer.resblocks.1.mlp.c_fc.weight"  # insert: teacher block 0 copied to the top left
+    teacher_m = held["visual.transformer.resblocks.0.mlp.c_fc.weight"]["exp_avg"]
+    torch.testing.assert_close(by_name[w]["exp_avg"][:64, :16], teacher_m, rtol=1e-3, atol=1e-9)
+    assert by_name[w]["step"].item() == 5  # the teacher's 4 steps, plus this one
+    with pytest.raises(GrowError, match="keep_moments"):
+        train_member(replace(cfg, teacher=str(teacher_ckpt), out_dir=str(tmp_path / "none")))
+
+
+def test_resuming_a_checkpoint_from_before_issue_13_keeps_its_alpha(tmp_path):
+    """Its config has no alpha_ref_dim: alpha weighed the per-dimension MSE; resuming under the new
+    default would silently change the loss, so it is refused, and resumes with alpha_ref_dim=None."""
+    cfg = config(tmp_path, save_every_steps=2)
+
+    def stop_at_2(model, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with pytest.raises(TrainingInterrupted):
+        train_member(replace(cfg, eval_every_steps=2), evaluate=stop_at_2)
+    path = tmp_path / "step_2.pt"
+    old = load_checkpoint(path)
+    for key in (
+        "alpha_ref_dim",
+        "alpha_schedule",
+        "alpha_schedule_fraction",
+        "optimizer_init",
+        "keep_moments",
+    ):
+        del old["config"][key]
+    save_checkpoint(path, old)
+    with pytest.raises(ValueError, match="train.alpha_ref_dim is None there but 512 now"):
+        train_member(cfg)
+    assert train_member(replace(cfg, alpha_ref_dim=None)).steps == 6
 
 
 def test_ifd_only_link_keeps_the_students_own_init(tmp_path, teacher_ckpt):
@@ -368,6 +492,47 @@ def test_data_skips_and_repairs_are_in_metrics_jsonl(tmp_path):
     train_member(config(tmp_path / "run", data=data, global_batch_size=4, steps=2))
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
     assert [(r["step"], r["data_skips"], r["data_repairs"]) for r in lines] == [(1, 0, 1), (2, 4, 2)]
+
+
+def test_a_failing_evaluation_keeps_what_trained(tmp_path):
+    """issue 11: an eval set that fails after the last step lost the member; now it saves, then raises."""
+
+    def broken(model, step):
+        raise ValueError("zero-shot folder zs/ does not exist")
+
+    with pytest.raises(ValueError, match="zs/ does not exist"):
+        train_member(config(tmp_path), evaluate=broken)
+    assert not (tmp_path / "final.pt").exists()
+    assert load_checkpoint(tmp_path / "step_6.pt")["step"] == 6  # save_every_steps=0: nothing else was saved
+    result = train_member(config(tmp_path), evaluate=lambda model, step: {"score": 1.0})
+    assert result.steps == 6 and result.metrics == {"score": 1.0}
+    starts = read_metrics(tmp_path / "metrics.jsonl", "start")
+    assert [r["step"] for r in starts] == [0, 6]  # the rerun only evaluated
+
+
+def test_a_finished_run_of_another_config_is_refused_and_retrain_moves_it_aside(tmp_path, teacher_ckpt):
+    """issue 11: final.pt was reused whatever the config; now only when its config matches."""
+    first = train_member(config(tmp_path / "run", steps=2))
+    trained = _sha(first.final_checkpoint)
+    assert train_member(config(tmp_path / "run", steps=2, keep_last=5)) == first  # free fields: reused
+    with pytest.raises(RunMismatchError, match=r"train.lr is 0.001 there but 0.002 now.*--retrain"):
+        train_member(config(tmp_path / "run", steps=2, lr=2e-3))
+    again = train_member(config(tmp_path / "run", steps=2, lr=2e-3), retrain=True)
+    assert load_checkpoint(again.final_checkpoint)["config"]["lr"] == 2e-3
+    assert _sha(tmp_path / "run.replaced-1" / "final.pt") == trained  # moved aside, not deleted
+
+
+def test_a_link_whose_teacher_was_retrained_is_stale(tmp_path, teacher_ckpt):
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, load_checkpoint(teacher_ckpt))
+    link = config(tmp_path / "link", member="debug-L", teacher=str(teacher), steps=2)
+    train_member(link)
+    save_checkpoint(teacher, load_checkpoint(teacher) | {"wall_s": 123.0})  # its config is the same
+    with pytest.raises(RunMismatchError, match=r"its teacher .*teacher.pt was retrained since"):
+        train_member(link)
+    train_member(link, retrain=True)
+    assert (tmp_path / "link.replaced-1" / "final.pt").is_file()
+    assert train_member(link).steps == 2  # the new link matches its teacher: reused
 
 
 def test_resume_refuses_a_folder_of_another_run(tmp_path):

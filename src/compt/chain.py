@@ -31,6 +31,7 @@ what ``until_lossless`` compares; the evaluation after the last step computes ev
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -41,7 +42,9 @@ from typing import Any
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
 from compt.engine import dist
 from compt.engine.checkpoint import check_writable, load_checkpoint
-from compt.engine.train import TrainConfig, TrainResult, train_member
+from compt.engine.lock import hold
+from compt.engine.resume import run_changes
+from compt.engine.train import TrainConfig, TrainResult, check_runtime, train_member
 from compt.families import Member, check_ascending, get_family
 from compt.lossless import CHANCE_PREFIX, MetricRule, Tolerance, is_lossless
 from compt.plan import allocate_epochs
@@ -53,8 +56,11 @@ __all__ = [
     "load_spec",
     "run_chain",
     "member_train_config",
+    "check_until_lossless",
     "metric_rules",
 ]
+
+_LOG = logging.getLogger("compt.chain")
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,8 @@ class ChainSpec:
                     raise ValueError(f"{where}: {e}") from None
         if self.baseline_epochs <= 0:
             raise ValueError(f"baseline_epochs must be > 0, got {self.baseline_epochs}")
+        if self.target_ratio and self.target_ratio < 1:  # else found only when epochs are allocated
+            raise ValueError(f"target_ratio must be >= 1 (or 0: the default), got {self.target_ratio}")
         if self.epochs and len(self.epochs) != len(self.resolved_members()):
             raise ValueError(
                 f"epochs has {len(self.epochs)} entries but the chain has {len(self.resolved_members())} "
@@ -151,7 +159,8 @@ class ChainSpec:
             )
         if any(e <= 0 for e in self.epochs):
             raise ValueError(f"every entry of epochs must be > 0, got {list(self.epochs)}")
-        for key in ("member", "epochs", "out_dir", "teacher", "data"):
+        # steps too: it would override every member's epochs, and summary.json would report those.
+        for key in ("member", "epochs", "steps", "out_dir", "teacher", "data"):
             if key in self.train or key in self.link:
                 raise ValueError(f"train/link must not set {key!r}: the chain sets it per member")
 
@@ -167,7 +176,7 @@ class ChainSpec:
             float(e)
             for e in allocate_epochs(
                 self.resolved_members(),
-                int(self.baseline_epochs),
+                self.baseline_epochs,  # not int(): a 2.5-epoch baseline allocated the links from 2
                 self.target_ratio or None,
                 sample=get_family(self.family).paradigm.cost_sample(self.data),
             )
@@ -175,19 +184,58 @@ class ChainSpec:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> ChainSpec:
-    """Load and fully validate a chain spec, including every member's TrainConfig, in well under a second."""
+    """Load and fully validate a chain spec before anything trains (issue 11).
+
+    Checked: every member's TrainConfig, chain and individual; this machine's device and precision;
+    the data (kind, files, one epoch at least one global batch); the evaluation options; the output
+    folder. Reading the data is the slow part (a large table is indexed once and reused by training).
+    """
     spec = load_yaml(ChainSpec, path, overrides)
     members = spec.resolved_members()
     check_ascending(members)
     check_writable(spec.out_dir, "out_dir")
-    for i in range(len(members)):  # fail now, not after an hour of training the first member
-        member_train_config(spec, i, individual=False)
-        member_train_config(spec, i, individual=True)
-    try:  # building an evaluator is cheap (its sets are built on the first call): options checked now
-        _evaluator(spec, members[0])
-    except TypeError as e:
-        raise ConfigError(f"{path}: eval.options {spec.eval.options} ({e})") from None
+    configs = []
+    for i, member in enumerate(members):  # fail now, not after an hour of training the first member
+        for individual in (False, True):
+            cfg = member_train_config(spec, i, individual)
+            try:
+                check_runtime(cfg)
+            except ValueError as e:
+                raise ConfigError(f"{path}, member {member.name}: {e}") from None
+            configs.append(cfg)
+    try:
+        _check_data(spec, members, configs)
+        for member in members:
+            member.paradigm.check_eval(member, **_eval_options(spec))
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return spec
+
+
+def _check_data(spec: ChainSpec, members: list[Member], configs: list[TrainConfig]) -> None:
+    """Every member can read the data, and one epoch holds at least one global batch."""
+    sizes = {}
+    for member in members:
+        member.paradigm.check_data(spec.data, member)
+        sizes[member.name] = member.paradigm.num_samples(spec.data, member)
+    for cfg in configs:
+        size = sizes[cfg.member]
+        if size is not None and size < cfg.global_batch_size:
+            raise ConfigError(
+                f"data: one epoch has {size} samples, fewer than {cfg.member}'s global batch of "
+                f"{cfg.global_batch_size}: no optimizer step could run; use more data (data.num_samples) "
+                "or a smaller train.global_batch_size"
+            )
+
+
+def check_until_lossless(spec: ChainSpec) -> None:
+    """Raise :class:`ConfigError` unless every link's individually trained twin has its result.
+
+    ``run_chain`` calls it before the first member trains, not when the first link needs it.
+    """
+    if spec.until_lossless.enabled:
+        for member in spec.resolved_members()[1:]:
+            _twin_metric(spec, member)
 
 
 def _member_dir(spec: ChainSpec, individual: bool, member: Member) -> Path:
@@ -210,6 +258,11 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
         family=spec.family,
         teacher=str(_member_dir(spec, False, members[index - 1]) / "final.pt") if is_link else None,
     )
+    # A link that grows its AdamW moments reads them from its teacher's final.pt (issue 13). The first
+    # member is one run shared by both trees, so it keeps them in both.
+    grown_next = index + 1 < len(members) and {**spec.train, **spec.link}.get("optimizer_init") == "grown"
+    if grown_next and (not individual or index == 0):
+        fields["keep_moments"] = True
     if spec.until_lossless.enabled and is_link:
         fields["eval_every_steps"] = spec.until_lossless.check_every_steps
     elif spec.eval.every_steps:
@@ -217,15 +270,22 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
     return from_dict(TrainConfig, fields, where=f"chain spec, member {member.name}")
 
 
-def _evaluator(spec: ChainSpec, member: Member, metrics: tuple[str, ...] | None = None):
-    """An ``evaluate(model, step)`` callback on the paradigm's held-out sets at the member's size
-    (``metrics``: only the sets these keys need)."""
+def _eval_options(spec: ChainSpec, metrics: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The paradigm evaluator's options: ``eval.options``, the ImageFolders, and for the evaluations
+    during training the metric keys they compute (``metrics``: only the sets these keys need)."""
     options = dict(spec.eval.options)
     if spec.eval.imagefolders:
         options["imagefolders"] = spec.eval.imagefolders
     if metrics is not None:
         options["metrics"] = metrics
-    return member.paradigm.evaluator(member, data_cfg=spec.data, seed=spec.eval.seed, **options)
+    return options
+
+
+def _evaluator(spec: ChainSpec, member: Member, metrics: tuple[str, ...] | None = None):
+    """An ``evaluate(model, step)`` callback on the paradigm's held-out sets at the member's size."""
+    return member.paradigm.evaluator(
+        member, data_cfg=spec.data, seed=spec.eval.seed, **_eval_options(spec, metrics)
+    )
 
 
 def _periodic_evaluator(spec: ChainSpec, member: Member, until_lossless: bool):
@@ -257,15 +317,11 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
     other = _member_dir(spec, not individual, spec.resolved_members()[0])
     if (here / "final.pt").exists() or not (other / "final.pt").exists():
         return
-    theirs = dict(load_checkpoint(other / "final.pt").get("config") or {})
-    ours = to_dict(cfg)
-    shared = (theirs.keys() & ours.keys()) - {"out_dir"}  # fields added since that run are not a difference
-    if any(
-        theirs[k] != ours[k] for k in shared
-    ):  # e.g. the other tree ran with a --set override: train this one afresh
+    changes = run_changes(to_dict(cfg), load_checkpoint(other / "final.pt", mmap=True), finished=True)
+    if changes:  # e.g. the other tree ran with a --set override: train this one afresh
         warnings.warn(
-            f"{other / 'final.pt'} was trained with another config than {cfg.member} here; "
-            "not reusing it, training the first member again",
+            f"{other / 'final.pt'} was trained with another config than {cfg.member} here "
+            f"({'; '.join(changes)}); not reusing it, training the first member again",
             stacklevel=2,
         )
         return
@@ -279,30 +335,84 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
             os.replace(tmp, here / name)
 
 
+# The spec fields that make an individually trained twin the twin of this chain's member.
+_TWIN_FIELDS = ("family", "data", "baseline_epochs", "train")
+
+
 def _twin_metric(spec: ChainSpec, member: Member) -> float:
     path = Path(spec.out_dir) / "individual" / "summary.json"
     if path.exists():
-        for m in json.loads(path.read_text())["members"]:
+        summary = json.loads(path.read_text())
+        theirs, ours = summary.get("config") or {}, to_dict(spec)
+        for config in (theirs, ours):  # data loader workers change nothing that trains
+            config.get("data", {}).pop("workers", None)
+        changed = [k for k in _TWIN_FIELDS if k in theirs and theirs[k] != ours[k]]
+        changed += [
+            f"eval.{k}"
+            for k in ("seed", "imagefolders")
+            if theirs.get("eval", {}).get(k, ours["eval"][k]) != ours["eval"][k]
+        ]
+        if changed:  # the twins of another spec: until_lossless would compare against the wrong target
+            raise ConfigError(
+                f"until_lossless: the twins in {path} were trained with another {', '.join(changed)} than "
+                "this spec; rerun `compt chain run SPEC --individual` with this spec (--retrain moves the "
+                "old twins aside), or use another out_dir"
+            )
+        for m in summary["members"]:
             if m["name"] == member.name and spec.eval.metric in m["metrics"]:
                 return float(m["metrics"][spec.eval.metric])
     raise ConfigError(
         f"until_lossless needs the individually trained twin of {member.name}: run "
-        f"`compt chain run SPEC --individual` first (expected its result in {path})"
+        f"`compt chain run SPEC --individual` first (expected its {spec.eval.metric} in {path})"
     )
 
 
-def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_chain(
+    spec: ChainSpec, individual: bool = False, progress: bool = True, retrain: bool = False
+) -> dict[str, Any]:
     """Train the chain (or, with ``individual``, every member from scratch); returns the summary dict.
 
-    Idempotent and resumable: finished members are skipped, an interrupted one resumes.
+    Idempotent and resumable: finished members are skipped, an interrupted one resumes. A member
+    whose folder holds a run of another config (other epochs, lr, data, teacher weights...) is an
+    error naming the change; ``retrain`` moves such a folder aside and trains it again, and the
+    links after it follow since their teacher changed. A second process on the same tree at the
+    same time is refused (:mod:`compt.engine.lock`).
     """
+    root = Path(spec.out_dir) / ("individual" if individual else "chain")
+    if not individual:
+        check_until_lossless(spec)
+    with hold(root):
+        rows = _train_members(spec, individual, retrain, root)
+        keys = sorted(
+            {k for r in rows for k in r["metrics"] if not k.startswith(CHANCE_PREFIX)} | {spec.eval.metric}
+        )
+        summary = {
+            "kind": "individual" if individual else "chain",
+            "name": spec.name,
+            "family": spec.family,
+            "paradigm": get_family(spec.family).paradigm.name,
+            "metric": spec.eval.metric,
+            # How the report compares each metric: direction, lossless tolerance, unit (issue 12).
+            "metric_rules": {k: rule.to_dict() for k, rule in metric_rules(spec, keys).items()},
+            "members": rows,
+            "config": to_dict(spec),
+        }
+        if dist.is_main():
+            _write_json(root / "summary.json", summary)
+    return summary
+
+
+def _train_members(spec: ChainSpec, individual: bool, retrain: bool, root: Path) -> list[dict[str, Any]]:
+    """Train (or reuse) each member in chain order; their summary rows."""
     members = spec.resolved_members()
     paradigm = members[0].paradigm
-    root = Path(spec.out_dir) / ("individual" if individual else "chain")
     rows: list[dict[str, Any]] = []
     acc_macs = acc_wall = 0.0
     for i, member in enumerate(members):
         cfg = member_train_config(spec, i, individual)
+        role = f"link from {members[i - 1].name}" if cfg.teacher else "from scratch"
+        _LOG.info("%s/%s: %s, member %d/%d, %s, %g epochs", spec.name, root.name, member.name, i + 1,
+                  len(members), role, cfg.epochs)  # fmt: skip
         if i == 0 and dist.is_main():
             _reuse_first_member(spec, individual, cfg)
         dist.barrier()
@@ -312,6 +422,7 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
             cfg,
             evaluate=_evaluator(spec, member),
             should_stop=should_stop,
+            retrain=retrain,
             periodic_evaluate=_periodic_evaluator(spec, member, until),
         )
         acc_macs += result.train_macs
@@ -323,23 +434,7 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
             paradigm.export(result.final_checkpoint, export_dir)
         rows.append(_summary_row(spec, cfg, result, i, individual, acc_macs, acc_wall, root))
         dist.barrier()
-    keys = sorted(
-        {k for r in rows for k in r["metrics"] if not k.startswith(CHANCE_PREFIX)} | {spec.eval.metric}
-    )
-    summary = {
-        "kind": "individual" if individual else "chain",
-        "name": spec.name,
-        "family": spec.family,
-        "paradigm": paradigm.name,
-        "metric": spec.eval.metric,
-        # How the report compares each metric: direction, lossless tolerance, unit (issue 12).
-        "metric_rules": {k: rule.to_dict() for k, rule in metric_rules(spec, keys).items()},
-        "members": rows,
-        "config": to_dict(spec),
-    }
-    if dist.is_main():
-        _write_json(root / "summary.json", summary)
-    return summary
+    return rows
 
 
 def _summary_row(spec, cfg, result, index, individual, acc_macs, acc_wall, root) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,9 +18,29 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "apply_overrides", "to_dict", "parse_value"]
+__all__ = ["ConfigError", "from_dict", "load_yaml", "apply_overrides", "to_dict", "parse_value", "yaml_load"]
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.2) rather than a string (YAML 1.1).
+
+    Typed fields were coerced anyway, but untyped ones (a chain spec's ``train``/``link`` mappings)
+    kept the string, and ``summary.json`` recorded ``"lr": "1e-2"`` (issue 11's sweep).
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load``, with exponent floats such as ``1e-3`` read as numbers."""
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(ValueError):
@@ -95,14 +116,22 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {key!r}{_hint(key, sorted(fields))}")
         kwargs[key] = _coerce(value, _field_type(cls, key), f"{where}.{key}")
+    required = [name for name, f in fields.items() if _is_required(f) and name not in kwargs]
+    if required:  # named as keys to add, not as Python's "__init__() missing arguments" (issue 11)
+        keys = ", ".join(repr(k) for k in required)
+        raise ConfigError(f"{where}: missing required key(s) {keys}; add them")
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except TypeError as e:  # a wrong type reached __post_init__
         raise ConfigError(f"{where}: {e}") from None
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
@@ -112,9 +141,20 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
         raise ConfigError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        required = [f.name for f in dataclasses.fields(cls) if f.init and _is_required(f)]
+        raise ConfigError(
+            f"{path} is empty; a {cls.__name__} needs at least {', '.join(required) or 'one key'} "
+            "(see configs/demo.yaml)"
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of {cls.__name__} keys (key: value lines) at the top level, "
+            f"got a {type(data).__name__}"
+        )
     data = _apply(data, overrides or [], str(path))
     return from_dict(cls, data, where=str(path))
 
@@ -122,7 +162,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
 def parse_value(text: str) -> Any:
     """A CLI override's value, typed the way YAML would type it (``3`` -> int, ``a,b`` stays a str)."""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -135,8 +175,14 @@ def _apply(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, 
         key, text = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node[part] = dict(node.get(part) or {})
+        for i, part in enumerate(parts[:-1]):
+            value = node.get(part)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(
+                    f"override {item!r} ({where}): {'.'.join(parts[: i + 1])} is {value!r}, not a mapping, "
+                    f"so it has no key {parts[i + 1]!r}; set {'.'.join(parts[: i + 1])}=VALUE instead"
+                )
+            node[part] = dict(value or {})
             node = node[part]
         node[parts[-1]] = parse_value(text)
     return data

@@ -9,9 +9,11 @@ uses M = 4) and counts its forward; App. C.2 then gives, per sample,
   the first layer, whose input needs no gradient (:func:`first_layer_macs`);
 * the AdamW update ``C_u = 3 x params`` per optimizer step (not per sample).
 
-A chain link (§3.1) also runs its teacher forward on every sample. So a run costs::
+A chain link (§3.1) also runs its teacher forward on every sample. So a run of ``steps``
+optimizer steps of ``batch`` samples (:func:`run_steps`: ``round(epochs x (samples // batch))``)
+costs::
 
-    samples x epochs x (student.train_macs + teacher.forward_macs) + steps x student.update_macs
+    steps x (batch x (student.train_macs + teacher.forward_macs) + student.update_macs)
 
 Planning a chain before training (epoch allocation, Table 2's columns) is :mod:`compt.plan`.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "numel",
     "member_cost",
     "run_macs",
+    "run_steps",
     "cfg_key",
     "PAPER_BATCH_SIZE",
 ]
@@ -193,18 +196,28 @@ def member_cost(member: Member | str, *sample_args: Any, **sample: Any) -> Membe
     return member.paradigm.sample_cost(member, *sample_args, **sample)
 
 
+def run_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run of ``epochs`` passes (fractions allowed): rounded, at least one.
+
+    The engine trains exactly this many (:func:`compt.engine.train.train_member`); an epoch of
+    ``samples`` has ``samples // batch_size`` steps (the loader drops the last partial batch).
+    """
+    return max(1, round(epochs * steps_per_epoch))
+
+
 def run_macs(
     student: MemberCost,
     *,
     samples: int,
-    epochs: int,
+    epochs: float,
     batch_size: int = PAPER_BATCH_SIZE,
     teacher: MemberCost | None = None,
 ) -> int:
     """Training MACs of one run: ``epochs`` passes over ``samples`` (§C.2; a link adds its teacher).
 
-    Optimizer steps per epoch are ``samples // batch_size`` (the loader drops the last partial batch).
+    Exactly what the engine counts: :func:`run_steps` optimizer steps, each of ``batch_size``
+    samples (their training MACs and the teacher's forward) plus one AdamW update.
     """
     per_sample = student.train_macs + (teacher.forward_macs if teacher is not None else 0)
-    steps = epochs * (samples // batch_size)
-    return samples * epochs * per_sample + steps * student.update_macs
+    steps = run_steps(epochs, samples // batch_size)
+    return steps * (batch_size * per_sample + student.update_macs)

@@ -2,7 +2,7 @@
 
 A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP::
 
-    L_IFD = alpha * ( MSE(v_t, T(v_s)) + MSE(t_t, T(t_s)) ) / 2        (Eq. 1, averaged over modalities)
+    L_IFD = alpha * D / 512 * ( MSE(v_t, T(v_s)) + MSE(t_t, T(t_s)) ) / 2    (Eq. 1, averaged over modalities)
 
 - which features are compared is the paradigm's (:meth:`compt.paradigms.Paradigm.teacher_features`
   and the student's ``out["distill"]``); L_IFD averages the MSE of every feature pair. For CLIP,
@@ -12,7 +12,7 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
   sees normalized embeddings, so the knowledge worth transferring is their direction; the raw norm
   is a free degree of freedom of each model and matching it would only fight the task loss. It is
   also what the official code does (it compares ``F.normalize(student)`` with the teacher's
-  normalized output), so alpha=500 keeps its meaning: per element, MSE = (2 - 2 cos) / D.
+  normalized output): per element, MSE = (2 - 2 cos) / D.
 - MSE is the mean over batch (and caption) rows and embedding dims, i.e. Eq. 1's squared L2 norm
   divided by N*D. The official code *sums* the two modality terms; Eq. 4 (and compt) average them,
   so compt's L_IFD is half the official one for the same alpha (App. B.1 reports alpha=500 with r=0.1).
@@ -21,8 +21,21 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
   it in the multi-caption path). With equal dims it is the identity, as in the paper's families.
 - The teacher is frozen: eval mode, no gradients, never in the optimizer, never wrapped in DDP. It
   runs under the student's autocast on the same batch (:meth:`Distiller.teacher_features`).
+- **alpha is width-independent** (issue 13): a fixed alpha means the paper's weight at the official
+  code's embedding width D = 512 (:data:`DEFAULT_REF_DIM`), whatever the member's D. The MSE over D
+  dims of unit vectors is ||s - t||^2 / D, so the official alpha = 500 at D = 512 weighs a unit of
+  squared distance 500/512 ~ 0.98; the same 500 on a 32-d embedding would weigh it 16x more. compt
+  multiplies each MSE by D / ``ref_dim`` (:func:`width_scale`), so every member gets alpha / ref_dim
+  per unit of squared distance. ``ref_dim=None`` is the literal per-dimension MSE (compt before
+  issue 13, and the official code at any D).
 - ``alpha="auto"`` (:class:`AutoAlpha`) sets alpha each step so that L_IFD / L_task stays near r
-  (default 0.1, the optimum of App. D.2 / Fig. D).
+  (default 0.1, the optimum of App. D.2 / Fig. D); a ratio does not depend on D, so ``ref_dim``
+  does not apply to it.
+- **Schedules** (issue 13, :func:`register_alpha_schedule`): alpha is multiplied by a factor of the
+  run's progress: ``constant`` (the paper), ``linear`` decay to 0 at a fraction of the run (Knowledge
+  Inheritance, Qin et al. 2022), ``step``: switched off after a fraction (SALT, arXiv 2410.18779).
+  The factor is a function of the step, so a resumed run gets the same alpha; a step whose factor
+  is 0 needs no teacher forward at all (:meth:`Distiller.factor`).
 - The distillation gate (``gate=True``; beyond the paper, docs/reproduce.md finding 2): L_IFD gets
   weight 0 on a step where the student's task loss is already below the teacher's on the same batch
   (:meth:`Distiller.teacher_task_loss`), so a student never gets pulled back toward a weaker teacher.
@@ -31,6 +44,7 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +59,11 @@ from compt.families import Member, get_member
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_RATIO",
+    "DEFAULT_REF_DIM",
+    "width_scale",
+    "register_alpha_schedule",
+    "list_alpha_schedules",
+    "alpha_schedule",
     "load_teacher",
     "make_projection",
     "feature_mse",
@@ -54,6 +73,67 @@ __all__ = [
 
 DEFAULT_ALPHA = 500.0  # App. B.1: alpha = 500 for all experiments
 DEFAULT_RATIO = 0.1  # App. D.2: L_IFD ~ 10% of L_task is the optimum
+DEFAULT_REF_DIM = 512  # the official code's embed_dim, the same for every member (issue 13)
+
+
+def width_scale(feature_dim: int, ref_dim: int | None) -> float:
+    """The factor on a D-dim feature MSE that makes a fixed alpha mean the paper's weight at ``ref_dim``.
+
+    MSE = ||s - t||^2 / D for unit vectors, so ``alpha * D / ref_dim * MSE = alpha / ref_dim *
+    ||s - t||^2``: the same weight per unit of squared distance at every width (issue 13). ``None``:
+    1, the literal per-dimension MSE (the official code, and compt before issue 13).
+    """
+    return 1.0 if ref_dim is None else feature_dim / ref_dim
+
+
+# --- alpha schedules (issue 13) ------------------------------------------------------------------
+
+AlphaSchedule = Callable[[float, float], float]  # (progress in [0, 1], fraction) -> factor in [0, 1]
+_SCHEDULES: dict[str, AlphaSchedule] = {}
+
+
+def register_alpha_schedule(name: str) -> Callable[[AlphaSchedule], AlphaSchedule]:
+    """Decorator: register ``fn(progress, fraction) -> factor`` as alpha schedule ``name``.
+
+    ``progress`` is steps done / steps of the run; ``fraction`` is ``TrainConfig.alpha_schedule_fraction``.
+    """
+
+    def deco(fn: AlphaSchedule) -> AlphaSchedule:
+        if name in _SCHEDULES:
+            raise ValueError(f"alpha schedule {name!r} is already registered")
+        _SCHEDULES[name] = fn
+        return fn
+
+    return deco
+
+
+def list_alpha_schedules() -> list[str]:
+    return list(_SCHEDULES)
+
+
+def alpha_schedule(name: str) -> AlphaSchedule:
+    """The registered schedule ``name`` (a ``ValueError`` listing the known ones if absent)."""
+    if name not in _SCHEDULES:
+        raise ValueError(f"unknown alpha schedule {name!r}; known: {', '.join(_SCHEDULES)}")
+    return _SCHEDULES[name]
+
+
+@register_alpha_schedule("constant")
+def _constant(progress: float, fraction: float) -> float:
+    """The paper: the same alpha for the whole link (App. B.1)."""
+    return 1.0
+
+
+@register_alpha_schedule("linear")
+def _linear(progress: float, fraction: float) -> float:
+    """Knowledge Inheritance (Qin et al. 2022): r = max(0, 1 - t / T_distil), T_distil = fraction * T."""
+    return max(0.0, 1.0 - progress / fraction)
+
+
+@register_alpha_schedule("step")
+def _step(progress: float, fraction: float) -> float:
+    """SALT (arXiv 2410.18779): distil in an early phase only, then train on the task alone."""
+    return 1.0 if progress < fraction else 0.0
 
 
 def load_teacher(path: str | Path, student: Member) -> tuple[nn.Module, dict[str, Any], Member]:
@@ -164,10 +244,11 @@ class AutoAlpha:
 class Distiller:
     """The frozen teacher of a chain link and the weight of its distillation loss (Eq. 1, 4).
 
-    ``alpha``: a number (fixed weight, default 500) or ``"auto"`` (hold L_IFD / L_task near
-    ``ratio``); ``gate``: drop L_IFD on steps where the student beats its teacher (module docstring).
-    The projection T is *not* kept here: it is trained with the student (in the
-    optimizer, synchronized by DDP), so the trainer owns it (see :func:`make_projection`).
+    ``alpha``: a number (fixed weight, default 500, meant at embedding width ``ref_dim``) or
+    ``"auto"`` (hold L_IFD / L_task near ``ratio``); ``gate``: drop L_IFD on steps where the student
+    beats its teacher; ``schedule`` / ``fraction`` / ``total_steps``: the factor on alpha along the
+    run (module docstring). The projection T is *not* kept here: it is trained with the student (in
+    the optimizer, synchronized by DDP), so the trainer owns it (see :func:`make_projection`).
     """
 
     def __init__(
@@ -177,9 +258,20 @@ class Distiller:
         alpha: float | str = DEFAULT_ALPHA,
         ratio: float = DEFAULT_RATIO,
         gate: bool = False,
+        *,
+        ref_dim: int | None = DEFAULT_REF_DIM,
+        schedule: str = "constant",
+        fraction: float = 1.0,
+        total_steps: int = 1,
     ):
         self.paradigm = paradigm  # compt.paradigms.Paradigm: which features the teacher gives
         self.gate = bool(gate)
+        if ref_dim is not None and ref_dim < 1:
+            raise ValueError(f"alpha reference dim must be >= 1 (or None), got {ref_dim}")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"alpha schedule fraction must be in (0, 1], got {fraction}")
+        self.ref_dim, self.fraction, self.total_steps = ref_dim, float(fraction), max(1, int(total_steps))
+        self.schedule_name, self._schedule = schedule, alpha_schedule(schedule)
         if isinstance(alpha, str):
             if alpha != "auto":
                 raise ValueError(f"alpha must be a number or 'auto', got {alpha!r}")
@@ -191,6 +283,13 @@ class Distiller:
             self.auto, self.alpha = None, float(alpha)
         # Frozen for good: eval mode (no dropout / drop-path noise) and no parameter wants a gradient.
         self.teacher = teacher.eval().requires_grad_(False)
+
+    def factor(self, step: int) -> float:
+        """The schedule's factor on alpha for the update after ``step`` steps (a host float: no sync).
+
+        0 means L_IFD is off this step, and the trainer skips the teacher's forward pass.
+        """
+        return float(self._schedule(step / self.total_steps, self.fraction))
 
     @torch.no_grad()
     def teacher_features(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -210,13 +309,16 @@ class Distiller:
         teacher: dict[str, torch.Tensor],
         task_loss: torch.Tensor,
         teacher_task: torch.Tensor | None = None,
+        factor: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """L_IFD of Eq. 1/4 from projected student features and the teacher's (same keys).
 
-        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` per feature, ``alpha`` and
-        ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all tensors, all but
-        ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate, ``teacher_task``
-        (:meth:`teacher_task_loss`) only by the gate, which needs it.
+        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` per feature, ``alpha`` (the
+        weight applied to the mean MSE: alpha x ``factor`` x D / ref_dim, or auto's value x
+        ``factor``) and ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all
+        tensors, all but ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate,
+        ``teacher_task`` (:meth:`teacher_task_loss`) only by the gate, which needs it; ``factor`` is
+        :meth:`factor` of the step.
         """
         if set(student) != set(teacher):
             raise ValueError(
@@ -225,10 +327,16 @@ class Distiller:
         mse = {key: feature_mse(student[key], teacher[key]) for key in student}
         distance = torch.stack(list(mse.values())).mean()  # Eq. 4: averaged over the feature pairs
         if self.auto is not None:
-            alpha = self.auto(task_loss, distance)
+            alpha = self.auto(task_loss, distance) * factor
         else:
+            # One weight per unit of squared distance at every width (width_scale); features of
+            # different widths would each need their own, so they must agree.
+            dims = {value.shape[-1] for value in teacher.values()}
+            if len(dims) != 1:
+                raise ValueError(f"a fixed alpha needs features of one width, got widths {sorted(dims)}")
+            weight = self.alpha * factor * width_scale(dims.pop(), self.ref_dim)
             # A fill on the device: torch.tensor(x, device=cuda) is a host-to-device copy that syncs.
-            alpha = torch.full((), self.alpha, device=distance.device)
+            alpha = torch.full((), weight, device=distance.device)
         on = torch.ones((), device=distance.device)
         if self.gate:
             if teacher_task is None:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import yaml
 from torch import nn
+
+from compt.config import yaml_load
 
 if TYPE_CHECKING:
     from compt.paradigms import Paradigm
@@ -235,7 +236,7 @@ def load_family_yaml(path: str | Path) -> Family:
     if not path.is_file():
         raise FileNotFoundError(f"family file {path} does not exist")
     with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
+        doc = yaml_load(f) or {}
     if not isinstance(doc, dict) or "members" not in doc:
         raise ValueError(f"{path}: a family file needs a top-level 'members:' list")
     unknown = set(doc) - {"name", "description", "paradigm", "members"}

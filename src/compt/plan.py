@@ -37,14 +37,21 @@ def _check_positive_int(value: Any, what: str) -> int:
     return value
 
 
+def _check_positive_number(value: Any, what: str) -> float:
+    # Fractional epochs are a normal chain setting (the demo's links train 1 and 0.75 epochs).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{what} must be a positive number, got {value!r}")
+    return value
+
+
 def allocate_epochs(
     members: Sequence[Member | str],
-    baseline_epochs: int,
+    baseline_epochs: float,
     target_ratio: float | None = DEFAULT_TARGET_RATIO,
     *,
     sample: Mapping[str, Any] | None = None,
     end_fraction: float = DEFAULT_END_FRACTION,
-) -> list[int]:
+) -> list[float]:
     """Initial epochs per chain member following §3.1.2's "Training Epoch Allocation" rule.
 
     The first member trains for ``baseline_epochs`` (it has no teacher). The others decrease
@@ -52,10 +59,11 @@ def allocate_epochs(
     ``e * (1 - (1 - end_fraction) * log(p_i / p_2) / log(p_n / p_2))``, so the second member gets
     ``e`` and the last ``end_fraction * e``. ``e`` is solved so the chain's accumulated training MACs
     are ``1 / target_ratio`` of training every member for ``baseline_epochs`` (per-sample MACs only;
-    the AdamW update is under 0.1% and ignored here). Epochs are rounded to integers in
-    ``[1, baseline_epochs]``, so the achieved ratio is close to, not exactly, the target; an
-    unreachable target gives 1 epoch per link. The paper then validates the first link and relaxes
-    the ratio if it is not lossless; that is the chain runner's job. ``target_ratio=None`` means
+    the AdamW update is under 0.1% and ignored here). Link epochs are rounded to integers in
+    ``[1, baseline_epochs]`` (``baseline_epochs`` itself when that is below 1), so the achieved
+    ratio is close to, not exactly, the target; an unreachable target gives 1 epoch per link. The
+    paper then validates the first link and relaxes the ratio if it is not lossless; that is the
+    chain runner's job. ``target_ratio=None`` means
     ``DEFAULT_TARGET_RATIO``. ``sample`` describes one training sample in the paradigm's terms
     (:func:`compt.cost.member_cost`; CLIP: ``{"num_captions": 4}``, the default).
     """
@@ -63,7 +71,7 @@ def allocate_epochs(
         raise TypeError(
             "allocate_epochs needs the chain's members (Member objects or names), not their count"
         )
-    _check_positive_int(baseline_epochs, "baseline_epochs")
+    _check_positive_number(baseline_epochs, "baseline_epochs")
     target_ratio = DEFAULT_TARGET_RATIO if target_ratio is None else target_ratio
     if not target_ratio >= 1.0:
         raise ValueError(f"target_ratio must be >= 1 (chain cost / baseline cost <= 1), got {target_ratio!r}")
@@ -96,7 +104,7 @@ class PlanRow:
     params: dict[str, int]
     forward_macs: int  # per sample
     train_macs: int  # per sample, forward + backward
-    epochs: int  # chain epochs
+    epochs: float  # chain epochs (fractions allowed)
     teacher: str | None
     baseline_macs: int  # individual, baseline_epochs from scratch
     chain_macs: int  # individual, as a chain link (teacher forward included)
@@ -112,7 +120,7 @@ class ChainPlan:
 
     rows: tuple[PlanRow, ...]
     samples: int
-    baseline_epochs: int
+    baseline_epochs: float
     sample: dict[str, Any]  # one training sample, as the paradigm describes it
     batch_size: int
     allocated: bool  # epochs came from allocate_epochs, not from the caller
@@ -144,8 +152,8 @@ class ChainPlan:
 def plan_chain(
     members: Sequence[Member | str],
     samples: int,
-    baseline_epochs: int,
-    epochs: Sequence[int] | None = None,
+    baseline_epochs: float,
+    epochs: Sequence[float] | None = None,
     *,
     sample: Mapping[str, Any] | None = None,
     batch_size: int = PAPER_BATCH_SIZE,
@@ -155,15 +163,16 @@ def plan_chain(
     """Cost of training ``members`` (smallest first) individually vs as a chain (Table 2 columns).
 
     ``samples`` are training samples (images) per epoch; ``sample`` describes one in the paradigm's
-    terms (CLIP: ``{"num_captions": 4}``, the default). Without ``epochs``, they come from
-    :func:`allocate_epochs`.
+    terms (CLIP: ``{"num_captions": 4}``, the default). Epochs may be fractions: each run has
+    :func:`compt.cost.run_steps` optimizer steps, as the engine trains them. Without ``epochs``,
+    they come from :func:`allocate_epochs`.
     Member i > 0 is a chain link whose teacher is member i - 1.
     """
     members = [get_member(m) for m in members]
     if not members:
         raise ValueError("a chain needs at least one member")
     _check_positive_int(samples, "samples")
-    _check_positive_int(baseline_epochs, "baseline_epochs")
+    _check_positive_number(baseline_epochs, "baseline_epochs")
     _check_positive_int(batch_size, "batch_size")
     if samples < batch_size:
         raise ValueError(
@@ -183,7 +192,7 @@ def plan_chain(
             f"got {len(epochs)} epoch values for {len(members)} members ({names}); give one per member"
         )
     for m, e in zip(members, epochs, strict=False):
-        _check_positive_int(e, f"epochs of {m.name}")
+        _check_positive_number(e, f"epochs of {m.name}")
     costs = [member_cost(m, **(sample or {})) for m in members]
     rows, base_acc, chain_acc = [], 0, 0
     for i, (c, e) in enumerate(zip(costs, epochs, strict=False)):

@@ -17,7 +17,7 @@ import sys
 from compt.engine.checkpoint import CheckpointError
 
 # Order is the order shown by `compt --help`.
-_COMMANDS = ["plan", "grow", "train", "chain", "eval", "report", "export"]
+_COMMANDS = ["plan", "grow", "train", "chain", "eval", "finetune", "report", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE  # what a tool killed by SIGPIPE returns (141)
+    except KeyboardInterrupt:
+        # Ctrl-C in a short command (plan, grow, eval, ...): a line, not a traceback (issue 11 item 10).
+        # Training saves first and says how to resume (compt.engine.interrupt, compt.cli.train).
+        print("\ncompt: interrupted by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(argv: list[str] | None) -> int:

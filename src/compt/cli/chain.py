@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -30,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("spec", help="chain spec YAML (see configs/)")
     run.add_argument("--individual", action="store_true", help="train every member from scratch instead")
     run.add_argument("--out", help="run folder (default: the spec's out_dir)")
+    run.add_argument(
+        "--retrain",
+        action="store_true",
+        help="retrain each member whose finished or started run has another config (moved to "
+        "<member>.replaced-N, nothing deleted); default: refuse, naming what changed",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -49,54 +54,73 @@ def _load(args):
     from compt.chain import load_spec
 
     overrides = list(args.overrides)
-    if getattr(args, "out", None):
-        overrides.append(f"out_dir={args.out}")
+    if getattr(args, "out", None):  # quoted: a path, never YAML (`--out 2024` or `--out yes` failed)
+        overrides.append(f"out_dir={json.dumps(args.out)}")
     return load_spec(args.spec, overrides)
 
 
 def _run(args) -> int:
     from compt.chain import run_chain
+    from compt.cli.train import run_training
     from compt.engine import dist
-    from compt.engine.train import NonFiniteLossError, TrainingInterrupted
+    from compt.engine.runlog import setup_logging
 
+    setup_logging()  # like `compt train`: progress and notes reach a batch job's log (issue 11)
     spec = _load(args)
     # One process group for the whole chain (train_member reuses it rather than making its own).
     info = dist.init_distributed(spec.train.get("device", "auto"))
     try:
-        summary = run_chain(spec, individual=args.individual)
-    except NonFiniteLossError as e:  # a message that says what to change, not a traceback
-        print(f"compt chain: error: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"compt chain: {e}", file=sys.stderr)
-        return 143
+        summary = run_training(
+            "chain", lambda: run_chain(spec, individual=args.individual, retrain=args.retrain)
+        )
     finally:
         dist.teardown(info)
+    if isinstance(summary, int):
+        return summary
     if dist.is_main():
-        kind = summary["kind"]
-        root = Path(spec.out_dir) / kind
-        print(f"\n{kind} run finished: {root}/summary.json")
-        for m in summary["members"]:
-            metric = m["metrics"].get(spec.eval.metric)
-            shown = "n/a" if metric is None else f"{metric:.2f}"
-            print(
-                f"  {m['name']:<12} {spec.eval.metric}={shown}  train MACs {m['train_macs']:.3e}  "
-                f"wall {m['wall_s']:.0f}s  export {root / m['export']}"
-            )
-        print(f"report: compt report {spec.out_dir}")
+        _print_summary(spec, summary, args)
     return 0
 
 
+def _print_summary(spec, summary, args) -> None:
+    kind = summary["kind"]
+    root = Path(spec.out_dir) / kind
+    print(f"\n{kind} run finished: {root}/summary.json")
+    for m in summary["members"]:
+        metric = m["metrics"].get(spec.eval.metric)
+        shown = "n/a" if metric is None else f"{metric:.2f}"
+        print(
+            f"  {m['name']:<12} {spec.eval.metric}={shown}  train MACs {m['train_macs']:.3e}  "
+            f"wall {m['wall_s']:.0f}s  export {root / m['export']}"
+        )
+    other = Path(spec.out_dir) / ("chain" if args.individual else "individual") / "summary.json"
+    if other.is_file() or not args.individual:
+        print(f"report: compt report {spec.out_dir}")
+    else:  # issue 11: `compt report OUT` needs the chain; the baselines alone render as their own run
+        print(f"report: compt report {root}   # the baselines alone")
+        print(f"next:   compt chain run {args.spec}   # then compt report {spec.out_dir} compares the two")
+
+
 def _show(args) -> int:
-    from compt.chain import member_train_config
-    from compt.config import to_dict
+    from compt.chain import check_until_lossless, member_train_config
+    from compt.config import ConfigError, to_dict
 
     spec = _load(args)
     epochs = spec.chain_epochs()
+    members = spec.resolved_members()
     print(f"chain {spec.name}: family {spec.family}, out_dir {spec.out_dir}")
-    for i, m in enumerate(spec.resolved_members()):
+    size = members[0].paradigm.num_samples(spec.data, members[0])
+    size_text = "unknown" if size is None else f"{size:,}"
+    print(f"data ({size_text} samples per epoch): {json.dumps(to_dict(spec.data))}")
+    for i, m in enumerate(members):
         cfg = to_dict(member_train_config(spec, i, individual=False))
         cfg.pop("data")
         print(f"  {i + 1}. {m.name}: chain epochs {epochs[i]:g} (individual {spec.baseline_epochs:g})")
         print("     " + json.dumps(cfg))
+    if spec.until_lossless.enabled:
+        try:
+            check_until_lossless(spec)
+            print("until_lossless: every link's individually trained twin has a result")
+        except ConfigError as e:  # fine for `--individual`, which must run first
+            print(f"until_lossless: not ready for the chain yet: {e}")
     return 0

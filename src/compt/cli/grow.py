@@ -29,7 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(paper §3.1.1, App. D.1). See docs/grow.md for the strategies.",
     )
     parser.add_argument(
-        "--teacher", required=True, metavar="CKPT", help="compt checkpoint of the smaller model"
+        "--teacher",
+        required=True,
+        metavar="CKPT",
+        help="compt checkpoint of the smaller model, or its run folder (its final.pt)",
     )
     parser.add_argument(
         "--student", required=True, metavar="MEMBER", help="student member name, e.g. ViT-S/16"
@@ -63,11 +66,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from compt.engine.checkpoint import (
+        CheckpointError,
+        check_writable,
+        final_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from compt.families import get_member
 
     start = time.perf_counter()
     member = get_member(args.student, args.family)
+    args.teacher = final_checkpoint(args.teacher, "--teacher")
+    if Path(args.out).absolute() == args.teacher.absolute():
+        raise ValueError(f"--out {args.out} is the teacher itself; write the grown student to another file")
+    # Before the work, not as a failed save that advises to "resume" a command that has nothing to resume.
+    check_writable(Path(args.out).absolute().parent, "--out")
+    if args.report:
+        check_writable(Path(args.report).absolute().parent, "--report")
     try:
         teacher = load_checkpoint(args.teacher)
     except CheckpointError as e:  # a user error: one line, not a traceback

@@ -3,6 +3,7 @@
     compt plan --family vit --members ViT-T/16,ViT-S/16,ViT-B/16,ViT-L/16 \\
         --samples 2753427 --baseline-epochs 128 --epochs 128,24,18,15 --captions 4
     compt plan --family tiny --json
+    compt plan configs/demo.yaml                 # a chain spec: its family, members, epochs, data, batch
 
 Models are built on the meta device, so planning ViT-L takes seconds and no memory.
 """
@@ -26,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "spec", nargs="?", metavar="SPEC", help="a chain spec YAML: plan exactly the chain it trains"
+    )
     p.add_argument("--family", help="registered family (vit, swin, tiny, debug) or a family YAML file")
     p.add_argument(
         "--members",
@@ -33,26 +37,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default: every member of --family",
     )
     p.add_argument(
-        "--samples",
-        type=int,
-        default=CC3M_SAMPLES,
-        help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)",
+        "--samples", type=int, help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)"
     )
     p.add_argument(
         "--baseline-epochs",
-        type=int,
-        default=128,
+        type=float,
         help="epochs of individual (baseline) training for every member (default 128, CC3M)",
     )
     p.add_argument(
-        "--epochs", help="comma-separated chain epochs, one per member; default: allocated per §3.1.2"
+        "--epochs",
+        help="comma-separated chain epochs, one per member, fractions allowed (e.g. 3,1,0.75); "
+        "default: allocated per §3.1.2",
     )
-    p.add_argument("--captions", type=int, default=4, help="captions per image, M (default 4, Table G)")
+    p.add_argument("--captions", type=int, help="captions per image, M (default 4, Table G)")
     p.add_argument(
         "--batch-size",
         type=int,
-        default=PAPER_BATCH_SIZE,
-        help=f"global batch size; sets optimizer steps for the AdamW update MACs "
+        help=f"global batch size: optimizer steps = round(epochs x (samples // batch)) "
         f"(default {PAPER_BATCH_SIZE}, Table C)",
     )
     p.add_argument(
@@ -84,34 +85,89 @@ def _members(args: argparse.Namespace) -> list[Member]:
     raise ValueError("say which models to plan: --family NAME (all its members) and/or --members A,B,...")
 
 
-def _epochs(text: str | None) -> list[int] | None:
+def _epochs(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [int(e) for e in text.split(",")]
+        return [float(e) if "." in e or "e" in e.lower() else int(e) for e in text.split(",")]
     except ValueError:
         raise ValueError(
-            f"--epochs must be comma-separated integers, e.g. 128,24,18,15; got {text!r}"
+            f"--epochs must be comma-separated numbers, e.g. 128,24,18,15 or 3,1,0.75; got {text!r}"
         ) from None
 
 
+# The flags a chain spec answers itself (`compt plan SPEC`), with their defaults otherwise.
+_SPEC_FLAGS = {
+    "family": None,
+    "members": None,
+    "samples": CC3M_SAMPLES,
+    "baseline_epochs": 128,
+    "epochs": None,
+    "captions": 4,
+    "batch_size": PAPER_BATCH_SIZE,
+}
+
+
 def run(args: argparse.Namespace) -> int:
-    members = _members(args)
-    plan = plan_chain(
-        members,
-        samples=args.samples,
-        baseline_epochs=args.baseline_epochs,
-        epochs=_epochs(args.epochs),
-        sample={"num_captions": args.captions},
-        batch_size=args.batch_size,
-        target_ratio=args.target_ratio,
-        end_fraction=args.end_fraction,
-    )
+    if args.spec:
+        members, plan = _plan_spec(args)
+    else:
+        for flag, default in _SPEC_FLAGS.items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, default)
+        members = _members(args)
+        plan = plan_chain(
+            members,
+            samples=args.samples,
+            baseline_epochs=args.baseline_epochs,
+            epochs=_epochs(args.epochs),
+            sample={"num_captions": args.captions},
+            batch_size=args.batch_size,
+            target_ratio=args.target_ratio,
+            end_fraction=args.end_fraction,
+        )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(format_plan(plan, members[0].paradigm.describe_sample(plan.sample)))
     return 0
+
+
+def _plan_spec(args: argparse.Namespace) -> tuple[list[Member], ChainPlan]:
+    """The plan of the chain a spec trains: its members, epochs, data size, captions and batch."""
+    from compt.chain import load_spec, member_train_config
+
+    given = [f"--{k.replace('_', '-')}" for k in _SPEC_FLAGS if getattr(args, k) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: with SPEC these come from the spec; edit it or drop the flag(s)"
+        )
+    spec = load_spec(args.spec)
+    members = spec.resolved_members()
+    configs = [member_train_config(spec, i, individual=False) for i in range(len(members))]
+    batches = {c.global_batch_size for c in configs}
+    if len(batches) > 1:
+        raise ValueError(
+            f"{args.spec}: compt plan counts one global batch size; this spec's links use another "
+            f"({sorted(batches)}); plan it with --family, --members and --batch-size"
+        )
+    paradigm = members[0].paradigm
+    samples = paradigm.num_samples(spec.data, members[0])
+    if samples is None:
+        raise ValueError(
+            f"{args.spec}: the size of its data is known only by loading it; plan with --samples"
+        )
+    plan = plan_chain(
+        members,
+        samples=samples,
+        baseline_epochs=spec.baseline_epochs,
+        epochs=list(spec.epochs) or None,  # none given: allocated as `compt chain run` allocates them
+        sample=paradigm.cost_sample(spec.data),
+        batch_size=batches.pop(),
+        target_ratio=spec.target_ratio or args.target_ratio,
+        end_fraction=args.end_fraction,
+    )
+    return members, plan
 
 
 def _unit(value: float, units: list[tuple[float, str]]) -> tuple[float, str]:
@@ -152,7 +208,7 @@ def format_plan(plan: ChainPlan, sample: str) -> str:
                 f"{r.params.get('total_no_embed', r.params['total']) / 1e6:.2f}",
                 f"{r.forward_macs / fs:.2f}",
                 f"{r.train_macs / fs:.2f}",
-                str(r.epochs),
+                f"{r.epochs:g}",
                 f"{r.baseline_macs / rs:.2f}",
                 f"{r.baseline_accumulated_macs / rs:.2f}",
                 f"{r.chain_macs / rs:.2f} ({r.individual_acceleration:.2f}x)",
@@ -162,7 +218,7 @@ def format_plan(plan: ChainPlan, sample: str) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [
         f"samples/epoch {plan.samples:,}, {sample} per sample, "
-        f"baseline {plan.baseline_epochs} epochs, batch {plan.batch_size}",
+        f"baseline {plan.baseline_epochs:g} epochs, batch {plan.batch_size}",
     ]
     if plan.allocated:
         lines.append(

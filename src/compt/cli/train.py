@@ -16,16 +16,17 @@ the YAML file and ``--set`` wins over both. Rerunning the same command resumes t
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
-
-from compt.config import ConfigError, from_dict, parse_value
+from compt.config import ConfigError, from_dict, parse_value, yaml_load
 from compt.engine import dist
+from compt.engine.checkpoint import final_checkpoint
+
+T = TypeVar("T")
 
 # flag -> TrainConfig field, for the flags that map one to one.
 _FLAGS = {
@@ -85,12 +86,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 10)")
     p.add_argument(
         "--eval-every",
-        type=int,
-        default=-1,
+        type=_non_negative,
+        metavar="N",
         help="zero-shot eval on the embedded sets every N steps; 0 = only at the end; default: none",
     )
     p.add_argument(
-        "--teacher", help="teacher checkpoint (final.pt of the previous member): train a chain link"
+        "--teacher",
+        help="teacher: a checkpoint, or the run folder holding its final.pt (the previous member); "
+        "makes the run a chain link",
+    )
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="if --out holds a run of another config, move it to OUT.replaced-N and train afresh "
+        "(default: refuse, naming what changed)",
     )
     p.add_argument("--width", help="growth strategy in width (default insert, App. D.1)")
     p.add_argument("--depth", help="growth strategy in depth (default duplicate, App. D.1)")
@@ -101,6 +110,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (dotted)"
     )
     p.set_defaults(func=run)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: evaluate only at the end), got {value}")
+    return value
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -121,7 +140,7 @@ def build_config(args: argparse.Namespace):
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config {path}: no such file")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of TrainConfig fields")
     for flag, field in _FLAGS.items():
@@ -144,31 +163,27 @@ def build_config(args: argparse.Namespace):
     if not raw.get("member"):
         raise ConfigError("say which member to train: --member NAME (e.g. tiny-S, ViT-B/16)")
     raw.setdefault("out_dir", str(Path("runs") / str(raw["member"]).replace("/", "-")))
+    if raw.get("teacher"):  # a run folder too, as `compt eval` takes one (issue 11)
+        raw["teacher"] = str(final_checkpoint(str(raw["teacher"]), "--teacher"))
     return from_dict(TrainConfig, raw, where=args.config or "arguments")
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.engine.train import NonFiniteLossError, TrainingInterrupted, train_member
+    from compt.engine.runlog import setup_logging
+    from compt.engine.train import train_member
 
-    if not logging.getLogger().handlers:
-        level = logging.INFO if dist.launch_rank() == 0 else logging.WARNING
-        logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     cfg = build_config(args)
     evaluate = None
-    if args.eval_every >= 0:
+    if args.eval_every is not None:
         from compt.families import get_member
 
         member = get_member(cfg.member, cfg.family)
         evaluate = member.paradigm.evaluator(member, data_cfg=cfg.data)
         cfg = replace(cfg, eval_every_steps=args.eval_every)
-    try:
-        result = train_member(cfg, evaluate=evaluate)
-    except NonFiniteLossError as e:
-        print(f"compt train: error: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"compt train: {e}", file=sys.stderr)
-        return 143
+    result = run_training("train", lambda: train_member(cfg, evaluate=evaluate, retrain=args.retrain))
+    if isinstance(result, int):
+        return result
     if dist.launch_rank() == 0:
         print(
             f"{cfg.member}: {result.steps} steps, {result.samples_seen:,} samples, "
@@ -177,3 +192,33 @@ def run(args: argparse.Namespace) -> int:
         for key, value in sorted(result.metrics.items()):
             print(f"  {key}: {value:.2f}")
     return 0
+
+
+def run_training(command: str, fn: Callable[[], T]) -> T | int:
+    """``fn()``, or the exit status of a training run that stopped, after one line saying why.
+
+    Shared by ``compt train`` and ``compt chain run``: a NaN loss (1), another run in the folder
+    (2), SIGTERM (143) or Ctrl-C (130, also when it lands outside the training loop) are messages
+    with what to do next, never a traceback.
+    """
+    from compt.engine.lock import FolderInUseError
+    from compt.engine.train import NonFiniteLossError, TrainingInterrupted
+
+    try:
+        return fn()
+    except NonFiniteLossError as e:
+        print(f"compt {command}: error: {e}", file=sys.stderr)
+        return 1
+    except FolderInUseError as e:
+        print(f"compt {command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        print(f"compt {command}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the loop (setup, evaluation, export)
+        print(
+            f"\ncompt {command}: interrupted by Ctrl-C; rerun the same command to resume from the newest "
+            "checkpoint",
+            file=sys.stderr,
+        )
+        return 130

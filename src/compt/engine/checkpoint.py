@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ import torch
 __all__ = [
     "CheckpointError",
     "check_writable",
+    "final_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
+    "checkpoint_digest",
     "latest_checkpoint",
     "model_from_checkpoint",
     "prune_checkpoints",
@@ -90,15 +93,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint is intact; "
-            "free disk space or fix the folder's permissions, then rerun the same command to resume."
+            "free disk space or fix the folder's permissions, then rerun the same command (a training run "
+            "resumes from its newest checkpoint)."
         ) from e
     return path
 
 
 def check_writable(folder: str | Path, field: str = "out_dir") -> None:
-    """Raise :class:`CheckpointError` now if ``folder`` cannot be created or written (creates nothing).
+    """Raise :class:`CheckpointError` now if ``folder`` cannot be created or written (leaves nothing behind).
 
-    Called before training so that a bad output folder fails in the first second, not at the first save.
+    Called before training so that a bad output folder fails in the first second, not at the first
+    save. The nearest existing ancestor is probed with a real temporary file: permission bits say
+    nothing for root, a read-only mount or a virtual filesystem such as /proc (issue 11).
     """
     folder = Path(folder).absolute()
     existing = folder
@@ -106,13 +112,34 @@ def check_writable(folder: str | Path, field: str = "out_dir") -> None:
         existing = existing.parent
     if not existing.is_dir():
         problem = f"{existing} is a file, not a folder"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable by this user"
     else:
-        return
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".compt-write-test-", dir=existing)
+        except OSError as e:
+            problem = f"{existing} does not accept new files ({e.strerror or e})"
+        else:
+            os.close(fd)
+            os.unlink(probe)
+            return
     raise CheckpointError(
         f"{field} {folder} cannot be written: {problem}; choose another {field} or fix the path"
     )
+
+
+def final_checkpoint(path: str | Path, flag: str) -> Path:
+    """``path`` itself, or the ``final.pt`` of the run folder ``path`` (a teacher must have finished).
+
+    ``flag`` names the option in the message (``--teacher``); raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / "final.pt").is_file():
+        raise CheckpointError(
+            f"{flag} {path} is a folder without final.pt: its run has not finished; finish it first "
+            "(a teacher must be a trained member), or pass a checkpoint file"
+        )
+    return path / "final.pt"
 
 
 def verify_checkpoint(path: str | Path) -> bool:
@@ -130,6 +157,12 @@ def verify_checkpoint(path: str | Path) -> bool:
     return h.hexdigest() in _digests(sidecar)
 
 
+def checkpoint_digest(path: str | Path) -> str | None:
+    """The SHA-256 that ``path``'s sidecar records for it (``None`` without a sidecar); reads no data."""
+    digests = _digests(Path(path).with_name(Path(path).name + ".sha256"))
+    return digests[0] if digests else None
+
+
 def _digests(sidecar: Path) -> list[str]:
     try:
         return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
@@ -137,10 +170,14 @@ def _digests(sidecar: Path) -> list[str]:
         return []
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or any torch-saved dict with ``model``).
 
-    Raises :class:`CheckpointError` naming the file when it is missing or fails its checksum.
+    ``mmap``: map the tensors from the file instead of reading them, so that reading only the config
+    and counters of a large checkpoint is cheap. Raises :class:`CheckpointError` naming the file
+    when it is missing or fails its checksum.
     """
     path = Path(path)
     if not path.is_file():
@@ -153,7 +190,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "to rewrite it (it resumes from its newest valid step_*.pt), or restore it from a backup"
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # torch raises several types for a damaged zip
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e}); pass a .pt file written by "
@@ -218,6 +255,12 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
         paradigm = get_paradigm(payload.get("paradigm"))
     except KeyError as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
+    try:  # a config of another kind of model fails here by name, not as a TypeError inside build
+        paradigm.validate_model_cfg(payload["model_cfg"], "model_cfg")
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path} does not hold a {paradigm.name} model: {e}; pass a checkpoint compt wrote for one"
+        ) from None
     model = paradigm.build(payload["model_cfg"])
     how = "it was not saved by compt for this model; pass the checkpoint its run wrote (final.pt)"
     try:

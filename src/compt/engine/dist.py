@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -23,9 +24,11 @@ import torch.distributed as torch_dist
 __all__ = [
     "DistInfo",
     "init_distributed",
+    "resolve_device",
     "teardown",
     "is_initialized",
     "launch_rank",
+    "launch_local_rank",
     "rank",
     "world_size",
     "is_main",
@@ -34,8 +37,12 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_max",
     "broadcast_object",
+    "run_on_main",
     "all_gather_object",
 ]
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,39 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def _pick_device(device: str | None, local_rank: int) -> torch.device:
-    """``device`` as asked (``auto``/None: this rank's GPU when CUDA is available, else the CPU)."""
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """The device ``device`` names on this machine, checked (``auto``/None: this rank's GPU, else CPU).
+
+    Raises ``ValueError`` saying what to use instead when the machine has no such device, so a spec
+    fails when it is loaded rather than after a member trained (issue 11). Changes nothing.
+    """
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device; use auto, cpu, cuda or cuda:K") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: compt trains on cpu or cuda; use auto, cpu, cuda or cuda:K")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available; use device='cpu'")
+            raise ValueError(
+                f"device {device!r} asked for, but this machine has no CUDA device (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device auto or cpu, "
+                "or run on a GPU node"
+            )
+        count = torch.cuda.device_count()
         if dev.index is None:
             # One GPU per process: torchrun's LOCAL_RANK picks it (CUDA_VISIBLE_DEVICES may narrow the set).
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            dev = torch.device("cuda", local_rank % count)
+        elif dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), 0..{count - 1}")
+    return dev
+
+
+def _pick_device(device: str | None, local_rank: int) -> torch.device:
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
 
@@ -149,6 +178,11 @@ def launch_rank() -> int:
     return _env_int("RANK", 0)
 
 
+def launch_local_rank() -> int:
+    """This process's rank on its node as torchrun assigned it (0 if none); it picks the GPU."""
+    return _env_int("LOCAL_RANK", 0)
+
+
 def rank() -> int:
     """This process's global rank (0 for a plain process)."""
     return torch_dist.get_rank() if is_initialized() else 0
@@ -213,6 +247,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only; its result, or its exception raised again, on every rank.
+
+    For decisions that one process takes for the job (a folder's lock, reusing a finished run), so
+    that an error stops every rank instead of leaving the others waiting in a collective.
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ __all__ = [
     "epoch_order",
     "format_skips",
     "pin_batches",
+    "ignore_stop_signals",
 ]
 
 log = logging.getLogger("compt.paradigms.clip.data")
@@ -152,6 +154,18 @@ def pin_batches(device: torch.device, workers: int) -> bool:
     there would be one more copy in the training thread (issue 17).
     """
     return device.type == "cuda" and workers > 0
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader: workers leave SIGINT/SIGTERM to the training process.
+
+    A Ctrl-C reaches the whole foreground process group and ``scancel`` every process of the job; a
+    worker that died of it would make the next batch fail ("DataLoader worker exited unexpectedly")
+    before the trainer could save at its step boundary (compt.engine.interrupt). The DataLoader
+    ends its workers itself when the trainer exits.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def format_skips(skips: dict[str, int]) -> str:
@@ -396,6 +410,7 @@ class MapLoader(Loader):
                     collate_fn=_identity,
                     prefetch_factor=2,
                     pin_memory=self.pin_memory,
+                    worker_init_fn=ignore_stop_signals,
                 )
             )
         else:

@@ -4,7 +4,11 @@
   embeddings (token, positional, class) and the logit scale are not decayed (as OpenCLIP does).
 - eps per model kind is the paradigm's default (:meth:`compt.paradigms.Paradigm.default_eps`).
 - A cosine decay with linear warmup, stepped per optimizer step (not per epoch): 8000 warmup steps
-  for a baseline member and 1000 for a chain link in the paper.
+  for a baseline member and 1000 for a chain link in the paper. ``decay_fraction < 1`` ends the
+  cosine early (LEMON, ICLR 2024: keep the peak lr, decay faster), then holds ``min_lr``.
+- Optimizer hand-over (issue 13): :func:`moments_by_name` is what ``final.pt`` keeps with
+  ``keep_moments``; :func:`load_moments` puts grown moments (:func:`compt.grow.grow_moments`) into a
+  fresh AdamW (staged training, Shen et al. 2022).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ __all__ = [
     "param_groups",
     "build_optimizer",
     "CosineSchedule",
+    "moments_by_name",
+    "load_moments",
 ]
 
 # Table C: warmup iterations of a baseline (individually trained) member and of a chain link.
@@ -107,12 +113,13 @@ class CosineSchedule:
     total_steps: int
     warmup_steps: int
     min_lr_ratio: float = 0.0
+    decay_fraction: float = 1.0  # the cosine reaches the floor after this fraction of the post-warmup steps
 
     def lr_at(self, step: int) -> float:
         """Learning rate for the update that follows ``step`` completed steps."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        decay_steps = max(1, round((self.total_steps - self.warmup_steps) * self.decay_fraction))
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         floor = self.lr * self.min_lr_ratio
         return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * progress))
@@ -126,3 +133,40 @@ class CosineSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "cosine", **asdict(self)}
+
+
+def moments_by_name(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step`` of every parameter of ``model``, by name (CPU)."""
+    out = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if state and "exp_avg" in state:
+            out[name] = {
+                "exp_avg": state["exp_avg"].detach().cpu(),
+                "exp_avg_sq": state["exp_avg_sq"].detach().cpu(),
+                "step": int(state["step"]),
+            }
+    return out
+
+
+def load_moments(
+    optimizer: torch.optim.Optimizer, model: nn.Module, moments: dict[str, dict[str, Any]]
+) -> None:
+    """Set AdamW's state of ``model``'s parameters from ``moments`` (as :func:`moments_by_name` gives).
+
+    ``step`` is kept too, so bias correction treats the moments as the averages they are. The step
+    counter lives where torch's AdamW puts it: on the parameter's device for the fused and capturable
+    kernels, else a CPU scalar.
+    """
+    params = dict(model.named_parameters())
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for name, held in moments.items():
+        p = params[name]
+        group = group_of[id(p)]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        optimizer.state[p] = {
+            "step": torch.tensor(float(held["step"]), dtype=scalar, device=p.device if on_device else "cpu"),
+            "exp_avg": held["exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
+            "exp_avg_sq": held["exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
+        }

@@ -5,19 +5,25 @@ A run interrupted and resumed must end with the weights of an uninterrupted run 
 every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 
 - ``optimizer`` (AdamW moments), ``scheduler`` (the cosine schedule; the lr is a function of the
-  step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages);
+  step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages; the alpha
+  schedule is a function of the step), ``grow_mask`` (MSG's growth masks while they ramp, else None);
 - ``rng``: the Python/NumPy/torch/CUDA generator states of *every* rank;
 - ``step``, ``epoch``, ``step_in_epoch``: the data position (a paradigm's batches are a function
   of seed, epoch and index, so the loader restarts mid-epoch exactly);
 - ``samples_seen``, ``train_macs``, ``wall_s``: the live cost counters (App. C.2);
 - ``config`` (the TrainConfig as a dict) and ``teacher`` (checkpoint path and member of a link).
 
-Resuming checks that the folder holds the same run (:func:`check_same_run`). The functions here
-take the trainer's run object (``compt.engine.train._Run``); this module never imports the trainer.
+``model`` holds the plain parameter names even while growth masks parametrize the model
+(:func:`compt.grow.masks.plain_state_dict`). Resuming checks that the folder holds the same run
+(:func:`check_same_run`); a checkpoint written before a field existed is read with the value that
+its code implied (:data:`LEGACY_VALUES`). The functions here
+take the trainer's run object (``compt.engine.setup.Run``); this module never imports the trainer.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import warnings
 from pathlib import Path
@@ -28,20 +34,35 @@ import torch
 
 from compt.config import to_dict
 from compt.engine import dist
-from compt.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from compt.engine.checkpoint import (
+    checkpoint_digest,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from compt.engine.loader import pin_batches
+from compt.grow.masks import GrowthMask, plain_state_dict
 
 __all__ = [
     "SAME_RUN_FIELDS",
+    "LEGACY_VALUES",
     "DataStream",
     "seed_all",
     "capture_rng",
     "restore_rng",
     "check_same_run",
+    "run_changes",
+    "check_prior_run",
+    "move_aside",
+    "RunMismatchError",
     "model_payload",
     "save_run",
     "restore_run",
 ]
+
+_LOG = logging.getLogger("compt.train")
 
 # TrainConfig fields that define the run: resuming with other values would silently train another model.
 SAME_RUN_FIELDS = (
@@ -56,7 +77,19 @@ SAME_RUN_FIELDS = (
     "seed",
     "width",
     "depth",
+    "alpha_ref_dim",  # the meaning of alpha (issue 13): an old run must not silently resume 16x lighter
+    "optimizer_init",
 )
+# TrainConfig fields added by issue 13, and the value a checkpoint written before them implies.
+LEGACY_VALUES = {
+    "alpha_ref_dim": None,  # alpha weighed the per-dimension MSE
+    "alpha_schedule": "constant",
+    "alpha_schedule_fraction": 1.0,
+    "mask_ramp_fraction": 0.25,
+    "optimizer_init": "fresh",
+    "keep_moments": False,
+    "lr_decay_fraction": 1.0,
+}
 # Fields that may change between an interruption and its resume without a warning.
 _FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
 _DATA_FREE_FIELDS = ("workers",)
@@ -102,32 +135,128 @@ def restore_rng(states: list[dict[str, Any]], rank: int, device: torch.device, f
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path) -> None:
-    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes."""
+def run_changes(
+    now: dict[str, Any],
+    payload: dict[str, Any],
+    *,
+    finished: bool,
+    same_run: tuple[str, ...] = SAME_RUN_FIELDS,
+    free: tuple[str, ...] = _FREE_FIELDS,
+) -> list[str]:
+    """What makes the run of config ``now`` another one than the checkpoint ``payload``'s, in words.
 
-    def strip(data: Any) -> Any:
-        return (
-            {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
-        )
-
-    for key in SAME_RUN_FIELDS:
+    For a step checkpoint, the fields of :data:`SAME_RUN_FIELDS` (others may change on resume); for
+    a finished run (``final.pt``), every field but the free ones, since none of the new values would
+    be used (issue 11: a rerun reported new epochs for weights trained with the old ones); ``same_run``
+    and ``free`` default to TrainConfig's (a loop with another config passes its own). A field
+    written before it existed takes its :data:`LEGACY_VALUES` value; other fields added since the
+    checkpoint are not a difference. A link's teacher counts by content too: a teacher retrained
+    since (another SHA-256) makes the link stale.
+    """
+    saved = {**LEGACY_VALUES, **(payload.get("config") or {})}
+    keys = same_run if not finished else [k for k in now if k in saved and k not in free]
+    changes = []
+    for key in keys:
         a, b = now.get(key), saved.get(key)
         if key == "data":
-            a, b = strip(a), strip(b)
+            a, b = _strip_free(a), _strip_free(b)
         if a != b:
-            raise ValueError(
-                f"{path} belongs to a different run: train.{key} is {b!r} there but {a!r} now. Use a new "
-                f"out_dir for the new settings, or the old settings to resume."
-            )
-    changed = [
-        k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)
-    ]
+            changes.append(f"train.{key} is {b!r} there but {a!r} now")
+    teacher = payload.get("teacher") or {}
+    if now.get("teacher") and teacher.get("sha256"):
+        digest = checkpoint_digest(now["teacher"])
+        if digest is not None and digest != teacher["sha256"]:
+            changes.append(f"its teacher {now['teacher']} was retrained since (another SHA-256)")
+    return changes
+
+
+def _strip_free(data: Any) -> Any:
+    return {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
+
+
+def check_same_run(
+    now: dict[str, Any],
+    saved: dict[str, Any],
+    path: str | Path,
+    *,
+    same_run: tuple[str, ...] = SAME_RUN_FIELDS,
+    free: tuple[str, ...] = _FREE_FIELDS,
+) -> None:
+    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes.
+
+    ``same_run`` / ``free``: the fields that define the run and those that may change silently.
+    """
+    changes = run_changes(now, {"config": saved}, finished=False, same_run=same_run, free=free)
+    if changes:
+        raise RunMismatchError(
+            f"{path} belongs to a different run: {changes[0]}. Use a new out_dir for the new settings, or "
+            "the old settings to resume."
+        )
+    saved = {**LEGACY_VALUES, **saved}
+    changed = [k for k in now if k not in same_run and k not in free and now[k] != saved.get(k)]
     if changed:
         warnings.warn(
             f"resuming {path} with changed settings: "
             + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed),
             stacklevel=2,
         )
+
+
+class RunMismatchError(ValueError):
+    """The output folder holds a run of another config; nothing was trained or changed."""
+
+
+def check_prior_run(cfg: Any, retrain: bool = False) -> dict[str, Any] | None:
+    """What ``cfg.out_dir`` holds already, checked against ``cfg`` (rank 0, under the folder's lock).
+
+    Returns the payload (tensors memory-mapped) of a finished run of this config, to reuse; ``None``
+    to train, from scratch or resuming a step checkpoint of this run. A run of another config is a
+    :class:`RunMismatchError` that names what changed; with ``retrain`` the folder is moved aside
+    instead (:func:`move_aside`: nothing trained is deleted) and ``None`` returned.
+    """
+    out = Path(cfg.out_dir)
+    final = out / "final.pt"
+    if final.is_file() and not verify_checkpoint(final):
+        warnings.warn(
+            f"{final} is corrupted or truncated (SHA-256 mismatch); resuming from the newest valid "
+            "step checkpoint to write it again",
+            stacklevel=2,
+        )
+    found = final if final.is_file() and verify_checkpoint(final) else latest_checkpoint(out)
+    if found is None:
+        return None
+    payload = load_checkpoint(found, mmap=True)
+    finished = found == final
+    changes = run_changes(to_dict(cfg), payload, finished=finished)
+    if not changes:
+        return payload if finished else None
+    if retrain:
+        moved = move_aside(out)
+        _LOG.warning("%s: %s held a run of another config (%s); moved it to %s, training afresh",
+                     cfg.member, out, "; ".join(changes), moved)  # fmt: skip
+        return None
+    what = "a finished run" if finished else "a run"
+    keep = "keep that result" if finished else "resume it"
+    raise RunMismatchError(
+        f"{found} belongs to a different run: {'; '.join(changes)}. {out} holds {what} of another config "
+        f"and nothing was trained. Use a new out_dir for the new settings, the old settings to {keep}, "
+        f"or --retrain (compt train / compt chain run) to move it to {_aside_name(out)} and train afresh."
+    )
+
+
+def move_aside(folder: str | Path) -> Path:
+    """Rename ``folder`` to ``<folder>.replaced-<N>`` (the first free N) and return the new path."""
+    folder = Path(folder)
+    target = _aside_name(folder)
+    os.replace(folder, target)  # a free name: never replaces anything
+    return target
+
+
+def _aside_name(folder: Path) -> Path:
+    n = 1
+    while folder.with_name(f"{folder.name}.replaced-{n}").exists():
+        n += 1
+    return folder.with_name(f"{folder.name}.replaced-{n}")
 
 
 class DataStream:
@@ -183,7 +312,7 @@ def model_payload(run: Any) -> dict[str, Any]:
     """The part of a checkpoint that final.pt shares: model, config and cost counters."""
     st = run.state
     return {
-        "model": run.model.state_dict(),
+        "model": plain_state_dict(run.model),
         "model_cfg": run.member.model_config(),
         "member": run.member.name,
         "paradigm": run.member.paradigm_name,
@@ -217,6 +346,7 @@ def save_run(run: Any, path: Path) -> Path:
                 **(run.distiller.state_dict() if run.distiller is not None else {}),
             },
             "world_size": run.info.world_size,
+            "grow_mask": run.masks.state_dict() if run.masks is not None else None,
         }
         save_checkpoint(path, payload)
         prune_checkpoints(run.out_dir, run.cfg.keep_last)
@@ -236,4 +366,8 @@ def restore_run(run: Any, path: Path) -> None:
     if run.distiller is not None:
         run.distiller.load_state_dict(payload["distill"])
     run.state.load_state_dict(payload["state"])
+    masks = payload.get("grow_mask")  # absent once the ramp has ended (or for any other strategy)
+    run.masks = GrowthMask.from_state(masks) if masks else None
+    if run.masks is not None:
+        run.masks.ramp_steps = max(1, round(run.cfg.mask_ramp_fraction * run.total_steps))
     restore_rng(payload["rng"], run.info.rank, run.info.device, run.cfg.seed + run.info.rank + run.state.step)

@@ -39,7 +39,17 @@ import torch
 from compt.engine import dist
 from compt.engine.checkpoint import latest_checkpoint
 
-__all__ = ["RunLog", "read_metrics", "NonFiniteLossError", "log_step", "evaluate_now", "check_finite"]
+__all__ = [
+    "RunLog",
+    "HEARTBEAT_S",
+    "setup_logging",
+    "read_metrics",
+    "NonFiniteLossError",
+    "EvaluationError",
+    "log_step",
+    "evaluate_now",
+    "check_finite",
+]
 
 _LOG = logging.getLogger("compt.train")
 
@@ -63,18 +73,35 @@ def _clean(value: Any) -> Any:
     return value
 
 
+HEARTBEAT_S = 30.0  # on a non-terminal, a progress line at least this often (issue 12: SLURM logs)
+
+
 class RunLog:
     """Writes the run's records on rank 0 (a no-op elsewhere) and drives the progress display.
 
-    The bar (tqdm) shows only on a terminal; otherwise each ``train`` record also becomes one plain
-    ``logging`` line, which is cheap and readable in a batch job's log file.
+    On a terminal a tqdm bar named after the member; otherwise (a SLURM log, ``> log 2>&1``, CI)
+    plain ``logging`` lines: one per ``train`` record, and between records one at least every
+    :data:`HEARTBEAT_S` seconds with the newest logged loss, so a slow run is never silent.
     """
 
     def __init__(
-        self, out_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int, start_wall_s: float
+        self,
+        out_dir: str | Path,
+        *,
+        enabled: bool,
+        member: str,
+        total_steps: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        start_step: int,
+        start_wall_s: float,
     ):
-        self.enabled = enabled
+        self.enabled, self.member, self.total_steps = enabled, member, total_steps
+        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
         self.last_step, self.last_wall_s = start_step, start_wall_s  # the previous train record's step/time
+        # The previous printed line: real time (for the heartbeat), step and training time (for speed).
+        self._printed = (time.monotonic(), start_step, start_wall_s)
+        self._loss_text = ""  # the newest train record's loss, repeated by heartbeat lines
         self._file = self._tb = self._bar = None
         if not enabled:
             return
@@ -93,8 +120,9 @@ class RunLog:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False
-            )
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False,
+                desc=member,
+            )  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl (and its numbers to TensorBoard)."""
@@ -117,15 +145,33 @@ class RunLog:
         if not self.enabled:
             return
         loss = values.get("loss", float("nan"))
-        text = f"loss {loss:.4f}"
+        self._loss_text = f"loss {loss:.4f}"
         if "loss_ifd" in values:
-            text += f" (task {values['loss_task']:.4f} + ifd {values['loss_ifd']:.4f})"
-        text += f" lr {values.get('lr', 0):.2e} {speed:.1f} samples/s"
+            self._loss_text += f" (task {values['loss_task']:.4f} + ifd {values['loss_ifd']:.4f})"
+        text = f"{self._loss_text} lr {values.get('lr', 0):.2e} {speed:.1f} samples/s"
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(text)
         else:
-            _LOG.info("step %d/%d %s eta %s", step, total, text, _hms(eta_s))
+            self._line(step, text, eta_s, wall_s)
+
+    def heartbeat(self, step: int, wall_s: float) -> None:
+        """Called after every step: a line when :data:`HEARTBEAT_S` passed since the last one (no sync)."""
+        if not self.enabled or self._bar is not None or time.monotonic() - self._printed[0] < HEARTBEAT_S:
+            return
+        _, last_step, last_wall_s = self._printed
+        window_s = max(wall_s - last_wall_s, 1e-9)
+        speed = (step - last_step) * self.batch_size / window_s
+        eta_s = (self.total_steps - step) * window_s / max(step - last_step, 1)
+        loss = f"{self._loss_text} at step {self.last_step}" if self._loss_text else "no loss logged yet"
+        self._line(step, f"{loss}, {speed:.1f} samples/s", eta_s, wall_s)
+
+    def _line(self, step: int, text: str, eta_s: float, wall_s: float) -> None:
+        epochs = f"{step / self.steps_per_epoch:.2f}/{self.total_steps / self.steps_per_epoch:.2f}"
+        _LOG.info(
+            "%s step %d/%d epoch %s %s eta %s", self.member, step, self.total_steps, epochs, text, _hms(eta_s)
+        )
+        self._printed = (time.monotonic(), step, wall_s)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -135,6 +181,18 @@ class RunLog:
         if self._file is not None:
             self._file.close()
         self._file = self._tb = self._bar = None
+
+
+def setup_logging() -> None:
+    """Log lines to stderr for a command-line run: INFO on rank 0, warnings only on the others.
+
+    ``compt train`` and ``compt chain run`` call it, so that progress, growth, warmup and resume
+    notes reach a batch job's log file (issue 11: a chain's log stayed empty). Leaves a logging
+    set up by the caller alone.
+    """
+    if not logging.getLogger().handlers:
+        level = logging.INFO if dist.launch_rank() == 0 else logging.WARNING
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def _hms(seconds: float) -> str:
@@ -166,27 +224,44 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; no checkpoint was written after it, the last good one is intact."""
 
 
-# --- step-boundary work of the trainer (``run`` is compt.engine.train's run object) -------------------
+# --- step-boundary work of the trainer (``run`` is compt.engine.setup.Run) --------------------------
+
+
+class EvaluationError(RuntimeError):
+    """The ``evaluate`` callback raised on rank 0 (what other ranks raise; rank 0 raises the original)."""
 
 
 def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], bool]:
-    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time."""
+    """Call ``evaluate`` on rank 0 (eval mode, no grad); its time is kept out of the training wall time.
+
+    When the callback raises, every rank raises (rank 0 the callback's own error), so that the
+    trainer can save the training done so far instead of a rank waiting for the others forever.
+    """
     run.tick()
     metrics: dict[str, float] = {}
-    stop = False
+    stop, error = False, None
     if run.info.is_main:
         model, was_training = run.model, run.model.training
         model.eval()
         try:
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in evaluate(model, run.state.step).items()}
+            stop = bool(should_stop(metrics)) if should_stop is not None else False
+        except Exception as e:
+            error = e
         finally:
             model.train(was_training)
-        stop = bool(should_stop(metrics)) if should_stop is not None else False
-    metrics, stop = dist.broadcast_object((metrics, stop))
+    failed = None if error is None else f"{type(error).__name__}: {error}"
+    metrics, stop, failed = dist.broadcast_object((metrics, stop, failed))
     now = time.perf_counter()
     run.state.eval_s += now - run.clock
     run.clock = now
+    if failed is not None:
+        if error is not None:
+            raise error
+        raise EvaluationError(f"the evaluation on rank 0 failed at step {run.state.step}: {failed}")
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+    _LOG.info("%s eval at step %d: %s", run.cfg.member, run.state.step, shown or "no metrics")
     run.log.write(
         {
             "kind": "eval",

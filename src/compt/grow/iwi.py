@@ -25,12 +25,18 @@ Both are registries (:mod:`compt.grow.strategies`): a new strategy is one decora
 
 For CLIP, ``logit_scale`` (and ``logit_bias``, if present) is copied from the teacher, as the official
 code does.
+
+Function-preserving growth (issue 13): ``hypercloning`` tiles every unit and breaks the copies'
+symmetry with cancelling noise; ``msg`` leaves new units fresh and returns the masks that hide them
+(:attr:`GrowReport.masks`, :mod:`compt.grow.masks`). :func:`grow_moments` grows a teacher's AdamW
+moments with its weights (staged training).
 Everything works on state dicts (:func:`grow_state_dict`, a pure function); :func:`grow` is the thin
 wrapper for models and checkpoint payloads.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 from compt.grow.layout import GrowError, GrowLayout, Rule
+from compt.grow.masks import GrowthMask
 from compt.grow.strategies import (
     AxisContext,
     Map1D,
@@ -62,6 +69,7 @@ __all__ = [
     "AxisContext",
     "grow",
     "grow_state_dict",
+    "grow_moments",
     "register_width",
     "register_depth",
     "list_width_strategies",
@@ -101,6 +109,7 @@ class GrowReport:
     tensors: dict[str, TensorGrowth] = field(default_factory=dict)
     depth_maps: dict[str, list[int | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    masks: GrowthMask | None = None  # what a `masked` strategy (msg) hides until training ramps it in
 
     def summary(self) -> dict[str, Any]:
         """Counts of full/partial/fresh tensors and the fraction of parameters inherited."""
@@ -143,6 +152,12 @@ class GrowReport:
             if len(layers) != n_t or layers != list(range(n_t)):
                 lines.append(f"  depth {name}: {n_t} -> {len(layers)} layers {_short(layers)}")
         lines += [f"  note: {n}" for n in self.notes]
+        if self.masks is not None:  # compt grow writes the raw weights: the masks live in training
+            lines.append(
+                f"  masks: {len(self.masks.axes)} tensors masked, {len(set(self.masks.layers.values()))} "
+                "new layers; they hide the new units only while `compt train` ramps them "
+                "(train.mask_ramp_fraction)"
+            )
         return "\n".join(lines)
 
 
@@ -234,9 +249,26 @@ def _grow(
     )
     report = GrowReport(width, depth, seed, depth_maps=plan.depth_maps, notes=list(plan.notes))
     t_sd, rules = plan.teacher_sd, plan.rules
+    jobs = _jobs(rules, t_sd, s_sd, strategy, seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, s_val, rule, maps in jobs:
+        if maps is None:  # fresh: the student's own init
+            out[key], inherited = (s_val if in_place else s_val.detach().clone()), 0
+        else:
+            out[key], inherited = grow_tensor(
+                t_sd[rule.source], s_val, maps, in_place, _noise(strategy, maps, seed, key)
+            )
+        report.tensors[key] = TensorGrowth(rule.source if inherited else None, s_val.numel(), inherited)
+    if strategy.masked:
+        students = {key: rule for key, _, rule, _ in jobs}  # the layout knows more tensors than exist
+        report.masks = GrowthMask.plan(students, plan.depth_maps, plan.branch_outputs)
+    return out, report
+
+
+def _jobs(rules: Mapping[str, Rule], t_sd, s_sd, strategy: WidthStrategy, seed: int) -> list[tuple]:
+    """Every student tensor with its rule and per-axis maps. Planned before anything is written
+    (this is where bad input raises), so an error leaves the student as it was."""
     cache: dict = {}
-    # Plan every tensor first (this is where bad input raises), then write: an error leaves the
-    # student as it was.
     jobs = []
     for key, s_val in s_sd.items():
         if key not in rules:
@@ -245,14 +277,14 @@ def _grow(
                 "layout does not know it (see compt/paradigms/<paradigm>/layout.py)"
             )
         jobs.append((key, s_val, rules[key], _maps(rules[key], t_sd, s_val, strategy, seed, cache)))
-    out: dict[str, torch.Tensor] = {}
-    for key, s_val, rule, maps in jobs:
-        if maps is None:  # fresh: the student's own init
-            out[key], inherited = (s_val if in_place else s_val.detach().clone()), 0
-        else:
-            out[key], inherited = grow_tensor(t_sd[rule.source], s_val, maps, in_place)
-        report.tensors[key] = TensorGrowth(rule.source if inherited else None, s_val.numel(), inherited)
-    return out, report
+    return jobs
+
+
+def _noise(strategy: WidthStrategy, maps: list[Map1D | None], seed: int, key: str):
+    """``(snr_db, generator)`` for a tensor whose maps carry noise pairs (HyperCloning), else None."""
+    if strategy.noise_snr_db is None or not any(m is not None and m.pairs is not None for m in maps):
+        return None
+    return strategy.noise_snr_db, torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
 
 
 def _maps(
@@ -356,3 +388,79 @@ def grow(
     if not isinstance(student, nn.Module):
         student["model"] = new_sd
     return report
+
+
+# --- optimizer state (issue 13: staged training's hand-over) ---------------------------------------
+
+
+def _moment_map(m: Map1D | None, role: str, power: int) -> Map1D | None:
+    """How an AdamW moment grows along one axis, from the weights' map.
+
+    Under function-preserving copying, a student entry that copies teacher entry i receives the
+    teacher's gradient divided by the number of copies of i along the axes it *produces* (the
+    consumers split it), and unchanged along the axes it consumes (its input is copied). So the first
+    moment is scaled by s = prod_out 1/copies and the second by s^2: a width doubling halves the first
+    and quarters the second (Shen et al. 2022). A fresh entry gets zero moments (as MSG does); an entry
+    mixed from several teacher entries (``interpolate``) follows its largest weight.
+    """
+    if m is None:
+        return None
+    primary = m.src.gather(1, m.weight.abs().argmax(1, keepdim=True))[:, 0]
+    scale = torch.ones(len(primary))
+    if role == "out":
+        copies = torch.bincount(primary[m.inherited], minlength=int(primary.max()) + 1).clamp_min(1)
+        scale = 1.0 / copies[primary].float()
+    return Map1D(primary[:, None], scale[:, None] ** power, m.inherited)
+
+
+def grow_moments(
+    teacher: Mapping[str, Any],
+    student: nn.Module,
+    width: str = "insert",
+    depth: str = "duplicate",
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """The student's AdamW moments grown from a teacher checkpoint payload's ``moments`` (issue 13).
+
+    ``teacher["moments"]`` maps parameter names to ``exp_avg``, ``exp_avg_sq`` and ``step`` (written
+    by a run with ``keep_moments``). Returns the same for every student parameter that grows from a
+    teacher tensor (see :func:`_moment_map` for the rule); parameters without a teacher tensor are
+    left out (they start with fresh AdamW state). ``width``/``depth``/``seed``: as the weights grew.
+    """
+    moments = teacher.get("moments")
+    if not moments:
+        raise GrowError(
+            "the teacher checkpoint holds no AdamW moments; train it with keep_moments: true "
+            "(compt chain sets it for the teacher of a link with optimizer_init: grown)"
+        )
+    t_sd, t_hints, layout = _source(teacher, "teacher")
+    s_sd, s_hints, _ = _source(student, "student")
+    strategy = width_strategy(width)
+    t_sd, s_sd = strip_prefixes(t_sd), strip_prefixes(s_sd)
+    plan = layout.plan(
+        t_sd,
+        t_hints,
+        s_sd,
+        s_hints,
+        depth=lambda a, b: depth_map(depth, a, b),
+        width=width,
+        interpolate_pos=False,
+    )
+    params = {name for name, _ in student.named_parameters()}
+    out: dict[str, dict[str, Any]] = {}
+    for key, s_val, rule, maps in _jobs(plan.rules, plan.teacher_sd, s_sd, strategy, seed):
+        held = moments.get(rule.source) if rule.source is not None else None
+        if (
+            key not in params
+            or maps is None
+            or held is None
+            or held["exp_avg"].shape != t_sd[rule.source].shape
+        ):
+            continue
+        zeros = torch.zeros_like(s_val, dtype=torch.float32)
+        grown = {}
+        for name, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            mmaps = [_moment_map(m, a.role, power) for m, a in zip(maps, rule.axes, strict=True)]
+            grown[name] = grow_tensor(held[name], zeros, mmaps, in_place=False)[0]
+        out[key] = grown | {"step": int(held["step"])}
+    return out

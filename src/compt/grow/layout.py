@@ -78,6 +78,9 @@ class GrowPlan:
     depth_maps: dict[str, list[int | None]]  # per stack of layers: student layer -> teacher layer
     teacher_sd: Mapping[str, torch.Tensor]  # the teacher's tensors, possibly resampled (e.g. a pos grid)
     notes: list[str] = field(default_factory=list)  # what the report should tell (resampling, inexactness)
+    # student tensors whose output a block adds to its residual stream -> (stack, layer): where MSG
+    # masks a new layer (compt.grow.masks); a layout that leaves it empty gets no depth masks
+    branch_outputs: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 class GrowLayout(Protocol):

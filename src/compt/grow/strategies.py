@@ -7,6 +7,11 @@ head width, MLP units), and :func:`axis_map` composes the strategy over that str
 strategy never needs to know about q/k/v packing or PatchMerging. A depth strategy,
 ``fn(n_teacher, n_student) -> [teacher layer or None per student layer]``, runs per tower and per
 Swin stage. Both are registries: a new strategy is one decorated function, no edits elsewhere.
+
+Two registration flags serve the function-preserving strategies of issue 13: ``noise_snr_db`` adds
+symmetry-breaking noise along the axes whose :class:`Map1D` carries ``pairs`` (HyperCloning's +N/-N
+pairs, which cancel in the consumer's sum), and ``masked`` asks the trainer to multiply every unit
+the strategy leaves fresh by a mask ramped from 0 to 1 (MSG, :mod:`compt.grow.masks`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class Map1D:
     src: torch.Tensor  # long [n_s, k]
     weight: torch.Tensor  # float [n_s, k]
     inherited: torch.Tensor  # bool [n_s]
+    # float [n_s, P] or None: symmetry-breaking noise along this axis is pairs @ N for a random N of P
+    # rows; each column must sum to 0 over the copies of one teacher entry (so a consumer's sum over
+    # identical inputs is unchanged: HyperCloning's +N / -N pairs)
+    pairs: torch.Tensor | None = None
 
     @staticmethod
     def select(src: torch.Tensor, inherited: torch.Tensor | None = None) -> Map1D:
@@ -59,6 +68,7 @@ class Map1D:
         n_s = len(self.src)
         return (
             n_s == n_t
+            and self.pairs is None
             and self.src.shape[1] == 1
             and bool(self.inherited.all())
             and bool((self.weight == 1).all())
@@ -90,6 +100,8 @@ class WidthStrategy:
     fn: WidthFn
     structured: bool  # False: every axis is one flat block (the official code's shape-only copy)
     inherits: bool = True  # False: no tensor is taken from the teacher, not even ones that cannot grow
+    masked: bool = False  # True: fresh units are masked 0 -> 1 during training (MSG, compt.grow.masks)
+    noise_snr_db: float | None = None  # noise along axes with `pairs`, this far below the grown weights
 
 
 _WIDTH: dict[str, WidthStrategy] = {}
@@ -97,14 +109,23 @@ _DEPTH: dict[str, DepthFn] = {}
 
 
 def register_width(
-    name: str, *, structured: bool = True, inherits: bool = True
+    name: str,
+    *,
+    structured: bool = True,
+    inherits: bool = True,
+    masked: bool = False,
+    noise_snr_db: float | None = None,
 ) -> Callable[[WidthFn], WidthFn]:
-    """Decorator: register ``fn(n_teacher, n_student, ctx) -> Map1D`` as width strategy ``name``."""
+    """Decorator: register ``fn(n_teacher, n_student, ctx) -> Map1D`` as width strategy ``name``.
+
+    ``masked``: the trainer masks the entries the strategy leaves fresh (MSG); ``noise_snr_db``: noise
+    is added along the axes whose map has ``pairs``, at this signal-to-noise ratio (HyperCloning).
+    """
 
     def deco(fn: WidthFn) -> WidthFn:
         if name in _WIDTH:
             raise ValueError(f"width strategy {name!r} is already registered")
-        _WIDTH[name] = WidthStrategy(name, fn, structured, inherits)
+        _WIDTH[name] = WidthStrategy(name, fn, structured, inherits, masked, noise_snr_db)
         return fn
 
     return deco
@@ -200,6 +221,45 @@ def net2net(n_t: int, n_s: int, ctx: AxisContext) -> Map1D:
     return Map1D(g[:, None], weight[:, None], torch.ones(n_s, dtype=torch.bool))
 
 
+def _cancelling_pairs(g: torch.Tensor, n_t: int) -> torch.Tensor:
+    """[n_s, P]: +1 / -1 on consecutive copies of each teacher entry (copies 0 and 1, 2 and 3, ...);
+    an odd copy out gets no noise. Every column sums to 0 over the copies of its teacher entry."""
+    columns = []
+    for unit in range(n_t):
+        copies = (g == unit).nonzero()[:, 0]
+        for a, b in zip(copies[0::2], copies[1::2], strict=False):
+            col = torch.zeros(len(g))
+            col[a], col[b] = 1.0, -1.0
+            columns.append(col)
+    return torch.stack(columns, 1) if columns else torch.zeros(len(g), 0)
+
+
+@register_width("hypercloning", noise_snr_db=10.0)
+def hypercloning(n_t: int, n_s: int, ctx: AxisContext) -> Map1D:
+    """HyperCloning (Samragh et al. 2024, apple/ml-hypercloning): unit j copies teacher unit j mod n_t,
+    a consumer's weights are split over the copies (``W.repeat(n, n) / n`` for an integer ratio n), and
+    +N / -N noise pairs on a consumer's copies break their symmetry while summing to 0, so the output
+    stays exact (the noise at 10 dB below the weights, the paper's SNR).
+
+    Exact where every unit of a normalized space has the same number of copies (an integer width
+    ratio: LayerNorm means and variances, and CLIP's cosine similarities, are unchanged) and the head
+    width is kept; the layout's notes say where a pair of members breaks that.
+    """
+    g = torch.arange(n_s) % n_t
+    if ctx.role == "out":
+        return Map1D.select(g)
+    weight = 1.0 / torch.bincount(g, minlength=n_t)[g].float()
+    return Map1D(g[:, None], weight[:, None], torch.ones(n_s, dtype=torch.bool), _cancelling_pairs(g, n_t))
+
+
+@register_width("msg", masked=True)
+def msg(n_t: int, n_s: int, ctx: AxisContext) -> Map1D:
+    """MSG (Yao et al. 2024, cofe-ai/MSG): the teacher in the leading entries (as ``insert``), every
+    new unit's output multiplied by a mask ramped 0 -> 1 during training (:mod:`compt.grow.masks`), so
+    the grown model computes its teacher's function whatever the new weights are."""
+    return insert(n_t, n_s, ctx)
+
+
 @register_width("none", inherits=False)
 def none_width(n_t: int, n_s: int, ctx: AxisContext) -> Map1D:
     """No growth (the "IFD only" ablation, Table 4b): every student entry keeps its own init, and
@@ -276,27 +336,50 @@ def axis_map(
     ok = (mu.inherited[:, None] & md.inherited[None, :]).reshape(-1)
     offsets = (torch.arange(axis.groups) * ut * dt)[:, None, None]
     src = (src[None] + offsets).reshape(-1, ku * kd)
-    m = Map1D(src, w.repeat(axis.groups, 1), ok.repeat(axis.groups))
+    m = Map1D(
+        src, w.repeat(axis.groups, 1), ok.repeat(axis.groups), _compose_pairs(mu, md, us, ds, axis.groups)
+    )
     return None if m.is_identity(n_t) else m
+
+
+def _compose_pairs(mu: Map1D, md: Map1D, us: int, ds: int, groups: int) -> torch.Tensor | None:
+    """Noise pairs of a (units x dims) axis: unit pairs for each dim, dim pairs within each unit,
+    block-diagonal over packed groups (each group is a separate input, e.g. a PatchMerging neighbour)."""
+    cols = []
+    if mu.pairs is not None and mu.pairs.shape[1]:
+        cols.append(torch.kron(mu.pairs, torch.eye(ds)))
+    if md.pairs is not None and md.pairs.shape[1]:
+        cols.append(torch.kron(torch.eye(us), md.pairs))
+    if not cols:
+        return None
+    return torch.block_diag(*[torch.cat(cols, 1)] * groups)
 
 
 def _space_map(strategy, key, role, normed, n_t, n_s, seed, cache) -> Map1D:
     k = (key, role, n_t, n_s)
     if k not in cache:
         m = strategy.fn(n_t, n_s, AxisContext(key, role, normed, seed))
-        if m.src.shape[0] != n_s or (m.src.numel() and (m.src.min() < 0 or m.src.max() >= n_t)):
+        bad_pairs = m.pairs is not None and (m.pairs.dim() != 2 or m.pairs.shape[0] != n_s)
+        if bad_pairs or m.src.shape[0] != n_s or (m.src.numel() and (m.src.min() < 0 or m.src.max() >= n_t)):
             raise GrowError(f"width strategy {strategy.name!r} returned a bad map for {key} ({n_t} -> {n_s})")
         cache[k] = m
     return cache[k]
 
 
 def grow_tensor(
-    t_val: torch.Tensor, s_val: torch.Tensor, maps: list[Map1D | None], in_place: bool
+    t_val: torch.Tensor,
+    s_val: torch.Tensor,
+    maps: list[Map1D | None],
+    in_place: bool,
+    noise: tuple[float, torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The student tensor grown from ``t_val`` by per-axis ``maps`` (``None``: axis unchanged), and the
     number of entries inherited. Entries not inherited keep ``s_val``'s values; ``in_place`` writes
-    into ``s_val`` instead of a copy."""
+    into ``s_val`` instead of a copy. ``noise=(snr_db, generator)`` adds the symmetry-breaking noise
+    of the maps' ``pairs``, ``snr_db`` below the grown values' power."""
     out, rows = _gather(t_val.detach().to(device=s_val.device, dtype=torch.float32), maps)
+    if noise is not None:
+        out = out + _pair_noise(out, maps, rows, *noise)
     out = out.to(s_val.dtype)
     if all(r is None for r in rows):  # every entry inherited
         if in_place:
@@ -332,6 +415,23 @@ def _gather(out: torch.Tensor, maps: list[Map1D | None]) -> tuple[torch.Tensor, 
             out = out.index_select(d, src[:, 0].to(dev))
         rows.append(None if len(keep) == len(m.inherited) else keep)
     return out, rows
+
+
+def _pair_noise(
+    out: torch.Tensor, maps: list[Map1D | None], rows: list, snr_db: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Noise with ``pairs @ N`` along each axis that has pairs (restricted to the inherited rows)."""
+    noise = torch.zeros_like(out)
+    std = out.pow(2).mean().sqrt() * 10 ** (-snr_db / 20)  # 10 dB: noise power a tenth of the signal's
+    for d, m in enumerate(maps):
+        if m is None or m.pairs is None or not m.pairs.shape[1]:
+            continue
+        pairs = m.pairs if rows[d] is None else m.pairs[rows[d]]
+        shape = list(out.shape)
+        shape[d] = pairs.shape[1]
+        draw = torch.randn(shape, generator=generator).to(out.device) * std
+        noise += torch.movedim(torch.movedim(draw, d, -1) @ pairs.T.to(out.device), -1, d)
+    return noise
 
 
 def _scatter(result: torch.Tensor, rows: list[torch.Tensor | None], out: torch.Tensor) -> None:

@@ -13,9 +13,9 @@ in one sub-package per paradigm behind one :class:`Paradigm` object:
 | ``layout`` | which axis of which tensor is which width (growth) | q/k/v per head, two towers |
 | ``student``, ``task_loss``, ``after_step`` | one training step | multi-caption loss (Eq. 2-3) |
 | ``teacher_features``, ``feature_dim`` | what distillation compares (Eq. 1) | image + text embeddings |
-| ``data_config``, ``build_loader`` | the training data | embedded set, CSV/TSV, webdataset |
+| ``data_config``, ``build_loader``, ``num_samples`` | the training data | embedded set, CSV/TSV, webdataset |
 | ``sample_cost``, ``cost_sample`` | training MACs of one sample (App. C.2) | 1 image + M captions |
-| ``evaluator``, ``export`` | evaluation, export | zero-shot, retrieval, open_clip folder |
+| ``evaluator``, ``check_eval``, ``export`` | evaluation, export | zero-shot, retrieval, open_clip folder |
 | ``higher_is_better``, ``lossless_tolerance``, ``metric_unit`` | comparing a metric | % up, nats down |
 
 A paradigm is registered by name; the built-in ones are imported on first use, so importing this
@@ -156,6 +156,14 @@ class Paradigm(abc.ABC):
         """Raise ``ValueError`` when ``member`` cannot read ``data_cfg``'s batches."""
         return None
 
+    def num_samples(self, data_cfg: Any, member: Member) -> int | None:
+        """Samples in one epoch of ``data_cfg`` as ``member`` reads them; ``None``: known only by loading.
+
+        Called before anything trains (``compt.chain.load_spec``, ``compt plan SPEC``), so it also
+        raises ``ValueError`` for a config that cannot be read at all (an unknown kind, a missing file).
+        """
+        return None
+
     # --- cost ----------------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -183,6 +191,10 @@ class Paradigm(abc.ABC):
         ``options`` are the chain spec's ``eval.options`` and, for the evaluations during training,
         ``metrics``: the keys they need (only the sets those keys come from are evaluated; issue 12).
         """
+
+    def check_eval(self, member: Member, **options: Any) -> None:
+        """Raise ``ValueError`` now when :meth:`evaluator` with ``options`` would fail after training."""
+        return None
 
     @abc.abstractmethod
     def check_metric(self, metric: str) -> None:

@@ -24,6 +24,8 @@ from compt.paradigms.clip.layout import LAYOUT
 
 __all__ = ["ClipParadigm"]
 
+# What eval.options may set (compt.paradigms.clip.evaluate.build_evaluator's keywords the chain leaves).
+_EVAL_OPTIONS = ("num_images", "val_images", "val_batch_size", "batch_size", "embedded")
 _METRIC_HINT = (
     "use mean_zeroshot_top1, mean_retrieval_r1, val_loss, zeroshot/<task>/top1, "
     "retrieval/<set>/{i2t,t2i}_r{1,5,10} or val/<set>/loss"
@@ -108,6 +110,13 @@ class ClipParadigm(Paradigm):
                 f"tokenizer with {need} token ids; set vocab_size: {need} in its family definition"
             )
 
+    def num_samples(self, data_cfg: DataConfig, member: ClipMember) -> int:
+        from compt.paradigms.clip.data import StreamDataset, build_dataset
+
+        # Built once and cached by build_dataset: the trainer reuses it, so a table is read only once.
+        dataset = build_dataset(data_cfg, image_size=member.image_size, context_length=member.context_length)
+        return int(dataset.num_samples) if isinstance(dataset, StreamDataset) else len(dataset)
+
     def data_flag(self, value: str) -> dict[str, Any]:
         """``compt train --data``: a registered kind, a CSV/TSV table or webdataset shards."""
         from compt.paradigms.clip.data import list_datasets
@@ -161,6 +170,35 @@ class ClipParadigm(Paradigm):
             spec=data_cfg.synthetic if data_cfg is not None else None,  # held-out scenes, same vocabulary
             **options,
         )
+
+    def check_eval(self, member: ClipMember, *, imagefolders: tuple[str, ...] = (), **options: Any) -> None:
+        import difflib
+
+        for key, value in options.items():  # eval.options: build_evaluator's keywords
+            if key not in _EVAL_OPTIONS:
+                close = difflib.get_close_matches(key, _EVAL_OPTIONS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"eval.options: unknown option {key!r}; {hint}"
+                    f"CLIP's evaluator takes {', '.join(_EVAL_OPTIONS)}"
+                )
+            least = 0 if key == "val_images" else 1  # val_images 0: no validation set
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if key == "embedded" and not isinstance(value, bool):
+                raise ValueError(f"eval.options.embedded must be true or false, got {value!r}")
+            if key != "embedded" and not (whole and value >= least):
+                raise ValueError(f"eval.options.{key} must be a whole number >= {least}, got {value!r}")
+        # The sets are read after training; a folder that is not there would fail only then.
+        for folder in map(Path, imagefolders):
+            if not folder.is_dir():
+                raise ValueError(
+                    f"eval.imagefolders: {folder} does not exist (expected a folder with one sub-folder "
+                    "of images per class); fix the path or remove it"
+                )
+            if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+                raise ValueError(
+                    f"eval.imagefolders: {folder} has no class sub-folders (expected {folder}/<class>/*.jpg)"
+                )
 
     def check_metric(self, metric: str) -> None:
         # compt.paradigms.clip.evaluate's keys; a typo here would make until_lossless wait forever.

@@ -301,6 +301,23 @@ def _tower_axes(t: ModelSpec, s: ModelSpec) -> dict[str, tuple[Axis, ...]]:
     return axes
 
 
+# The tensors of a block that write its residual branch into the stream (MSG masks a new layer here).
+_BRANCH_OUTPUTS = {
+    "clip": ("attn.out_proj.weight", "attn.out_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"),
+    "swin": ("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias"),
+}
+
+
+def branch_outputs(s: ModelSpec) -> dict[str, tuple[str, int]]:
+    """Student tensors whose output a block adds to the residual stream -> (stack name, layer)."""
+    return {
+        f"{st.prefix}.{layer}.{suffix}": (st.name, layer)
+        for st in (*s.vision, s.text)
+        for layer in range(st.layers)
+        for suffix in _BRANCH_OUTPUTS[st.kind]
+    }
+
+
 def plan(t: ModelSpec, s: ModelSpec, depth: DepthFn) -> tuple[dict[str, Rule], dict[str, list[int | None]]]:
     """Rules for every student tensor compt knows, and per stack the depth map (student layer ->
     teacher layer)."""
@@ -336,28 +353,44 @@ def _resample_pos(pos: torch.Tensor, grid_s: int) -> torch.Tensor:
     return torch.cat([pos[:1].float(), grid.permute(0, 2, 3, 1).reshape(grid_s * grid_s, -1)]).to(pos.dtype)
 
 
-def _net2net_notes(t: ModelSpec, s: ModelSpec) -> list[str]:
-    """Where Net2Net widening is not exactly function-preserving."""
+def _preserving_notes(
+    t: ModelSpec, s: ModelSpec, width: str, depth_maps: dict[str, list[int | None]]
+) -> list[str]:
+    """Where a function-preserving width strategy (net2net, hypercloning, msg) is not exact here.
+
+    Copying strategies (net2net, hypercloning) need every unit of a normalized space to have the same
+    number of copies and keep no new layer; MSG masks new units and new layers, so only a changed head
+    width (the attention scale 1/sqrt(head width), and new q/k dims inside old heads) breaks it, or a
+    Swin teacher block landing on a student block with the other window shift (odd blocks shift).
+    """
     notes = []
+    copies = width in ("net2net", "hypercloning")
     for ts, ss in zip((*t.vision, t.text), (*s.vision, s.text), strict=True):
-        if ss.width % ts.width:
+        sources = depth_maps.get(ss.name, [])
+        firsts = [i for i, src in enumerate(sources) if src is not None and src not in sources[:i]]
+        if ss.kind == "swin" and any(i % 2 != sources[i] % 2 for i in firsts):
             notes.append(
-                f"net2net: {ss.name} width {ts.width} -> {ss.width} is not an integer ratio, so its "
+                f"{width}: {ss.name} depth {ts.layers} -> {ss.layers} moves a teacher block onto a "
+                "block with the other window shift; the function changes"
+            )
+        if copies and ss.width % ts.width:
+            notes.append(
+                f"{width}: {ss.name} width {ts.width} -> {ss.width} is not an integer ratio, so its "
                 "LayerNorms see uneven copies; the function changes slightly"
             )
         if ss.head_width != ts.head_width:
             notes.append(
-                f"net2net: {ss.name} head width {ts.head_width} -> {ss.head_width} changes the "
+                f"{width}: {ss.name} head width {ts.head_width} -> {ss.head_width} changes the "
                 "attention scale; the function changes"
             )
-        if ss.layers != ts.layers:
+        if copies and ss.layers != ts.layers:
             notes.append(
-                f"net2net: {ss.name} depth {ts.layers} -> {ss.layers}: the added layers are not "
+                f"{width}: {ss.name} depth {ts.layers} -> {ss.layers}: the added layers are not "
                 "identities, so the function changes"
             )
-    if s.embed_dim % t.embed_dim:
+    if copies and s.embed_dim % t.embed_dim:
         notes.append(
-            f"net2net: embed_dim {t.embed_dim} -> {s.embed_dim} is not an integer ratio; "
+            f"{width}: embed_dim {t.embed_dim} -> {s.embed_dim} is not an integer ratio; "
             "the cosine similarities change slightly"
         )
     return notes
@@ -422,8 +455,15 @@ class ClipLayout:
                 f"{s.grid}x{s.grid} grid (bicubic)"
             )
         rules, depth_maps = plan(t, s, depth)
-        notes += _net2net_notes(t, s) if width == "net2net" else []
-        return GrowPlan(rules=rules, depth_maps=depth_maps, teacher_sd=teacher_sd, notes=notes)
+        if width in ("net2net", "hypercloning", "msg"):
+            notes += _preserving_notes(t, s, width, depth_maps)
+        return GrowPlan(
+            rules=rules,
+            depth_maps=depth_maps,
+            teacher_sd=teacher_sd,
+            notes=notes,
+            branch_outputs=branch_outputs(s),
+        )
 
 
 LAYOUT = ClipLayout()

@@ -44,6 +44,7 @@ from compt.engine.loader import (
     Skip,
     collate,
     epoch_order,
+    ignore_stop_signals,
     refill_batch,
     sort_out,
 )
@@ -322,7 +323,11 @@ class StreamLoader(Loader):
         if self.workers > 0 and self.start_step < self.steps:
             it = iter(
                 torch.utils.data.DataLoader(
-                    self.streams, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory
+                    self.streams,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    pin_memory=self.pin_memory,
+                    worker_init_fn=ignore_stop_signals,
                 )
             )
         else:

@@ -1,0 +1,265 @@
+"""Building one run (a baseline member or a chain link) before its first step, and the run object.
+
+:func:`build_run` makes the student (grown from its teacher for a link: inverse weight initialization,
+§3.1.1), the teacher and its distiller (Eq. 1), the optimizer and schedule (Table C), the data stream
+and the log, and restores a checkpoint when the folder holds one; :class:`Run` is everything the
+loop (:mod:`compt.engine.train`) then holds. Nothing here knows a paradigm by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from compt.config import to_dict
+from compt.cost import member_cost, run_steps
+from compt.distill import Distiller, load_teacher, make_projection
+from compt.engine import dist
+from compt.engine.checkpoint import checkpoint_digest, latest_checkpoint
+from compt.engine.config import TrainConfig, precision_of
+from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, load_moments
+from compt.engine.resume import DataStream, restore_run, seed_all
+from compt.engine.runlog import RunLog
+from compt.families import Member, get_member
+from compt.grow import grow, grow_moments
+from compt.grow.masks import GrowthMask
+from compt.paradigms import Paradigm
+
+__all__ = ["TrainState", "Run", "build_run", "configure_torch"]
+
+_LOG = logging.getLogger("compt.train")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: the counters a checkpoint restores (torchtitan-style ``state_dict``)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position)
+    samples_seen: int = 0  # training samples consumed, all ranks together
+    train_macs: int = 0  # cumulative training MACs (App. C.2), teacher forward included for a link
+    wall_s: float = 0.0  # training wall time, seconds, across resumes (evaluation excluded)
+    eval_s: float = 0.0  # wall time spent in `evaluate`, seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Run:
+    """Everything one run holds while it trains (built by :func:`build_run`)."""
+
+    cfg: TrainConfig
+    info: dist.DistInfo
+    member: Member
+    paradigm: Paradigm  # the member's: batch, task loss, distilled features
+    model: nn.Module  # the plain student (what checkpoints store)
+    projection: nn.Module  # T of Eq. 1 (identity for a baseline or equal feature dims)
+    forward: nn.Module  # the paradigm's student forward, maybe compiled and DDP-wrapped
+    distiller: Distiller | None
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    data: DataStream
+    log: RunLog
+    total_steps: int
+    state: TrainState
+    macs_per_step: int
+    teacher_info: dict[str, Any] | None
+    teacher_macs_per_step: int = 0  # the teacher forward's share of macs_per_step (none if L_IFD is off)
+    masks: GrowthMask | None = None  # MSG's growth masks while they ramp (width "msg"), else None
+    stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
+    clock: float = field(default_factory=time.perf_counter)
+    first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Nominal samples per rank per micro-batch."""
+        return self.cfg.global_batch_size // (self.cfg.accum_steps * self.info.world_size)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def tick(self) -> None:
+        """Advance the training wall clock to now."""
+        now = time.perf_counter()
+        self.state.wall_s += now - self.clock
+        self.clock = now
+
+
+def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Table C's warmup (8000 steps, 1000 for a link), at most a tenth of a shorter run."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    paper = PAPER_WARMUP_STEPS["link" if cfg.teacher else "baseline"]
+    if paper > total_steps // 10:
+        _LOG.info(
+            "warmup: the paper's %d steps exceed 10%% of this %d-step run; using %d",
+            paper,
+            total_steps,
+            max(1, total_steps // 10),
+        )
+    return min(paper, max(1, total_steps // 10))
+
+
+@dataclass
+class _Link:
+    """What a chain link adds to a run (built by :func:`_build_link`)."""
+
+    distiller: Distiller
+    projection: nn.Module
+    info: dict[str, Any]  # teacher checkpoint and member, for the log and checkpoints
+    teacher_macs: int  # the teacher's forward MACs per sample
+    masks: GrowthMask | None = None  # MSG growth masks (width "msg", at step 0)
+    moments: dict[str, dict[str, Any]] | None = None  # grown AdamW moments (optimizer_init "grown", step 0)
+
+
+def _build_link(
+    cfg: TrainConfig,
+    member: Member,
+    student: nn.Module,
+    grow_now: bool,
+    device: torch.device,
+    total_steps: int,
+) -> _Link:
+    """Teacher, projection T and cost of a chain link; at step 0 grows the student (and, if asked, its
+    AdamW moments) from the teacher."""
+    teacher, payload, t_member = load_teacher(cfg.teacher, member)
+    digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
+    masks = moments = None
+    if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
+        if cfg.optimizer_init == "grown":  # first: a teacher without moments fails before any work
+            moments = grow_moments(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+        report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+        _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
+        masks = report.masks
+        if masks is not None:
+            masks.ramp_steps = max(1, round(cfg.mask_ramp_fraction * total_steps))
+    paradigm = member.paradigm
+    projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    distiller = Distiller(
+        teacher.to(device),
+        paradigm,
+        cfg.alpha,
+        cfg.alpha_ratio,
+        cfg.distill_gate,
+        ref_dim=cfg.alpha_ref_dim,
+        schedule=cfg.alpha_schedule,
+        fraction=cfg.alpha_schedule_fraction,
+        total_steps=total_steps,
+    )
+    teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
+    info = {"checkpoint": str(cfg.teacher), "member": t_member.name, "sha256": digest}
+    return _Link(distiller, projection, info, teacher_macs, masks, moments)
+
+
+def configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 matmuls on CUDA and, if asked, deterministic algorithms (for any loop built on the engine)."""
+    if device.type == "cuda":  # TF32 for the fp32 parts of AMP: A100-class speed, ample precision for CLIP
+        torch.set_float32_matmul_precision("high")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
+    """Build the student (grown for a link), teacher, optimizer, data and log; restore a checkpoint."""
+    member, device = get_member(cfg.member, cfg.family), info.device
+    paradigm = member.paradigm
+    amp_dtype, use_scaler = precision_of(cfg, device)
+    configure_torch(cfg, device)
+    state = TrainState()
+    data = DataStream(cfg, member, info, state)
+    total_steps = cfg.steps or run_steps(cfg.epochs, data.steps_per_epoch)  # as compt plan counts them
+    resume_from = latest_checkpoint(cfg.out_dir)
+    seed_all(cfg.seed)  # the same initial student (and growth) on every rank
+    model = member.create()
+    link = None
+    if cfg.teacher is not None:
+        link = _build_link(cfg, member, model, resume_from is None, device, total_steps)
+    projection = link.projection if link else nn.Identity()
+    model.to(device).train()
+    projection.to(device)
+    eps = cfg.eps or paradigm.default_eps(member)
+    params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
+    optimizer = build_optimizer([model, projection], **params)
+    if link and link.moments:  # staged training: the teacher's moments, grown with its weights
+        load_moments(optimizer, model, link.moments)
+    warmup = _warmup_steps(cfg, total_steps)
+    schedule = CosineSchedule(cfg.lr, total_steps, warmup, cfg.min_lr_ratio, cfg.lr_decay_fraction)
+    cost = member_cost(member, **paradigm.cost_sample(cfg.data))
+    teacher_macs_per_step = cfg.global_batch_size * (link.teacher_macs if link else 0)
+    macs_per_step = cfg.global_batch_size * cost.train_macs + teacher_macs_per_step + cost.update_macs
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    run = Run(cfg=cfg, info=info, member=member, paradigm=paradigm, model=model, projection=projection,
+               forward=None,
+               distiller=link and link.distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
+               amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
+               macs_per_step=macs_per_step, teacher_info=link and link.info,
+               teacher_macs_per_step=teacher_macs_per_step, masks=link and link.masks)  # fmt: skip
+    if resume_from is not None:
+        restore_run(run, resume_from)  # the growth masks too, if the checkpoint was taken mid-ramp
+    else:
+        seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
+    if run.masks is not None:  # after the optimizer and the restore: both see the plain parameters
+        run.masks.install(model)
+    run.forward = _wrap(paradigm.student(model, projection), cfg, info)
+    run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
+                     steps_per_epoch=data.steps_per_epoch, batch_size=cfg.global_batch_size,
+                     start_step=state.step, start_wall_s=state.wall_s)  # fmt: skip
+    _announce(run, resume_from)
+    run.clock = time.perf_counter()
+    return run
+
+
+def _announce(run: Run, resume_from: Path | None) -> None:
+    """The ``start`` record, and a line saying what trains (or where it resumed) for the job's log."""
+    cfg, st, name = run.cfg, run.state, run.member.name
+    precision = str(run.amp_dtype or "fp32")
+    start = {"kind": "start", "step": st.step, "member": name, "teacher": run.teacher_info}
+    start |= {"world_size": run.info.world_size, "device": str(run.info.device), "precision": precision}
+    start |= {"total_steps": run.total_steps, "steps_per_epoch": run.data.steps_per_epoch}
+    start |= {"warmup_steps": run.schedule.warmup_steps, "macs_per_step": run.macs_per_step}
+    run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
+    if resume_from is not None:
+        _LOG.info("%s: resumed from %s at step %d/%d (epoch %d)", name, resume_from, st.step, run.total_steps,
+                  st.epoch)  # fmt: skip
+        return
+    teacher = f", teacher {run.teacher_info['member']}" if run.teacher_info else ""
+    epochs = run.total_steps / run.data.steps_per_epoch
+    _LOG.info("%s: training %d steps (%.4g epochs of %d), global batch %d, %s on %s x %d%s", name,
+              run.total_steps, epochs, run.data.steps_per_epoch, cfg.global_batch_size, precision,
+              run.info.device.type, run.info.world_size, teacher)  # fmt: skip
+
+
+def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo) -> nn.Module:
+    """torch.compile and DDP around the student's forward (the teacher is never wrapped)."""
+    if cfg.compile:
+        forward = torch.compile(forward)
+    if info.world_size > 1:
+        cuda = info.device.type == "cuda"
+        forward = DistributedDataParallel(forward, device_ids=[info.device.index] if cuda else None,
+                                          broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
+    return forward
