@@ -271,7 +271,9 @@ class DataStream:
                 f"{self.micro_batch} samples per micro-batch cannot be split over {info.world_size} ranks; "
                 "use a multiple of the number of processes"
             )
-        self._it, self._at, self.skips = None, None, 0
+        # Samples the loader skipped / used after a repair so far this epoch (metrics.jsonl's
+        # data_skips / data_repairs; a repair is e.g. a refilled batch or a non-UTF-8 caption).
+        self._it, self._at, self.skips, self.repairs = None, None, 0, 0
         member.paradigm.check_data(cfg.data, member)
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -302,6 +304,7 @@ class DataStream:
         batches = [next(self._it) for _ in range(self.cfg.accum_steps)]
         self._at = (self.state.epoch, self.state.step_in_epoch + 1)
         self.skips = sum(getattr(self._loader, "skips", {}).values())
+        self.repairs = sum(getattr(self._loader, "repairs", {}).values())
         return batches
 
 

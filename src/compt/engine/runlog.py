@@ -6,7 +6,9 @@
 - ``train``: every ``log_every_steps`` steps: ``loss`` (= ``loss_task`` + ``loss_ifd``), ``loss_task``
   (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted),
   ``alpha`` and ``ifd_ratio`` (= loss_ifd / loss_task, App. D.2's r); ``lr``, ``logit_scale``,
-  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``; on CUDA
+  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``,
+  ``data_skips`` / ``data_repairs`` (what rank 0's loader dropped / kept after a repair so far this
+  epoch: bad samples; refilled batches and non-UTF-8 captions, ``compt.engine.loader``); on CUDA
   ``cuda_max_allocated_gib`` / ``cuda_max_reserved_gib`` (this rank's peak memory since its start);
 - ``eval``: the metrics returned by the ``evaluate`` callback;
 - ``final`` / ``error``: the end of the run.
@@ -296,6 +298,7 @@ def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
         wall_s=st.wall_s,
         samples_per_s=speed,
         data_skips=run.data.skips,
+        data_repairs=run.data.repairs,
     )
     if run.info.device.type == "cuda":  # allocator counters, read on the host: no sync (issue 17)
         record["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(run.info.device) / 2**30

@@ -159,13 +159,16 @@ def train_member(
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     should_stop: Callable[[dict[str, float]], bool] | None = None,
     retrain: bool = False,
+    periodic_evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train one member (a baseline, or a chain link when ``cfg.teacher`` is set) and return its result.
 
     ``evaluate(model, step)`` runs on rank 0 with the plain student in eval mode every
     ``cfg.eval_every_steps`` and after the last step; its metrics go to ``metrics.jsonl`` and
-    :attr:`TrainResult.metrics`. ``should_stop(metrics) -> True`` ends the run early (``final.pt`` is
-    written as usual). Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
+    :attr:`TrainResult.metrics`. ``periodic_evaluate`` (default: ``evaluate``) replaces it at the
+    evaluations before the last step, e.g. a cheaper set (issue 12). ``should_stop(metrics) -> True``
+    ends the run early (then ``evaluate`` gives the final metrics; ``final.pt`` is written as usual).
+    Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
     resumes from the newest valid ``step_*.pt``; a run whose ``final.pt`` exists returns at once.
     A folder holding a run of another config is an error naming the change, unless ``retrain``,
     which moves it aside (``<out_dir>.replaced-<N>``) and trains afresh. Another process training
@@ -185,7 +188,7 @@ def train_member(
                 return done
             run = build_run(cfg, info)
             with stop_on_signals(run, run.out_dir / "final.pt", cfg.member):
-                return _loop(run, evaluate, should_stop)
+                return _loop(run, evaluate, should_stop, periodic_evaluate or evaluate)
     finally:
         if run is not None:
             run.log.close()
@@ -203,7 +206,7 @@ def _reuse_finished(cfg: TrainConfig, retrain: bool) -> TrainResult | None:
     return _result(final, payload)
 
 
-def _loop(run: Run, evaluate, should_stop) -> TrainResult:
+def _loop(run: Run, evaluate, should_stop, periodic_evaluate) -> TrainResult:
     """nanoGPT-style: boundary work (log, eval, save) then one step, until the step after the last."""
     cfg, st = run.cfg, run.state
     has_eval = dist.broadcast_object(evaluate is not None)  # every rank must join the same collectives
@@ -217,7 +220,9 @@ def _loop(run: Run, evaluate, should_stop) -> TrainResult:
         at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
         if has_eval and (last or at_eval):
             try:
-                metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+                metrics, stop_early = evaluate_now(run, evaluate if last else periodic_evaluate, should_stop)
+                if stop_early and not last and periodic_evaluate is not evaluate:
+                    metrics, _ = evaluate_now(run, evaluate, None)  # the final metrics: the full evaluation's
             except Exception:
                 _save_before_raising(run)
                 raise

@@ -16,6 +16,7 @@ in one sub-package per paradigm behind one :class:`Paradigm` object:
 | ``data_config``, ``build_loader``, ``num_samples`` | the training data | embedded set, CSV/TSV, webdataset |
 | ``sample_cost``, ``cost_sample`` | training MACs of one sample (App. C.2) | 1 image + M captions |
 | ``evaluator``, ``check_eval``, ``export`` | evaluation, export | zero-shot, retrieval, open_clip folder |
+| ``higher_is_better``, ``lossless_tolerance``, ``metric_unit`` | comparing a metric | % up, nats down |
 
 A paradigm is registered by name; the built-in ones are imported on first use, so importing this
 module is cheap and never imports a paradigm's dependencies::
@@ -37,6 +38,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+from compt.lossless import LOSSLESS_NATS, LOSSLESS_POINTS, MetricRule, Tolerance
 
 if TYPE_CHECKING:
     from compt.cost import MemberCost
@@ -183,7 +186,11 @@ class Paradigm(abc.ABC):
 
     @abc.abstractmethod
     def evaluator(self, member: Member, *, data_cfg: Any = None, **options: Any) -> Evaluate:
-        """``evaluate(model, step) -> metrics`` on this paradigm's held-out sets at ``member``'s size."""
+        """``evaluate(model, step) -> metrics`` on this paradigm's held-out sets at ``member``'s size.
+
+        ``options`` are the chain spec's ``eval.options`` and, for the evaluations during training,
+        ``metrics``: the keys they need (only the sets those keys come from are evaluated; issue 12).
+        """
 
     def check_eval(self, member: Member, **options: Any) -> None:
         """Raise ``ValueError`` now when :meth:`evaluator` with ``options`` would fail after training."""
@@ -196,6 +203,26 @@ class Paradigm(abc.ABC):
     def higher_is_better(self, metric: str) -> bool:
         """Direction of ``metric`` (accuracies up, losses down)."""
         return True
+
+    def lossless_tolerance(self, metric: str) -> Tolerance:
+        """The shortfall against its twin on ``metric`` still lossless when the chain spec sets none.
+
+        Default (compt.lossless): the paper's 0.5 points for a higher-is-better metric (a percentage),
+        0.01 for a lower-is-better one (a loss in nats); a paradigm with other units overrides it.
+        """
+        return Tolerance(absolute=LOSSLESS_POINTS if self.higher_is_better(metric) else LOSSLESS_NATS)
+
+    def metric_unit(self, metric: str) -> str:
+        """The unit a report labels ``metric`` with ("%", "nats"; "" when unknown)."""
+        return ""
+
+    def metric_rule(self, metric: str, tolerance: Tolerance | None = None) -> MetricRule:
+        """How ``metric`` is compared (direction, tolerance, unit); ``tolerance`` overrides the default."""
+        return MetricRule(
+            higher_is_better=self.higher_is_better(metric),
+            tolerance=tolerance or self.lossless_tolerance(metric),
+            unit=self.metric_unit(metric),
+        )
 
     @abc.abstractmethod
     def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:

@@ -24,6 +24,8 @@ from compt.paradigms.clip.layout import LAYOUT
 
 __all__ = ["ClipParadigm"]
 
+# What eval.options may set (compt.paradigms.clip.evaluate.build_evaluator's keywords the chain leaves).
+_EVAL_OPTIONS = ("num_images", "val_images", "val_batch_size", "batch_size", "embedded")
 _METRIC_HINT = (
     "use mean_zeroshot_top1, mean_retrieval_r1, val_loss, zeroshot/<task>/top1, "
     "retrieval/<set>/{i2t,t2i}_r{1,5,10} or val/<set>/loss"
@@ -170,6 +172,22 @@ class ClipParadigm(Paradigm):
         )
 
     def check_eval(self, member: ClipMember, *, imagefolders: tuple[str, ...] = (), **options: Any) -> None:
+        import difflib
+
+        for key, value in options.items():  # eval.options: build_evaluator's keywords
+            if key not in _EVAL_OPTIONS:
+                close = difflib.get_close_matches(key, _EVAL_OPTIONS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"eval.options: unknown option {key!r}; {hint}"
+                    f"CLIP's evaluator takes {', '.join(_EVAL_OPTIONS)}"
+                )
+            least = 0 if key == "val_images" else 1  # val_images 0: no validation set
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if key == "embedded" and not isinstance(value, bool):
+                raise ValueError(f"eval.options.embedded must be true or false, got {value!r}")
+            if key != "embedded" and not (whole and value >= least):
+                raise ValueError(f"eval.options.{key} must be a whole number >= {least}, got {value!r}")
         # The sets are read after training; a folder that is not there would fail only then.
         for folder in map(Path, imagefolders):
             if not folder.is_dir():
@@ -187,14 +205,15 @@ class ClipParadigm(Paradigm):
         if metric not in ("mean_zeroshot_top1", "mean_retrieval_r1", "val_loss") and not metric.startswith(
             ("zeroshot/", "retrieval/", "val/")
         ):
-            raise ValueError(
-                f"eval.metric {metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}"
-            )
+            raise ValueError(f"{metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}")
 
     def higher_is_better(self, metric: str) -> bool:
         from compt.paradigms.clip.evaluate import higher_is_better
 
         return higher_is_better(metric)
+
+    def metric_unit(self, metric: str) -> str:
+        return "%" if self.higher_is_better(metric) else "nats"  # evaluate's module docstring
 
     def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:
         from compt.paradigms.clip.export import export_member

@@ -111,7 +111,8 @@ class _Batches:
     """The micro-batches of each step from the run's data position (a function of seed, epoch, step)."""
 
     def __init__(self, train: ZeroShotTask, cfg: FinetuneConfig, state: TrainState):
-        self.train, self.cfg, self.state, self.skips = train, cfg, state, 0
+        self.train, self.cfg, self.state = train, cfg, state
+        self.skips = self.repairs = 0  # in-memory images: nothing to skip or repair (log_step's fields)
         self.steps_per_epoch = len(train.labels) // cfg.global_batch_size
         if self.steps_per_epoch == 0:
             raise DataError(
