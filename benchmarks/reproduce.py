@@ -2,21 +2,24 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/reproduce.py --out benchmarks/results          # full run (~40 min, 2 cores)
+    .venv/bin/python benchmarks/reproduce.py --out benchmarks/results          # full run (resumable)
     .venv/bin/python benchmarks/reproduce.py --quick --out /tmp/reproduce-quick  # 3-member chain, < 10 min
 
-The protocol (docs/reproduce.md):
+The protocol (issue 12, docs/reproduce.md):
 
-1. Baselines: every member trained with growing schedules (seed 0) and, at the longest, over every
-   seed; the baseline of the comparison is the longest schedule, mean and spread over seeds.
+1. Baselines: every member trained with growing schedules (seed 0) and, at the reference schedule,
+   over every seed; the baseline of every comparison is the reference, mean and spread over seeds.
+   Converged: doubling the reference changes the metric by less than the lossless tolerance.
 2. Chains: the first member is its baseline twin; every link k trains its own complete cosine
-   schedule of ``fraction * baseline steps``, for each swept fraction (seed 0). The shortest fraction
+   schedule of ``fraction * reference steps``, for each swept fraction (seed 0). The shortest fraction
    with every member lossless (else the longest) is rerun on every seed.
-3. At that fraction (seed 0): alpha 0 (IWI only) / 50 / auto, every member grown from the smallest
-   (Table 4a), 3 vs 4 members (Fig. 7), a smaller first member prepended (Fig. 6).
+3. Optionally (``ablations=true``), at that fraction (seed 0): alpha 0 (IWI only) / 50 / auto, every
+   member grown from the smallest (Table 4a), 3 vs 4 members (Fig. 7), a smaller first member (Fig. 6).
 
-Results: ``<out>/results.json`` (raw runs and tables), ``<out>/README.md`` and PNG figures. The last
-line printed is ``<mode>: acceleration=<x>x worst_gap=<points> lossless=<yes|no>``.
+The headline metric is ``val_loss`` (lower is better); percentages can be chosen with ``--set
+metric=...``. Results: ``<out>/results.json`` (raw runs and tables), ``<out>/README.md`` and PNG
+figures. The last line printed is ``<mode>: metric=<m> baselines=<b1>/<b2>/... acceleration=<x>x
+worst_gap=<gap> lossless=<yes|no>`` (gap in the metric's units, positive when the chain is worse).
 """
 
 from __future__ import annotations
