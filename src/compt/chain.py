@@ -62,7 +62,7 @@ class UntilLossless:
     """Stop a link as soon as it is lossless against its individually trained twin."""
 
     enabled: bool = False
-    tolerance: float = 0.5  # points below the twin still counted lossless (the paper's criterion)
+    tolerance: float = 0.5  # worse than the twin by at most this, in the metric's unit (paper: 0.5 points)
     check_every_steps: int = 50  # evaluation period while a link trains, optimizer steps
 
     def __post_init__(self) -> None:
@@ -94,11 +94,13 @@ class ChainSpec:
         paradigm = get_family(self.family).paradigm
         data = {} if self.data is None else self.data
         if isinstance(data, dict):
-            object.__setattr__(self, "data", from_dict(paradigm.data_config, data, where="data"))
+            data = from_dict(paradigm.data_config, data, where="data")
         elif not isinstance(data, paradigm.data_config):
             raise ValueError(
                 f"data must be a mapping of {paradigm.data_config.__name__} fields, got {data!r}"
             )
+        # Run-relative data defaults point at the chain's root, shared by every member (an LM's tokenizer).
+        object.__setattr__(self, "data", paradigm.bind_data(data, self.out_dir))
         paradigm.check_metric(self.eval.metric)  # a typo would make until_lossless wait forever
         if self.baseline_epochs <= 0:
             raise ValueError(f"baseline_epochs must be > 0, got {self.baseline_epochs}")
@@ -205,6 +207,14 @@ def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> 
             os.replace(tmp, here / name)
 
 
+def _lossless_stop(spec: ChainSpec, member: Member):
+    """``should_stop(metrics)``: the link is within the tolerance of its twin, in the metric's direction."""
+    metric, twin = spec.eval.metric, _twin_metric(spec, member)
+    sign = 1.0 if member.paradigm.higher_is_better(metric) else -1.0  # val_loss: lower is better
+    target = sign * twin - spec.until_lossless.tolerance
+    return lambda metrics: sign * metrics.get(metric, sign * float("-inf")) >= target
+
+
 def _twin_metric(spec: ChainSpec, member: Member) -> float:
     path = Path(spec.out_dir) / "individual" / "summary.json"
     if path.exists():
@@ -234,8 +244,7 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
         dist.barrier()
         should_stop = None
         if spec.until_lossless.enabled and i > 0 and not individual:
-            target = _twin_metric(spec, member) - spec.until_lossless.tolerance
-            should_stop = lambda metrics, t=target: metrics.get(spec.eval.metric, float("-inf")) >= t  # noqa: E731
+            should_stop = _lossless_stop(spec, member)
         result: TrainResult = train_member(cfg, evaluate=_evaluator(spec, member), should_stop=should_stop)
         acc_macs += result.train_macs
         acc_wall += result.wall_s
@@ -251,6 +260,11 @@ def run_chain(spec: ChainSpec, individual: bool = False, progress: bool = True) 
         "name": spec.name,
         "family": spec.family,
         "metric": spec.eval.metric,
+        # How the report reads the metrics: their direction, and the gap still counted lossless.
+        "higher_is_better": {
+            k: paradigm.higher_is_better(k) for k in sorted({k for r in rows for k in r["metrics"]})
+        },
+        "lossless_tolerance": spec.until_lossless.tolerance,
         "members": rows,
         "config": to_dict(spec),
     }

@@ -23,6 +23,11 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
   runs under the student's autocast on the same batch (:meth:`Distiller.teacher_features`).
 - ``alpha="auto"`` (:class:`AutoAlpha`) sets alpha each step so that L_IFD / L_task stays near r
   (default 0.1, the optimum of App. D.2 / Fig. D).
+- What is distilled is a *target* of the paradigm (:attr:`compt.paradigms.Paradigm.distill_targets`):
+  ``"feature"`` is Eq. 1 as above; the LM paradigm also offers ``"logit"``, a KL on the shared
+  vocabulary (no T). The paradigm gives each pair's unweighted distance
+  (:meth:`~compt.paradigms.Paradigm.distance`), logged as ``mse_<key>`` / ``kl_<key>``; alpha, its
+  ``auto`` mode and the gate weigh it the same whatever the target.
 - The distillation gate (``gate=True``; beyond the paper, docs/reproduce.md finding 2): L_IFD gets
   weight 0 on a step where the student's task loss is already below the teacher's on the same batch
   (:meth:`Distiller.teacher_task_loss`), so a student never gets pulled back toward a weaker teacher.
@@ -54,6 +59,7 @@ __all__ = [
 
 DEFAULT_ALPHA = 500.0  # App. B.1: alpha = 500 for all experiments
 DEFAULT_RATIO = 0.1  # App. D.2: L_IFD ~ 10% of L_task is the optimum
+_STAT = {"feature": "mse", "logit": "kl"}  # the logged name of a target's distance
 
 
 def load_teacher(path: str | Path, student: Member) -> tuple[nn.Module, dict[str, Any], Member]:
@@ -177,8 +183,15 @@ class Distiller:
         alpha: float | str = DEFAULT_ALPHA,
         ratio: float = DEFAULT_RATIO,
         gate: bool = False,
+        target: str = "feature",
     ):
         self.paradigm = paradigm  # compt.paradigms.Paradigm: which features the teacher gives
+        if target not in paradigm.distill_targets:
+            raise ValueError(
+                f"distillation target {target!r} is not one of the {paradigm.name} paradigm's: "
+                + ", ".join(paradigm.distill_targets)
+            )
+        self.target = target
         self.gate = bool(gate)
         if isinstance(alpha, str):
             if alpha != "auto":
@@ -195,7 +208,7 @@ class Distiller:
     @torch.no_grad()
     def teacher_features(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """The teacher's features of the student's batch (call it inside the student's autocast)."""
-        return self.paradigm.teacher_features(self.teacher, batch)
+        return self.paradigm.teacher_features(self.teacher, batch, self.target)
 
     @torch.no_grad()
     def teacher_task_loss(
@@ -213,7 +226,8 @@ class Distiller:
     ) -> dict[str, torch.Tensor]:
         """L_IFD of Eq. 1/4 from projected student features and the teacher's (same keys).
 
-        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` per feature, ``alpha`` and
+        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` (``kl_<key>`` for the
+        logit target) per feature, ``alpha`` and
         ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all tensors, all but
         ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate, ``teacher_task``
         (:meth:`teacher_task_loss`) only by the gate, which needs it.
@@ -222,7 +236,7 @@ class Distiller:
             raise ValueError(
                 f"student features {sorted(student)} and teacher features {sorted(teacher)} differ"
             )
-        mse = {key: feature_mse(student[key], teacher[key]) for key in student}
+        mse = {key: self.paradigm.distance(self.target, student[key], teacher[key]) for key in student}
         distance = torch.stack(list(mse.values())).mean()  # Eq. 4: averaged over the feature pairs
         if self.auto is not None:
             alpha = self.auto(task_loss, distance)
@@ -237,7 +251,7 @@ class Distiller:
             on = (task_loss.detach().float() >= teacher_task.detach().float()).float()
         return {
             "loss": on * alpha * distance,
-            **{f"mse_{key}": value.detach() for key, value in mse.items()},
+            **{f"{_STAT[self.target]}_{key}": value.detach() for key, value in mse.items()},
             "alpha": alpha.detach(),
             "distill_on": on,
         }

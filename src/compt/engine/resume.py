@@ -56,6 +56,7 @@ SAME_RUN_FIELDS = (
     "seed",
     "width",
     "depth",
+    "distill",
 )
 # Fields that may change between an interruption and its resume without a warning.
 _FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
@@ -111,6 +112,8 @@ def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path)
         )
 
     for key in SAME_RUN_FIELDS:
+        if key not in saved and key in now:  # a field newer than the checkpoint (e.g. distill) is no change
+            continue
         a, b = now.get(key), saved.get(key)
         if key == "data":
             a, b = strip(a), strip(b)
@@ -147,7 +150,7 @@ class DataStream:
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"one epoch of data.kind={cfg.data.kind} has fewer than accum_steps={cfg.accum_steps} "
+                f"one epoch of the data has fewer than accum_steps={cfg.accum_steps} "
                 f"batches of {self.micro_batch}; use more data or a smaller train.global_batch_size"
             )
 
@@ -161,7 +164,7 @@ class DataStream:
             world_size=self.info.world_size,
             epoch=st.epoch,
             start_step=st.step_in_epoch * self.cfg.accum_steps,
-            pin_memory=pin_batches(self.info.device, self.cfg.data.workers),
+            pin_memory=pin_batches(self.info.device, getattr(self.cfg.data, "workers", 0)),
         )
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader
@@ -193,6 +196,7 @@ def model_payload(run: Any) -> dict[str, Any]:
         "config": to_dict(run.cfg),
         "teacher": run.teacher_info,
         "macs_per_step": run.macs_per_step,
+        **run.paradigm.checkpoint_extras(run.cfg.data),  # e.g. an LM's tokenizer: the file stands alone
     }
 
 

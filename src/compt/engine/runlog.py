@@ -4,7 +4,8 @@
 
 - ``start``: the run's settings (member, teacher, world size, precision, steps, MACs per step, config);
 - ``train``: every ``log_every_steps`` steps: ``loss`` (= ``loss_task`` + ``loss_ifd``), ``loss_task``
-  (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted),
+  (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted;
+  an LM: ``mse_hidden`` or ``kl_logits``),
   ``alpha`` and ``ifd_ratio`` (= loss_ifd / loss_task, App. D.2's r); ``lr``, ``logit_scale``,
   ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``; on CUDA
   ``cuda_max_allocated_gib`` / ``cuda_max_reserved_gib`` (this rank's peak memory since its start);
@@ -199,7 +200,7 @@ def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], boo
 
 def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
     """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
-    local = [k for k in stats if k == "loss_ifd" or k.startswith("mse_")]  # per-rank means
+    local = [k for k in stats if k == "loss_ifd" or k.startswith(("mse_", "kl_"))]  # per-rank means
     if local and run.info.world_size > 1:
         stats = {
             **stats,

@@ -67,6 +67,7 @@ __all__ = [
 _LOG = logging.getLogger("compt.train")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp2")
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,14 @@ class TrainConfig:
     )
     alpha_ratio: float = DEFAULT_RATIO  # target L_IFD / L_task of alpha="auto" (App. D.2: r = 0.1)
     distill_gate: bool = False  # beyond the paper: no L_IFD on steps where student L_task < teacher L_task
+    distill: str = "feature"  # what a link distills: "feature" (Eq. 1, through T) or "logit" (LM: KL)
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
+    parallel: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp2" (fully_shard per block)
 
     def __post_init__(self) -> None:
         # An unknown member fails here, naming the nearest one; its paradigm reads the data config.
-        data_config = get_member(self.member, self.family).paradigm.data_config
+        paradigm = get_member(self.member, self.family).paradigm
+        data_config = paradigm.data_config
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", from_dict(data_config, self.data, where="train.data"))
         if not isinstance(self.data, data_config):
@@ -118,6 +122,8 @@ class TrainConfig:
                 f"train.data must be a {data_config.__module__}.{data_config.__name__} (or its fields as a "
                 f"mapping) for member {self.member}, got {type(self.data).__name__}"
             )
+        object.__setattr__(self, "data", paradigm.bind_data(self.data, self.out_dir))
+        gate_ok = not self.distill_gate or type(paradigm).teacher_task_loss is not Paradigm.teacher_task_loss
         alpha_ok = self.alpha == "auto" or (
             not isinstance(self.alpha, str) and math.isfinite(self.alpha) and self.alpha >= 0
         )
@@ -148,6 +154,13 @@ class TrainConfig:
             ("eval_every_steps", self.eval_every_steps >= 0, "must be >= 0"),
             ("alpha", alpha_ok, "must be a finite number >= 0 or 'auto'"),
             ("alpha_ratio", self.alpha_ratio > 0, "must be > 0"),
+            (
+                "distill",
+                self.distill in paradigm.distill_targets,
+                f"must be one of {', '.join(paradigm.distill_targets)} for a {paradigm.name} member",
+            ),
+            ("distill_gate", gate_ok, f"is not available for the {paradigm.name} paradigm; set it to false"),
+            ("parallel", self.parallel in PARALLEL, f"must be one of {', '.join(PARALLEL)}"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -463,12 +476,18 @@ def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 def _build_link(cfg: TrainConfig, member: Member, student: nn.Module, grow_now: bool, device: torch.device):
     """Teacher, projection T and cost of a chain link; grows the student from the teacher at step 0."""
     teacher, payload, t_member = load_teacher(cfg.teacher, member)
+    paradigm = member.paradigm
+    paradigm.check_teacher(payload, cfg.data, str(cfg.teacher))  # e.g. the same tokenizer
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
         report = grow(payload, student, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
         _LOG.info("grew %s from %s: %s", member.name, t_member.name, report.format())
-    paradigm = member.paradigm
-    projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
-    distiller = Distiller(teacher.to(device), paradigm, cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate)
+    if cfg.distill == "feature":  # T maps the student's features to the teacher's width (Eq. 1)
+        projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    else:  # a logit target compares one shared output space
+        projection = nn.Identity()
+    distiller = Distiller(
+        teacher.to(device), paradigm, cfg.alpha, cfg.alpha_ratio, gate=cfg.distill_gate, target=cfg.distill
+    )
     teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
     return distiller, projection, {"checkpoint": str(cfg.teacher), "member": t_member.name}, teacher_macs
 
@@ -516,7 +535,7 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
         _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
-    run.forward = _wrap(paradigm.student(model, projection), cfg, info)
+    run.forward = _wrap(paradigm.student(model, projection, cfg.distill), cfg, info)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
                      start_wall_s=state.wall_s)  # fmt: skip
