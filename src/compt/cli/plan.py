@@ -3,6 +3,7 @@
     compt plan --family vit --members ViT-T/16,ViT-S/16,ViT-B/16,ViT-L/16 \\
         --samples 2753427 --baseline-epochs 128 --epochs 128,24,18,15 --captions 4
     compt plan --family tiny --json
+    compt plan --family llama --samples 4882812 --baseline-epochs 1 --seq-len 2048   # 10B tokens
 
 Models are built on the meta device, so planning ViT-L takes seconds and no memory.
 """
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--samples",
         type=int,
         default=CC3M_SAMPLES,
-        help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)",
+        help=f"samples per epoch: images (CLIP) or windows of --seq-len tokens (LM) "
+        f"(default {CC3M_SAMPLES:,}, CC3M as in the paper)",
     )
     p.add_argument(
         "--baseline-epochs",
@@ -47,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--epochs", help="comma-separated chain epochs, one per member; default: allocated per §3.1.2"
     )
-    p.add_argument("--captions", type=int, default=4, help="captions per image, M (default 4, Table G)")
+    p.add_argument("--captions", type=int, help="CLIP: captions per image, M (default 4, Table G)")
+    p.add_argument("--seq-len", type=int, help="LM: tokens per sample (default: the member's context length)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -95,6 +98,26 @@ def _epochs(text: str | None) -> list[int] | None:
         ) from None
 
 
+# flag -> the keyword of Paradigm.sample_cost it sets
+_SAMPLE_FLAGS = {"captions": "num_captions", "seq_len": "seq_len"}
+
+
+def _sample(args: argparse.Namespace, members: list[Member]) -> dict[str, int]:
+    """The per-sample keywords of the flags given; a flag of another paradigm is an error."""
+    paradigm = members[0].paradigm
+    sample = {}
+    for flag, key in _SAMPLE_FLAGS.items():
+        if getattr(args, flag) is None:
+            continue
+        if key not in paradigm.sample_fields:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} does not apply to {paradigm.name} members ({members[0].name}); "
+                f"their samples take: {', '.join(paradigm.sample_fields) or 'nothing'}"
+            )
+        sample[key] = getattr(args, flag)
+    return sample
+
+
 def run(args: argparse.Namespace) -> int:
     members = _members(args)
     plan = plan_chain(
@@ -102,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
         baseline_epochs=args.baseline_epochs,
         epochs=_epochs(args.epochs),
-        sample={"num_captions": args.captions},
+        sample=_sample(args, members),
         batch_size=args.batch_size,
         target_ratio=args.target_ratio,
         end_fraction=args.end_fraction,

@@ -68,7 +68,14 @@ __all__ = [
 
 SUMMARY_NAME = "summary.json"
 # The Table 2 columns, in order, when present: ImageNet/VTAB+-style zero-shot top-1 and COCO-style R@1.
-MAIN_METRICS = {"mean_zeroshot_top1": "Zero-shot top-1", "mean_retrieval_r1": "Retrieval R@1"}
+# An LM's: validation loss (nats per token) and bits per byte, both lower-is-better.
+MAIN_METRICS = {
+    "mean_zeroshot_top1": "Zero-shot top-1",
+    "mean_retrieval_r1": "Retrieval R@1",
+    "val_loss": "Val. loss",
+    "val_bpb": "Val. bits/byte",
+}
+_NOT_PERCENT = ("val_loss", "val_bpb")
 LOSSLESS_POINTS = 0.5  # paper §4: lossless = less than 0.5 points below the baseline
 _MEMBER_KEYS = {
     "name": str,
@@ -246,15 +253,17 @@ def _table2(run: Run, baseline: Run | None, mains: list[str], scale: float, unit
         b = baseline.member(m["name"]) if baseline else None
         row = [m["name"], m["teacher"] or "—", f"{m['epochs']:.4g}"]
         for k in mains:
-            row.append(_num(m["metrics"].get(k)))
+            digits = 3 if k in _NOT_PERCENT else 2  # losses move in the third decimal
+            row.append(_num(m["metrics"].get(k), digits))
             if baseline:
                 gap = _gap(m, b, k)
-                row += [_num(b["metrics"].get(k) if b else None), "—" if gap is None else f"{gap:+.2f}"]
+                base = _num(b["metrics"].get(k) if b else None, digits)
+                row += [base, "—" if gap is None else f"{gap:+.{digits}f}"]
         for key in ("train_macs", "accumulated_train_macs", "wall_s", "accumulated_wall_s"):
             cell = _time(m[key], tu) if key.endswith("wall_s") else _macs(m[key], scale)
             row.append(cell + _ratio(b[key] if b else None, m[key]))
         if baseline and mains:
-            row.append("yes" if _lossless(m, b, mains) else "no")
+            row.append("yes" if _lossless(run, m, b, mains) else "no")
         out.append("| " + " | ".join(row) + " |")
     return out
 
@@ -264,9 +273,12 @@ def _gap(m: dict[str, Any], b: dict[str, Any] | None, key: str) -> float | None:
     return ours - base if ours is not None and base is not None else None
 
 
-def _lossless(m: dict[str, Any], b: dict[str, Any] | None, mains: list[str]) -> bool:
-    gaps = [_gap(m, b, k) for k in mains]
-    return b is not None and all(g is not None and g >= -LOSSLESS_POINTS for g in gaps)
+def _lossless(run: Run, m: dict[str, Any], b: dict[str, Any] | None, mains: list[str]) -> bool:
+    """Every main metric within the tolerance of the baseline, in its direction (summary.json says both)."""
+    tol = run.summary.get("lossless_tolerance", LOSSLESS_POINTS)
+    higher = run.summary.get("higher_is_better", {})
+    gaps = [(g if higher.get(k, True) else -g) if (g := _gap(m, b, k)) is not None else None for k in mains]
+    return b is not None and all(g is not None and g >= -tol for g in gaps)
 
 
 def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, unit: str, tu) -> list[str]:
@@ -297,7 +309,7 @@ def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, u
         line += f" Training only the largest member alone costs {_macs(largest['train_macs'], scale)}."
     out += ["", line]
     if mains:
-        ok = all(_lossless(m, baseline.member(m["name"]), mains) for m in run.members)
+        ok = all(_lossless(run, m, baseline.member(m["name"]), mains) for m in run.members)
         out.append(f"Lossless for every member: {'yes' if ok else 'no'}.")
     return out
 
@@ -339,8 +351,9 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
     title = f"{run.summary.get('family', '?')} family — {run.label}" + (" vs baseline" if baseline else "")
     if baseline:
         intro = (
-            f"Run: `{run.root}`; baseline: `{baseline.root}`. Metrics in %, Δ in points; ratios are "
-            f"baseline / {run.label} cost. Lossless: Δ ≥ −{LOSSLESS_POINTS} on every metric (paper §4)."
+            f"Run: `{run.root}`; baseline: `{baseline.root}`. Metrics in %, Δ in points (losses in their "
+            f"own units); ratios are baseline / {run.label} cost. Lossless: Δ at most "
+            f"{run.summary.get('lossless_tolerance', LOSSLESS_POINTS)} worse on every metric (paper §4: 0.5)."
         )
     else:
         intro = f"Run: `{run.root}`. Metrics in %. No baseline given: no gaps or ratios."
@@ -370,7 +383,7 @@ def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path
         for r, color in zip(runs, (7, 8), strict=False):
             ends = [pts[-1] for m in r.members if (pts := member_curve(r, m, metric))]
             curves.append(Curve(f"{r.label} (family)", ends, color, r is baseline))
-        label = f"{MAIN_METRICS.get(metric, metric)} (%)"
+        label = MAIN_METRICS.get(metric, metric) + ("" if metric in _NOT_PERCENT else " (%)")
         plot_curves(
             curves,
             out / "metric_vs_macs.png",
