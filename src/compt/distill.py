@@ -120,8 +120,8 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class AutoAlpha:
     """alpha_t = r * L_task / D, so that L_IFD / L_task = alpha * D / L_task equals r at every step.
 
-    D is the unweighted distance ``(MSE_image + MSE_text) / 2``, averaged over ranks so that every
-    rank uses the same alpha; both are detached (alpha is a weight, not a path for gradients). With
+    D is the unweighted distance ``(MSE_image + MSE_text) / 2``; D and L_task are averaged over ranks
+    so that every rank uses the same alpha (an LM's L_task is each rank's own); both are detached (alpha is a weight, not a path for gradients). With
     ``decay > 0``, exponential moving averages of L_task and D replace the step's values (smoother
     alpha, but the ratio then lags behind a fast-shrinking D). alpha stays a tensor (no host sync per
     step) and is capped so that a student almost equal to its teacher (D ~ 0) cannot get an absurd weight.
@@ -142,8 +142,8 @@ class AutoAlpha:
 
     def __call__(self, task_loss: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         """Update the averages with this step's values and return the alpha to use for this step."""
-        task = task_loss.detach().float()
-        d = dist.all_reduce_mean(distance.detach().float())
+        pair = torch.stack([task_loss.detach().float(), distance.detach().float()])
+        task, d = dist.all_reduce_mean(pair)  # one collective for both
         if self.task_ema is None:
             self.task_ema, self.distance_ema = torch.zeros_like(task), torch.zeros_like(d)
         self.task_ema = self.task_ema.to(task.device) * self.decay + task * (1 - self.decay)

@@ -14,6 +14,8 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 
 Resuming checks that the folder holds the same run (:func:`check_same_run`). The functions here
 take the trainer's run object (``compt.engine.train._Run``); this module never imports the trainer.
+Under FSDP2 (``run.sharded``) the model, projection and optimizer states are gathered to full tensors
+on rank 0 and written in the same layout (:mod:`compt.engine.fsdp` says why).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from compt.config import to_dict
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from compt.engine.loader import pin_batches
 
@@ -38,6 +40,7 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "check_same_run",
+    "gather_states",
     "model_payload",
     "save_run",
     "restore_run",
@@ -179,11 +182,19 @@ class DataStream:
         return batches
 
 
-def model_payload(run: Any) -> dict[str, Any]:
-    """The part of a checkpoint that final.pt shares: model, config and cost counters."""
+def gather_states(run: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model", "projection"}`` state dicts: the live ones, or under FSDP2 full ones on rank 0
+    (a collective: every rank calls it)."""
+    if run.sharded:
+        return fsdp.full_states(run.forward)
+    return {"model": run.model.state_dict(), "projection": run.projection.state_dict()}
+
+
+def model_payload(run: Any, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """The part of a checkpoint that final.pt shares: model (from :func:`gather_states`), config, costs."""
     st = run.state
     return {
-        "model": run.model.state_dict(),
+        "model": states["model"],
         "model_cfg": run.member.model_config(),
         "member": run.member.name,
         "paradigm": run.member.paradigm_name,
@@ -204,9 +215,13 @@ def save_run(run: Any, path: Path) -> Path:
     """A resumable checkpoint at a step boundary (a collective: every rank sends its RNG state)."""
     run.tick()
     rng = dist.all_gather_object(capture_rng(run.info.device))
+    states = gather_states(run)
+    optimizer = (
+        fsdp.full_optimizer_state(run.forward, run.optimizer) if run.sharded else run.optimizer.state_dict()
+    )
     if run.info.is_main:
-        payload = model_payload(run) | {
-            "optimizer": run.optimizer.state_dict(),
+        payload = model_payload(run, states) | {
+            "optimizer": optimizer,
             "scheduler": run.schedule.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "rng": rng,
@@ -214,7 +229,7 @@ def save_run(run: Any, path: Path) -> Path:
             "step_in_epoch": run.state.step_in_epoch,
             "state": run.state.state_dict(),
             "distill": {
-                "projection": run.projection.state_dict(),
+                "projection": states["projection"],
                 **(run.distiller.state_dict() if run.distiller is not None else {}),
             },
             "world_size": run.info.world_size,
@@ -229,9 +244,15 @@ def restore_run(run: Any, path: Path) -> None:
     """Load everything a checkpoint holds, so the run continues as if never interrupted."""
     payload = load_checkpoint(path)
     check_same_run(to_dict(run.cfg), payload.get("config", {}), path)
-    run.model.load_state_dict(payload["model"])
-    run.projection.load_state_dict(payload["distill"]["projection"])
-    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.sharded:  # every rank read the full file: each takes its shards
+        fsdp.load_states(
+            run.forward, {"model": payload["model"], "projection": payload["distill"]["projection"]}
+        )
+        fsdp.load_optimizer_state(run.forward, run.optimizer, payload["optimizer"])
+    else:
+        run.model.load_state_dict(payload["model"])
+        run.projection.load_state_dict(payload["distill"]["projection"])
+        run.optimizer.load_state_dict(payload["optimizer"])
     if run.scaler is not None and payload.get("scaler"):
         run.scaler.load_state_dict(payload["scaler"])
     if run.distiller is not None:

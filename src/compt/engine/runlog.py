@@ -173,8 +173,9 @@ def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], boo
     run.tick()
     metrics: dict[str, float] = {}
     stop = False
+    model = run.eval_model()  # under FSDP2 a collective: a plain copy of the gathered weights on rank 0
     if run.info.is_main:
-        model, was_training = run.model, run.model.training
+        was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
@@ -201,12 +202,14 @@ def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], boo
 def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
     """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
     local = [k for k in stats if k == "loss_ifd" or k.startswith(("mse_", "kl_"))]  # per-rank means
+    if not run.paradigm.task_loss_is_global:  # e.g. an LM's cross-entropy: each rank's own batch
+        local += [k for k in ("loss_task", "loss_teacher") if k in stats]
     if local and run.info.world_size > 1:
         stats = {
             **stats,
             **dict(zip(local, dist.all_reduce_mean(torch.stack([stats[k] for k in local])), strict=True)),
         }
-        stats["loss"] = stats["loss_task"] + stats["loss_ifd"]
+        stats["loss"] = stats["loss_task"] + stats.get("loss_ifd", 0.0)
     values = {k: float(v) for k, v in stats.items()}  # the one host sync of a log step
     run.tick()
     st = run.state

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from compt.config import from_dict, to_dict
 from compt.cost import member_cost
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, Distiller, load_teacher, make_projection
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import (
     check_writable,
     latest_checkpoint,
@@ -49,7 +49,7 @@ from compt.engine.checkpoint import (
     verify_checkpoint,
 )
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer
-from compt.engine.resume import DataStream, model_payload, restore_run, save_run, seed_all
+from compt.engine.resume import DataStream, gather_states, model_payload, restore_run, save_run, seed_all
 from compt.engine.runlog import NonFiniteLossError, RunLog, check_finite, evaluate_now, log_step
 from compt.families import Member, get_member
 from compt.grow import grow
@@ -161,6 +161,7 @@ class TrainConfig:
             ),
             ("distill_gate", gate_ok, f"is not available for the {paradigm.name} paradigm; set it to false"),
             ("parallel", self.parallel in PARALLEL, f"must be one of {', '.join(PARALLEL)}"),
+            ("compile", not (self.compile and self.parallel == "fsdp2"), "is not supported with fsdp2 yet"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -239,6 +240,7 @@ class _Run:
     stop_requested: bool = False
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
+    sharded: bool = False  # FSDP2 (compt.engine.fsdp): `forward` holds the shards of model and T
 
     @property
     def out_dir(self) -> Path:
@@ -253,6 +255,12 @@ class _Run:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def eval_model(self) -> nn.Module | None:
+        """The plain student to evaluate on rank 0 (under FSDP2 a gathered copy; a collective)."""
+        if not self.sharded:
+            return self.model
+        return fsdp.plain_copy(self.forward, self.member.create, self.info.device)
 
     def tick(self) -> None:
         """Advance the training wall clock to now."""
@@ -275,8 +283,8 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
     stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = tuple(x.to(device, non_blocking=True) for x in batch)
-        # DDP all-reduces gradients only on the last micro-batch of the step.
-        sync = run.forward.no_sync() if world > 1 and i < n - 1 else nullcontext()
+        # DDP all-reduces (FSDP2 reduce-scatters) gradients only on the last micro-batch of the step.
+        sync = _no_sync(run) if world > 1 and i < n - 1 else nullcontext()
         with sync:
             with run.autocast():
                 out = run.forward(*batch)
@@ -302,11 +310,14 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
                 objective.backward()
         for key, value in parts.items():
             stats[key] = stats.get(key, 0.0) + value.detach() / n
+    if run.sharded:
+        fsdp.reduce_replicated_grads(run.forward)  # parameters fully_shard cannot take (CLIP's logit_scale)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     if run.cfg.grad_clip > 0:
         params = [p for group in run.optimizer.param_groups for p in group["params"]]
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip).detach()
+        clip = fsdp.clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_
+        stats["grad_norm"] = clip(params, run.cfg.grad_clip).detach()
     if run.scaler is not None:
         run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed
         run.scaler.update()
@@ -320,6 +331,20 @@ def _train_step(run: _Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dic
     bad = ~torch.isfinite(stats["loss"])
     run.first_bad_step = torch.where(bad & (run.first_bad_step < 0), run.state.step, run.first_bad_step)
     return stats
+
+
+@contextmanager
+def _no_sync(run: _Run):
+    """No gradient communication for this micro-batch (gradient accumulation), under DDP or FSDP2."""
+    if not run.sharded:
+        with run.forward.no_sync():
+            yield
+        return
+    run.forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        run.forward.set_requires_gradient_sync(True)
 
 
 def _advance(run: _Run) -> None:
@@ -512,12 +537,21 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     resume_from = latest_checkpoint(cfg.out_dir)
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
     model = member.create()
+    sharded = cfg.parallel == "fsdp2" and info.world_size > 1
     distiller, projection, teacher_info, teacher_macs = None, nn.Identity(), None, 0
-    if cfg.teacher is not None:
-        link = _build_link(cfg, member, model, grow_now=resume_from is None, device=device)
+    if cfg.teacher is not None:  # FSDP2: the one full copy grows on rank 0, the shards load it below
+        grow_now = resume_from is None and (info.is_main or not sharded)
+        link = _build_link(cfg, member, model, grow_now=grow_now, device=device)
         distiller, projection, teacher_info, teacher_macs = link
     model.to(device).train()
     projection.to(device)
+    student = paradigm.student(model, projection, cfg.distill)
+    if sharded:  # before the optimizer sees the parameters: sharding replaces them with DTensors
+        parts = (("model", model), ("projection", projection)) if info.is_main else ()
+        full = {p: {k: v.detach().clone() for k, v in m.state_dict().items()} for p, m in parts}
+        fsdp.shard(student, paradigm.shard_units(model), device, amp_dtype)
+        if resume_from is None:  # rank 0's (grown) student on every rank; a resume loads the checkpoint
+            fsdp.broadcast_from_rank0(student, full)
     eps = cfg.eps or paradigm.default_eps(member)
     params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
     optimizer = build_optimizer([model, projection], **params)
@@ -526,7 +560,7 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     macs_per_step = cfg.global_batch_size * (cost.train_macs + teacher_macs) + cost.update_macs
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     run = _Run(cfg=cfg, info=info, member=member, paradigm=paradigm, model=model, projection=projection,
-               forward=None,
+               forward=student, sharded=sharded,
                distiller=distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
                amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
                macs_per_step=macs_per_step, teacher_info=teacher_info)  # fmt: skip
@@ -535,12 +569,13 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
         _LOG.info("resumed %s at step %d (epoch %d)", resume_from, state.step, state.epoch)
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
-    run.forward = _wrap(paradigm.student(model, projection, cfg.distill), cfg, info)
+    run.forward = _wrap(student, cfg, info, sharded)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, total_steps=total_steps, start_step=state.step,
                      start_wall_s=state.wall_s)  # fmt: skip
     start = {"kind": "start", "step": state.step, "member": member.name, "teacher": teacher_info}
     start |= {"world_size": info.world_size, "device": str(device), "precision": str(amp_dtype or "fp32")}
+    start |= {"parallel": cfg.parallel if info.world_size > 1 else None}
     start |= {"total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch}
     start |= {"warmup_steps": schedule.warmup_steps, "macs_per_step": macs_per_step}
     run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
@@ -548,11 +583,12 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo) -> _Run:
     return run
 
 
-def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo) -> nn.Module:
-    """torch.compile and DDP around the student's forward (the teacher is never wrapped)."""
+def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo, sharded: bool) -> nn.Module:
+    """torch.compile and DDP around the student's forward (the teacher is never wrapped); an FSDP2
+    student is already sharded."""
     if cfg.compile:
         forward = torch.compile(forward)
-    if info.world_size > 1:
+    if info.world_size > 1 and not sharded:
         cuda = info.device.type == "cuda"
         forward = DistributedDataParallel(forward, device_ids=[info.device.index] if cuda else None,
                                           broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
@@ -567,7 +603,8 @@ def _finish(run: _Run, metrics: dict[str, float]) -> TrainResult:
     check_finite(run)
     run.tick()
     final = run.out_dir / "final.pt"
-    st, payload = run.state, model_payload(run) | {"metrics": metrics, "planned_steps": run.total_steps}
+    st, payload = run.state, model_payload(run, gather_states(run))
+    payload |= {"metrics": metrics, "planned_steps": run.total_steps}
     if run.info.is_main:
         save_checkpoint(final, payload)
         record = {"kind": "final", "step": st.step, "samples_seen": st.samples_seen}
