@@ -77,23 +77,25 @@ def clip(tmp_path_factory):
     return root, ["--member", "debug-L", "--teacher", str(root / "teacher" / "final.pt"), *common]
 
 
-def _link(out: Path, base: list[str], *extra: str) -> list[str]:
+def _link(out: Path, base: list[str], *extra: str, parallel: str = "fsdp2") -> list[str]:
     run = ["--alpha", "auto", "--accum-steps", "2", "--log-every", "1", "--seed", "3"]
-    return ["train", *base, *run, "--parallel", "fsdp2", "--out", str(out), *extra]
+    return ["train", *base, *run, "--parallel", parallel, "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("paradigm", ["lm", "clip"])
-def test_fsdp2_on_two_gloo_ranks_matches_one_process(paradigm, request):
+# An LM under DDP too: its per-rank task loss (not CLIP's global one) goes through the same step.
+@pytest.mark.parametrize(("paradigm", "parallel"), [("lm", "fsdp2"), ("clip", "fsdp2"), ("lm", "ddp")])
+def test_two_gloo_ranks_match_one_process(paradigm, parallel, request):
     root, base = request.getfixturevalue(paradigm)
+    root = root / parallel
     # CLIP without clipping: under DDP and FSDP2 alike, logit_scale's gradient is world-size times the
     # one-process one (every rank's gathered loss reaches all its logits, then the engine scales the
     # loss by the world size). AdamW's update does not see that scale, the global norm does.
     args = ["--steps", "4", "--save-every", "0"] + (["--grad-clip", "1.0"] if paradigm == "lm" else [])
-    assert cli_main(_link(root / "one", base, *args)) == 0  # 1 process: fsdp2 only applies to several
-    _torchrun(_link(root / "two", base, *args), cwd=root)
+    assert cli_main(_link(root / "one", base, *args, parallel=parallel)) == 0  # 1 process: plain
+    _torchrun(_link(root / "two", base, *args, parallel=parallel), cwd=root)
 
     one, two = (read_metrics(root / run / "metrics.jsonl", "train") for run in ("one", "two"))
-    assert read_metrics(root / "two" / "metrics.jsonl", "start")[0]["parallel"] == "fsdp2"
+    assert read_metrics(root / "two" / "metrics.jsonl", "start")[0]["parallel"] == parallel
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     keys = ("loss_task", "loss_ifd", "alpha") + (("grad_norm",) if paradigm == "lm" else ())
     for a, b in zip(one, two, strict=True):
