@@ -169,3 +169,24 @@ def test_first_member_is_not_reused_across_different_configs(tmp_path):
     a = load_checkpoint(Path(spec.out_dir) / "individual" / "debug-S" / "final.pt")
     b = load_checkpoint(Path(spec.out_dir) / "chain" / "debug-S" / "final.pt")
     assert b["config"]["lr"] == 2.0e-3 and a["config"]["lr"] == 1.0e-3
+
+
+def test_until_lossless_stops_in_the_metrics_direction(tmp_path):
+    # val_loss goes down: within 0.1 nats of the twin's 5.0 means <= 5.1 (a higher-is-better rule
+    # would stop at once at 5.2, and never at 3.0 once the twin's score is subtracted the other way).
+    from compt.chain import EvalSpec, UntilLossless, _lossless_stop
+
+    spec = ChainSpec(
+        family="llama-cpu",
+        out_dir=str(tmp_path),
+        members=("llama-cpu-S", "llama-cpu-M"),
+        eval=EvalSpec(metric="val_loss"),
+        until_lossless=UntilLossless(enabled=True, tolerance=0.1),
+    )
+    (tmp_path / "individual").mkdir()
+    twin = {"members": [{"name": "llama-cpu-M", "metrics": {"val_loss": 5.0}}]}
+    (tmp_path / "individual" / "summary.json").write_text(json.dumps(twin))
+    stop = _lossless_stop(spec, spec.resolved_members()[1])
+    assert stop({"val_loss": 5.05}) and stop({"val_loss": 3.0})
+    assert not stop({"val_loss": 5.2}) and not stop({})
+    assert spec.data.cache_dir == str(tmp_path / "data")  # the chain's members share one tokenizer
