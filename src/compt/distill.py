@@ -121,9 +121,10 @@ class AutoAlpha:
     """alpha_t = r * L_task / D, so that L_IFD / L_task = alpha * D / L_task equals r at every step.
 
     D is the unweighted distance ``(MSE_image + MSE_text) / 2``; D and L_task are averaged over ranks
-    so that every rank uses the same alpha (an LM's L_task is each rank's own); both are detached (alpha is a weight, not a path for gradients). With
-    ``decay > 0``, exponential moving averages of L_task and D replace the step's values (smoother
-    alpha, but the ratio then lags behind a fast-shrinking D). alpha stays a tensor (no host sync per
+    so that every rank uses the same alpha (an LM's L_task is each rank's own); both are detached
+    (alpha is a weight, not a path for gradients). With ``decay > 0``, exponential moving averages
+    of L_task and D replace the step's values (smoother alpha, but the ratio then lags behind a
+    fast-shrinking D). alpha stays a tensor (no host sync per
     step) and is capped so that a student almost equal to its teacher (D ~ 0) cannot get an absurd weight.
     """
 

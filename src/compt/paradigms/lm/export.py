@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -28,6 +29,20 @@ from compt.paradigms.lm.tokenizer import EOS, FILENAME, eos_id
 __all__ = ["export_lm", "is_export_dir", "load_export"]
 
 CONFIG_NAME = "config.json"  # save_pretrained's
+
+
+@contextmanager
+def _quiet():
+    """No transformers progress bars (one per file saved or loaded) in a chain's log."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def export_lm(model: nn.Module, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
@@ -59,7 +74,8 @@ def export_lm(model: nn.Module, tokenizer: Tokenizer | None, out_dir: str | Path
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
         fast.model_max_length = model.config.max_position_embeddings
         fast.save_pretrained(tmp)
-    model.save_pretrained(tmp)
+    with _quiet():
+        model.save_pretrained(tmp)
     files = sorted(tmp.iterdir(), key=lambda f: f.name == CONFIG_NAME)  # config.json last
     for f in files:
         os.replace(f, out / f.name)
@@ -83,6 +99,7 @@ def load_export(path: str | Path) -> tuple[nn.Module, Tokenizer | None]:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(path)
     tok = Tokenizer.from_file(str(path / FILENAME)) if (path / FILENAME).is_file() else None
     return model, tok
