@@ -248,6 +248,16 @@ def test_cli_export_and_eval_of_a_checkpoint_and_its_export_agree(setup, teacher
     assert "is a language model: imagefolders does not apply" in capsys.readouterr().err
 
 
+def test_cli_grow_of_an_lm_teacher(setup, teacher, tmp_path, capsys):
+    out = tmp_path / "M.pt"
+    args = ["grow", "--teacher", str(teacher), "--student", "lmt-M", "--family", setup["family"]]
+    assert cli_main([*args, "--out", str(out), "--width", "net2net"]) == 0
+    assert "depth decoder: 1 -> 2 layers [0,0]" in capsys.readouterr().out
+    grown = load_checkpoint(out)
+    assert grown["paradigm"] == "lm" and grown["grow"]["width"] == "net2net"
+    torch.testing.assert_close(grown["model"]["lm_head.weight"], grown["model"]["model.embed_tokens.weight"])
+
+
 # --- a chain ---------------------------------------------------------------------------------------
 
 
