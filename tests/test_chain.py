@@ -190,3 +190,11 @@ def test_until_lossless_stops_in_the_metrics_direction(tmp_path):
     assert stop({"val_loss": 5.05}) and stop({"val_loss": 3.0})
     assert not stop({"val_loss": 5.2}) and not stop({})
     assert spec.data.cache_dir == str(tmp_path / "data")  # the chain's members share one tokenizer
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_load_and_validate(path, tmp_path):
+    spec = load_spec(path, [f"out_dir={tmp_path}"])  # every member's TrainConfig is built and checked
+    assert len(spec.resolved_members()) >= 2
