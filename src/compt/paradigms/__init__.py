@@ -108,7 +108,8 @@ class Paradigm(abc.ABC):
 
         The dict holds what :meth:`task_loss` reads and, under ``"distill"``, the student's features
         of distillation ``target`` (one of :attr:`distill_targets`), already mapped by the projection T
-        (so DDP synchronizes T's gradients too).
+        (so DDP synchronizes T's gradients too). The module keeps ``model`` and ``projection`` as its
+        ``.model`` and ``.projection`` (FSDP2 checkpoints read them by those names).
         """
 
     @abc.abstractmethod
