@@ -312,3 +312,32 @@ def test_a_rerun_with_another_config_is_refused_then_retrained_keeping_the_old_r
     on_disk = json.loads((root / "summary.json").read_text())
     # what trained, as numbers: `1e-2` was a YAML 1.1 string in summary.json before (issue 11's sweep)
     assert on_disk["config"]["train"]["lr"] == 1e-2 and on_disk["members"][1]["steps"] == 12
+
+
+def test_until_lossless_stops_in_the_metrics_direction(tmp_path):
+    # val_loss goes down: within 0.1 nats of the twin's 5.0 means <= 5.1 (a higher-is-better rule
+    # would stop at once at 5.2, and never at 3.0 once the twin's score is subtracted the other way).
+    from compt.chain import EvalSpec, UntilLossless, _lossless_stop
+
+    spec = ChainSpec(
+        family="llama-cpu",
+        out_dir=str(tmp_path),
+        members=("llama-cpu-S", "llama-cpu-M"),
+        eval=EvalSpec(metric="val_loss"),
+        until_lossless=UntilLossless(enabled=True, tolerance=0.1),
+    )
+    (tmp_path / "individual").mkdir()
+    twin = {"members": [{"name": "llama-cpu-M", "metrics": {"val_loss": 5.0}}]}
+    (tmp_path / "individual" / "summary.json").write_text(json.dumps(twin))
+    stop = _lossless_stop(spec, spec.resolved_members()[1])
+    assert stop({"val_loss": 5.05}) and stop({"val_loss": 3.0})
+    assert not stop({"val_loss": 5.2}) and not stop({})
+    assert spec.data.cache_dir == str(tmp_path / "data")  # the chain's members share one tokenizer
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_load_and_validate(path, tmp_path):
+    spec = load_spec(path, [f"out_dir={tmp_path}"])  # every member's TrainConfig is built and checked
+    assert len(spec.resolved_members()) >= 2

@@ -182,6 +182,42 @@ def test_lossy_member_is_flagged(tmp_path):
     assert "Lossless for every member: no" in md
 
 
+def _lm_summary(root: Path, kind: str, losses: list[float], tolerance: float) -> Path:
+    """An LM run's summary.json: val_loss lower is better, its tolerance in nats (as chain.py writes)."""
+    root.mkdir(parents=True)
+    members = [
+        {
+            "name": f"llama-cpu-{tag}",
+            "teacher": None,
+            "epochs": 1.0,
+            "steps": 10,
+            "samples_seen": 160,
+            "train_macs": 1e12,
+            "accumulated_train_macs": 1e12 * (i + 1),
+            "wall_s": 10.0,
+            "accumulated_wall_s": 10.0 * (i + 1),
+            "metrics": {"val_loss": loss},
+        }
+        for i, (tag, loss) in enumerate(zip("SML", losses, strict=False))
+    ]
+    summary = {"kind": kind, "family": "llama-cpu", "metric": "val_loss", "members": members}
+    rule = {"higher_is_better": False, "tolerance": {"absolute": tolerance, "relative": 0.0}, "unit": "nats"}
+    summary |= {"paradigm": "lm", "metric_rules": {"val_loss": rule}}
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_lossless_follows_the_metrics_direction_and_the_runs_tolerance(tmp_path):
+    # A loss above the twin's is worse: 4.03 vs 4.00 is within 0.05, 4.10 is not, 3.50 is better.
+    base = load_run(_lm_summary(tmp_path / "b", "individual", [4.0, 4.0, 4.0], 0.05))
+    chain = load_run(_lm_summary(tmp_path / "c", "chain", [4.0, 4.03, 4.10], 0.05))
+    rows = _table_rows(render_markdown(chain, base))
+    assert [rows[f"llama-cpu-{t}"]["Lossless"] for t in "SML"] == ["yes", "yes", "no"]
+    assert rows["llama-cpu-M"]["Val. loss gap"] == "+0.030"
+    better = load_run(_lm_summary(tmp_path / "d", "chain", [4.0, 3.5, 3.9], 0.05))
+    assert "Lossless for every member: yes" in render_markdown(better, base)
+
+
 def test_write_report_makes_markdown_and_valid_pngs(runs, tmp_path):
     chain, base = runs
     out = tmp_path / "rep"

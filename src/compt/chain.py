@@ -137,11 +137,13 @@ class ChainSpec:
         paradigm = get_family(self.family).paradigm
         data = {} if self.data is None else self.data
         if isinstance(data, dict):
-            object.__setattr__(self, "data", from_dict(paradigm.data_config, data, where="data"))
+            data = from_dict(paradigm.data_config, data, where="data")
         elif not isinstance(data, paradigm.data_config):
             raise ValueError(
                 f"data must be a mapping of {paradigm.data_config.__name__} fields, got {data!r}"
             )
+        # Run-relative data defaults point at the chain's root, shared by every member (an LM's tokenizer).
+        object.__setattr__(self, "data", paradigm.bind_data(data, self.out_dir))
         for where, keys in (("eval.metric", (self.eval.metric,)), ("eval.periodic", self.eval.periodic)):
             for key in keys:  # a typo would make until_lossless wait forever
                 try:

@@ -4,13 +4,16 @@
         --batch-size 256 --out runs/tiny-S
     compt train --member tiny-M --data synthetic --set data.num_samples=10000 --epochs 1 \\
         --batch-size 256 --out runs/tiny-M --teacher runs/tiny-S/final.pt --alpha auto
+    compt train --member llama-cpu-S --data stdlib --steps 200 --batch-size 16 --lr 3e-3 --out runs/lm-S
     torchrun --standalone --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.tsv \\
         --epochs 128 --set data.workers=8
 
-``--data`` is a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
-(``'shards/{00000..00331}.tar'``). Every TrainConfig field can also come from ``--config run.yaml``
-or ``--set key=value`` (e.g. ``--set data.num_samples=20000 --set grad_clip=1.0``); flags win over
-the YAML file and ``--set`` wins over both. Rerunning the same command resumes the run.
+``--data`` is, for CLIP, a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
+(``'shards/{00000..00331}.tar'``); for an LM, ``stdlib`` (the embedded corpus), a folder of
+.txt/.jsonl files or a folder of ``train.bin``/``val.bin`` token files. Every TrainConfig field can
+also come from ``--config run.yaml`` or ``--set key=value`` (e.g. ``--set data.num_samples=20000
+--set grad_clip=1.0``); flags win over the YAML file and ``--set`` wins over both. Rerunning the
+same command resumes the run.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ _FLAGS = {
     "depth": "depth",
     "alpha": "alpha",
     "alpha_ratio": "alpha_ratio",
+    "distill": "distill",
+    "parallel": "parallel",
     "deterministic": "deterministic",
 }
 
@@ -66,7 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--member", help="member to train, e.g. ViT-B/16, tiny-S (compt plan lists families)")
     p.add_argument("--family", help="family name or YAML file holding --member (default: any registered)")
     p.add_argument(
-        "--data", help="synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar' | a registered kind"
+        "--data",
+        help="CLIP: synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar'; "
+        "LM: stdlib | TEXT_DIR | TOKENS_DIR",
     )
     p.add_argument("--epochs", type=float, help="passes over the data (fractions allowed; default 1)")
     p.add_argument("--steps", type=int, help="optimizer steps instead of --epochs")
@@ -88,7 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-every",
         type=_non_negative,
         metavar="N",
-        help="zero-shot eval on the embedded sets every N steps; 0 = only at the end; default: none",
+        help="evaluate (CLIP: zero-shot on the embedded sets; LM: validation loss) every N steps; "
+        "0 = only at the end; default: none",
     )
     p.add_argument(
         "--teacher",
@@ -105,6 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", help="growth strategy in depth (default duplicate, App. D.1)")
     p.add_argument("--alpha", help="IFD weight: a number (default 500, App. B.1) or 'auto'")
     p.add_argument("--alpha-ratio", type=float, help="target L_IFD/L_task for --alpha auto (default 0.1)")
+    p.add_argument("--distill", help="what a link distills: feature (default, Eq. 1) | logit (LM: KL)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp2"], help="several processes: ddp (default) | fsdp2")
     p.add_argument("--config", help="YAML file with TrainConfig fields (data: as a mapping)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (dotted)"

@@ -18,6 +18,8 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 (:func:`check_same_run`); a checkpoint written before a field existed is read with the value that
 its code implied (:data:`LEGACY_VALUES`). The functions here
 take the trainer's run object (``compt.engine.setup.Run``); this module never imports the trainer.
+Under FSDP2 (``run.sharded``) the model, projection and optimizer states are gathered to full tensors
+on rank 0 and written in the same layout (:mod:`compt.engine.fsdp` says why).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from compt.config import to_dict
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import (
     checkpoint_digest,
     latest_checkpoint,
@@ -57,6 +59,7 @@ __all__ = [
     "check_prior_run",
     "move_aside",
     "RunMismatchError",
+    "gather_states",
     "model_payload",
     "save_run",
     "restore_run",
@@ -79,6 +82,7 @@ SAME_RUN_FIELDS = (
     "depth",
     "alpha_ref_dim",  # the meaning of alpha (issue 13): an old run must not silently resume 16x lighter
     "optimizer_init",
+    "distill",
 )
 # TrainConfig fields added by issue 13, and the value a checkpoint written before them implies.
 LEGACY_VALUES = {
@@ -89,6 +93,7 @@ LEGACY_VALUES = {
     "optimizer_init": "fresh",
     "keep_moments": False,
     "lr_decay_fraction": 1.0,
+    "distill": "feature",  # issue 14: what a link distills (the only target before)
 }
 # Fields that may change between an interruption and its resume without a warning.
 _FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
@@ -278,7 +283,7 @@ class DataStream:
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"one epoch of data.kind={cfg.data.kind} has fewer than accum_steps={cfg.accum_steps} "
+                f"one epoch of the data has fewer than accum_steps={cfg.accum_steps} "
                 f"batches of {self.micro_batch}; use more data or a smaller train.global_batch_size"
             )
 
@@ -292,7 +297,7 @@ class DataStream:
             world_size=self.info.world_size,
             epoch=st.epoch,
             start_step=st.step_in_epoch * self.cfg.accum_steps,
-            pin_memory=pin_batches(self.info.device, self.cfg.data.workers),
+            pin_memory=pin_batches(self.info.device, getattr(self.cfg.data, "workers", 0)),
         )
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader
@@ -308,11 +313,19 @@ class DataStream:
         return batches
 
 
-def model_payload(run: Any) -> dict[str, Any]:
-    """The part of a checkpoint that final.pt shares: model, config and cost counters."""
+def gather_states(run: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model", "projection"}`` state dicts: the live ones, or under FSDP2 full ones on rank 0
+    (a collective: every rank calls it)."""
+    if run.sharded:
+        return fsdp.full_states(run.forward)
+    return {"model": run.model.state_dict(), "projection": run.projection.state_dict()}
+
+
+def model_payload(run: Any, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """The part of a checkpoint that final.pt shares: model (from :func:`gather_states`), config, costs."""
     st = run.state
     return {
-        "model": plain_state_dict(run.model),
+        "model": states["model"] if run.sharded else plain_state_dict(run.model),  # masks: plain names
         "model_cfg": run.member.model_config(),
         "member": run.member.name,
         "paradigm": run.member.paradigm_name,
@@ -325,6 +338,7 @@ def model_payload(run: Any) -> dict[str, Any]:
         "config": to_dict(run.cfg),
         "teacher": run.teacher_info,
         "macs_per_step": run.macs_per_step,
+        **run.paradigm.checkpoint_extras(run.cfg.data),  # e.g. an LM's tokenizer: the file stands alone
     }
 
 
@@ -332,9 +346,13 @@ def save_run(run: Any, path: Path) -> Path:
     """A resumable checkpoint at a step boundary (a collective: every rank sends its RNG state)."""
     run.tick()
     rng = dist.all_gather_object(capture_rng(run.info.device))
+    states = gather_states(run)
+    optimizer = (
+        fsdp.full_optimizer_state(run.forward, run.optimizer) if run.sharded else run.optimizer.state_dict()
+    )
     if run.info.is_main:
-        payload = model_payload(run) | {
-            "optimizer": run.optimizer.state_dict(),
+        payload = model_payload(run, states) | {
+            "optimizer": optimizer,
             "scheduler": run.schedule.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "rng": rng,
@@ -342,7 +360,7 @@ def save_run(run: Any, path: Path) -> Path:
             "step_in_epoch": run.state.step_in_epoch,
             "state": run.state.state_dict(),
             "distill": {
-                "projection": run.projection.state_dict(),
+                "projection": states["projection"],
                 **(run.distiller.state_dict() if run.distiller is not None else {}),
             },
             "world_size": run.info.world_size,
@@ -358,9 +376,15 @@ def restore_run(run: Any, path: Path) -> None:
     """Load everything a checkpoint holds, so the run continues as if never interrupted."""
     payload = load_checkpoint(path)
     check_same_run(to_dict(run.cfg), payload.get("config", {}), path)
-    run.model.load_state_dict(payload["model"])
-    run.projection.load_state_dict(payload["distill"]["projection"])
-    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.sharded:  # every rank read the full file: each takes its shards
+        fsdp.load_states(
+            run.forward, {"model": payload["model"], "projection": payload["distill"]["projection"]}
+        )
+        fsdp.load_optimizer_state(run.forward, run.optimizer, payload["optimizer"])
+    else:
+        run.model.load_state_dict(payload["model"])
+        run.projection.load_state_dict(payload["distill"]["projection"])
+        run.optimizer.load_state_dict(payload["optimizer"])
     if run.scaler is not None and payload.get("scaler"):
         run.scaler.load_state_dict(payload["scaler"])
     if run.distiller is not None:

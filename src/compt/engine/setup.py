@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from compt.config import to_dict
 from compt.cost import member_cost, run_steps
 from compt.distill import Distiller, load_teacher, make_projection
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import checkpoint_digest, latest_checkpoint
 from compt.engine.config import TrainConfig, precision_of
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, load_moments
@@ -86,6 +86,7 @@ class Run:
     stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
+    sharded: bool = False  # FSDP2 (compt.engine.fsdp): `forward` holds the shards of model and T
 
     @property
     def out_dir(self) -> Path:
@@ -100,6 +101,12 @@ class Run:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def eval_model(self) -> nn.Module:
+        """The plain student to evaluate on rank 0 (under FSDP2 a gathered copy; a collective)."""
+        if not self.sharded:
+            return self.model
+        return fsdp.plain_copy(self.forward, self.member.create, self.info.device)
 
     def tick(self) -> None:
         """Advance the training wall clock to now."""
@@ -146,6 +153,8 @@ def _build_link(
     """Teacher, projection T and cost of a chain link; at step 0 grows the student (and, if asked, its
     AdamW moments) from the teacher."""
     teacher, payload, t_member = load_teacher(cfg.teacher, member)
+    paradigm = member.paradigm
+    paradigm.check_teacher(payload, cfg.data, str(cfg.teacher))  # e.g. the same tokenizer
     digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
     masks = moments = None
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
@@ -156,8 +165,10 @@ def _build_link(
         masks = report.masks
         if masks is not None:
             masks.ramp_steps = max(1, round(cfg.mask_ramp_fraction * total_steps))
-    paradigm = member.paradigm
-    projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    if cfg.distill == "feature":  # T maps the student's features to the teacher's width (Eq. 1)
+        projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    else:  # a logit target compares one shared output space
+        projection = nn.Identity()
     distiller = Distiller(
         teacher.to(device),
         paradigm,
@@ -168,6 +179,7 @@ def _build_link(
         schedule=cfg.alpha_schedule,
         fraction=cfg.alpha_schedule_fraction,
         total_steps=total_steps,
+        target=cfg.distill,
     )
     teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
     info = {"checkpoint": str(cfg.teacher), "member": t_member.name, "sha256": digest}
@@ -195,12 +207,21 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     resume_from = latest_checkpoint(cfg.out_dir)
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
     model = member.create()
+    sharded = cfg.parallel == "fsdp2" and info.world_size > 1
     link = None
-    if cfg.teacher is not None:
-        link = _build_link(cfg, member, model, resume_from is None, device, total_steps)
+    if cfg.teacher is not None:  # FSDP2: the one full copy grows on rank 0, the shards load it below
+        grow_now = resume_from is None and (info.is_main or not sharded)
+        link = _build_link(cfg, member, model, grow_now, device, total_steps)
     projection = link.projection if link else nn.Identity()
     model.to(device).train()
     projection.to(device)
+    student = paradigm.student(model, projection, cfg.distill)
+    if sharded:  # before the optimizer sees the parameters: sharding replaces them with DTensors
+        parts = (("model", model), ("projection", projection)) if info.is_main else ()
+        full = {p: {k: v.detach().clone() for k, v in m.state_dict().items()} for p, m in parts}
+        fsdp.shard(student, paradigm.shard_units(model), device, amp_dtype)
+        if resume_from is None:  # rank 0's (grown) student on every rank; a resume loads the checkpoint
+            fsdp.broadcast_from_rank0(student, full)
     eps = cfg.eps or paradigm.default_eps(member)
     params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
     optimizer = build_optimizer([model, projection], **params)
@@ -213,7 +234,7 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     macs_per_step = cfg.global_batch_size * cost.train_macs + teacher_macs_per_step + cost.update_macs
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     run = Run(cfg=cfg, info=info, member=member, paradigm=paradigm, model=model, projection=projection,
-               forward=None,
+               forward=student, sharded=sharded,
                distiller=link and link.distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
                amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
                macs_per_step=macs_per_step, teacher_info=link and link.info,
@@ -224,7 +245,7 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
     if run.masks is not None:  # after the optimizer and the restore: both see the plain parameters
         run.masks.install(model)
-    run.forward = _wrap(paradigm.student(model, projection), cfg, info)
+    run.forward = _wrap(student, cfg, info, sharded)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
                      steps_per_epoch=data.steps_per_epoch, batch_size=cfg.global_batch_size,
@@ -240,6 +261,7 @@ def _announce(run: Run, resume_from: Path | None) -> None:
     precision = str(run.amp_dtype or "fp32")
     start = {"kind": "start", "step": st.step, "member": name, "teacher": run.teacher_info}
     start |= {"world_size": run.info.world_size, "device": str(run.info.device), "precision": precision}
+    start |= {"parallel": cfg.parallel if run.info.world_size > 1 else None}
     start |= {"total_steps": run.total_steps, "steps_per_epoch": run.data.steps_per_epoch}
     start |= {"warmup_steps": run.schedule.warmup_steps, "macs_per_step": run.macs_per_step}
     run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
@@ -254,11 +276,12 @@ def _announce(run: Run, resume_from: Path | None) -> None:
               run.info.device.type, run.info.world_size, teacher)  # fmt: skip
 
 
-def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo) -> nn.Module:
-    """torch.compile and DDP around the student's forward (the teacher is never wrapped)."""
+def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo, sharded: bool) -> nn.Module:
+    """torch.compile and DDP around the student's forward (the teacher is never wrapped); an FSDP2
+    student is already sharded."""
     if cfg.compile:
         forward = torch.compile(forward)
-    if info.world_size > 1:
+    if info.world_size > 1 and not sharded:
         cuda = info.device.type == "cuda"
         forward = DistributedDataParallel(forward, device_ids=[info.device.index] if cuda else None,
                                           broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip

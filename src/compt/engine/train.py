@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import check_writable, save_checkpoint
 from compt.engine.config import TrainConfig, check_runtime
 from compt.engine.interrupt import TrainingInterrupted, signal_name, stop_agreed, stop_on_signals
 from compt.engine.lock import hold
 from compt.engine.optim import moments_by_name
-from compt.engine.resume import check_prior_run, model_payload, save_run
+from compt.engine.resume import check_prior_run, gather_states, model_payload, save_run
 from compt.engine.runlog import NonFiniteLossError, check_finite, evaluate_now, log_step
 from compt.engine.setup import Run, TrainState, build_run
 
@@ -89,8 +89,8 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
     stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = tuple(x.to(device, non_blocking=True) for x in batch)
-        # DDP all-reduces gradients only on the last micro-batch of the step.
-        sync = run.forward.no_sync() if world > 1 and i < n - 1 else nullcontext()
+        # DDP all-reduces (FSDP2 reduce-scatters) gradients only on the last micro-batch of the step.
+        sync = _no_sync(run) if world > 1 and i < n - 1 else nullcontext()
         with sync:
             with run.autocast():
                 out = run.forward(*batch)
@@ -118,11 +118,14 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
                 objective.backward()
         for key, value in parts.items():
             stats[key] = stats.get(key, 0.0) + value.detach() / n
+    if run.sharded:
+        fsdp.reduce_replicated_grads(run.forward)  # parameters fully_shard cannot take (CLIP's logit_scale)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     if run.cfg.grad_clip > 0:
         params = [p for group in run.optimizer.param_groups for p in group["params"]]
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip).detach()
+        clip = fsdp.clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_
+        stats["grad_norm"] = clip(params, run.cfg.grad_clip).detach()
     if run.scaler is not None:
         run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed
         run.scaler.update()
@@ -136,6 +139,20 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
     bad = ~torch.isfinite(stats["loss"])
     run.first_bad_step = torch.where(bad & (run.first_bad_step < 0), run.state.step, run.first_bad_step)
     return stats
+
+
+@contextmanager
+def _no_sync(run: Run):
+    """No gradient communication for this micro-batch (gradient accumulation), under DDP or FSDP2."""
+    if not run.sharded:
+        with run.forward.no_sync():
+            yield
+        return
+    run.forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        run.forward.set_requires_gradient_sync(True)
 
 
 def advance(run: Run) -> None:
@@ -277,7 +294,8 @@ def _finish(run: Run, metrics: dict[str, float]) -> TrainResult:
         run.masks.remove(fold=True)
         run.masks = None
     final = run.out_dir / "final.pt"
-    st, payload = run.state, model_payload(run) | {"metrics": metrics, "planned_steps": run.total_steps}
+    st, payload = run.state, model_payload(run, gather_states(run))
+    payload |= {"metrics": metrics, "planned_steps": run.total_steps}
     if run.cfg.keep_moments:  # for a link that grows its optimizer state from this member's
         payload["moments"] = moments_by_name(run.optimizer, run.model)
     if run.info.is_main:

@@ -12,11 +12,16 @@ in one sub-package per paradigm behind one :class:`Paradigm` object:
 | ``member_class``, ``build``, ``validate_model_cfg`` | the members of its families | open_clip ``CLIP`` |
 | ``layout`` | which axis of which tensor is which width (growth) | q/k/v per head, two towers |
 | ``student``, ``task_loss``, ``after_step`` | one training step | multi-caption loss (Eq. 2-3) |
-| ``teacher_features``, ``feature_dim`` | what distillation compares (Eq. 1) | image + text embeddings |
+| ``teacher_features``, ``distance``, ``feature_dim`` | what distillation compares (Eq. 1) | embeddings |
 | ``data_config``, ``build_loader``, ``num_samples`` | the training data | embedded set, CSV/TSV, webdataset |
 | ``sample_cost``, ``cost_sample`` | training MACs of one sample (App. C.2) | 1 image + M captions |
-| ``evaluator``, ``check_eval``, ``export`` | evaluation, export | zero-shot, retrieval, open_clip folder |
+| ``evaluator``, ``check_eval``, ``evaluate_checkpoint`` | evaluation | zero-shot, retrieval |
 | ``higher_is_better``, ``lossless_tolerance``, ``metric_unit`` | comparing a metric | % up, nats down |
+| ``export``, ``is_export_dir`` | export | open_clip ``local-dir:`` folder |
+| ``shard_units`` | what FSDP2 shards as one unit (``train.parallel=fsdp2``) | the residual blocks |
+
+The built-in paradigms are ``clip`` (:mod:`compt.paradigms.clip`) and ``lm``
+(:mod:`compt.paradigms.lm`, Llama-style language models).
 
 A paradigm is registered by name; the built-in ones are imported on first use, so importing this
 module is cheap and never imports a paradigm's dependencies::
@@ -54,12 +59,13 @@ __all__ = [
     "load_builtins",
     "paradigm_of_model",
     "paradigm_of_export",
+    "paradigm_of_path",
     "DEFAULT_PARADIGM",
 ]
 
 # Checkpoints written before paradigms existed (compt <= 0.1) hold no "paradigm" entry: they are CLIP.
 DEFAULT_PARADIGM = "clip"
-_BUILTIN = {"clip": "compt.paradigms.clip"}
+_BUILTIN = {"clip": "compt.paradigms.clip", "lm": "compt.paradigms.lm"}
 _REGISTRY: dict[str, Paradigm] = {}
 
 Batch = tuple[torch.Tensor, ...]
@@ -77,6 +83,11 @@ class Paradigm(abc.ABC):
     # local features (CLIP's gathered contrastive loss): DDP averages gradients over ranks, so the
     # engine multiplies such a loss by the world size. False for a plain per-rank mean (e.g. an LM).
     task_loss_is_global: ClassVar[bool] = False
+    # What a chain link may distill (``train.distill``), the first being the default: "feature" is
+    # Eq. 1 on the paradigm's features through the projection T; "logit" a KL on the shared output space.
+    distill_targets: ClassVar[tuple[str, ...]] = ("feature",)
+    # The keywords of :meth:`sample_cost` (what ``compt plan`` may set per sample).
+    sample_fields: ClassVar[tuple[str, ...]] = ()
 
     # --- members ---------------------------------------------------------------------------------
 
@@ -95,11 +106,13 @@ class Paradigm(abc.ABC):
     # --- one training step -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def student(self, model: nn.Module, projection: nn.Module) -> nn.Module:
-        """The module the engine compiles and wraps in DDP: ``forward(*batch) -> dict``.
+    def student(self, model: nn.Module, projection: nn.Module, target: str = "feature") -> nn.Module:
+        """The module the engine compiles and wraps in DDP (or shards): ``forward(*batch) -> dict``.
 
         The dict holds what :meth:`task_loss` reads and, under ``"distill"``, the student's features
-        for Eq. 1, already mapped by the projection T (so DDP synchronizes T's gradients too).
+        of distillation ``target`` (one of :attr:`distill_targets`), already mapped by the projection T
+        (so DDP synchronizes T's gradients too). The module keeps ``model`` and ``projection`` as its
+        ``.model`` and ``.projection`` (FSDP2 checkpoints read them by those names).
         """
 
     @abc.abstractmethod
@@ -107,8 +120,16 @@ class Paradigm(abc.ABC):
         """The task loss of a micro-batch from the student's ``out`` (see ``task_loss_is_global``)."""
 
     @abc.abstractmethod
-    def teacher_features(self, teacher: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def teacher_features(
+        self, teacher: nn.Module, batch: Batch, target: str = "feature"
+    ) -> dict[str, torch.Tensor]:
         """The frozen teacher's features of ``batch``, keyed like the student's ``out["distill"]``."""
+
+    def distance(self, target: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Eq. 1's unweighted distance of one feature pair (default: MSE of L2-normalized features)."""
+        from compt.distill import feature_mse
+
+        return feature_mse(student, teacher)
 
     def teacher_task_loss(
         self, teacher: dict[str, torch.Tensor], out: dict[str, Any], local_batch_size: int
@@ -132,6 +153,24 @@ class Paradigm(abc.ABC):
         """AdamW's eps when the run does not set one."""
         return 1e-8
 
+    def checkpoint_extras(self, data_cfg: Any) -> dict[str, Any]:
+        """What a checkpoint carries besides the model so that it stands alone (e.g. a tokenizer)."""
+        return {}
+
+    def check_teacher(self, payload: Mapping[str, Any], data_cfg: Any, where: str) -> None:
+        """Raise ``ValueError`` when the teacher checkpoint ``payload`` cannot teach a run on ``data_cfg``:
+        by default, its :meth:`checkpoint_extras` must be this run's."""
+        for key, value in self.checkpoint_extras(data_cfg).items():
+            if payload.get(key) != value:
+                raise ValueError(
+                    f"teacher {where} was trained with another {key} than this run's; a chain link reads "
+                    f"its teacher's batches, so every member of a chain must share it"
+                )
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """The sub-modules FSDP2 shards one by one (its blocks); the rest goes in the root unit."""
+        raise ValueError(f"train.parallel=fsdp2 is not available for the {self.name} paradigm; use ddp")
+
     # --- data ----------------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -147,6 +186,10 @@ class Paradigm(abc.ABC):
         start_step: int,
     ):
         """The per-rank loader of one epoch from ``start_step`` (``len()`` = steps in a full epoch)."""
+
+    def bind_data(self, data_cfg: Any, out_dir: str) -> Any:
+        """``data_cfg`` with run-relative defaults filled in for a run writing to ``out_dir``."""
+        return data_cfg
 
     def data_flag(self, value: str) -> dict[str, Any]:
         """The data-config fields of ``compt train --data VALUE`` (a kind name, a file, ...)."""
@@ -225,8 +268,22 @@ class Paradigm(abc.ABC):
         )
 
     @abc.abstractmethod
-    def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:
-        """Write a checkpoint in its ecosystem's loadable layout; returns the folder."""
+    def evaluate_checkpoint(
+        self, path: str | Path, **options: Any
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """``(metrics, info)`` of a checkpoint file, run folder or export (``compt eval``); ``info`` names
+        the ``member`` and the ``source`` read. An option this paradigm does not take is a ``ValueError``."""
+
+    @abc.abstractmethod
+    def export(self, checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+        """Write a checkpoint in its ecosystem's loadable layout; returns the folder.
+
+        An ``out_dir`` holding another model's export is refused, naming it, unless ``force`` (issue 11).
+        """
+
+    def how_to_load(self, export_dir: str | Path) -> str:
+        """One line telling a user how to load an export without compt."""
+        return str(export_dir)
 
     @abc.abstractmethod
     def is_export_dir(self, path: str | Path) -> bool:
@@ -281,3 +338,27 @@ def paradigm_of_export(path: str | Path) -> Paradigm | None:
         if _REGISTRY[name].is_export_dir(path):
             return _REGISTRY[name]
     return None
+
+
+def paradigm_of_path(path: str | Path) -> Paradigm:
+    """The paradigm of a checkpoint file, a run folder (its final.pt, else newest step_*.pt) or an export.
+
+    Falls back to the default paradigm when the path says nothing (missing, unreadable, or written
+    before paradigms existed), so that its loader raises the error that names the problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = paradigm_of_export(path)
+        if found is not None:
+            return found
+        from compt.engine.checkpoint import latest_checkpoint
+
+        path = path / "final.pt" if (path / "final.pt").is_file() else latest_checkpoint(path) or path
+    if not path.is_file():
+        return get_paradigm(None)
+    try:  # mmap: only the small entries are read, not the weights
+        payload = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # a damaged file: the paradigm's loader says what is wrong with it
+        return get_paradigm(None)
+    name = payload.get("paradigm") if isinstance(payload, dict) else None
+    return get_paradigm(name if name in list_paradigms() else None)

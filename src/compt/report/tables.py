@@ -83,10 +83,12 @@ __all__ = ["render_markdown", "write_report", "report_warnings", "MAIN_METRICS"]
 
 # The Table 2 columns, in order, when present: ImageNet/VTAB+-style zero-shot top-1 and COCO-style R@1,
 # and the held-out validation loss (issue 12: the low-noise metric, lower is better).
+# An LM's: validation loss (nats per token) and bits per byte, both lower-is-better.
 MAIN_METRICS = {
     "mean_zeroshot_top1": "Zero-shot top-1",
     "mean_retrieval_r1": "Retrieval R@1",
     "val_loss": "Val. loss",
+    "val_bpb": "Val. bits/byte",
 }
 
 
@@ -100,7 +102,7 @@ def _macs_unit(values: list[float]) -> tuple[float, str]:
 
 
 def _macs(v: float, scale: float) -> str:
-    return f"{v / scale:#.3g}"
+    return f"{v / scale:#.3g}".rstrip(".")  # 3 significant digits, kept (1.50), no bare point (113)
 
 
 def _num(v: float | None, digits: int = 2) -> str:

@@ -41,6 +41,7 @@ class ClipParadigm(Paradigm):
     data_config = DataConfig
     layout = LAYOUT
     task_loss_is_global = True  # Eq. 2-3 over the gathered global batch (compt.paradigms.clip.loss)
+    sample_fields = ("num_captions",)
 
     def build(self, model_cfg: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
         from open_clip.model import CLIP
@@ -56,14 +57,14 @@ class ClipParadigm(Paradigm):
 
         return isinstance(model, CLIP)
 
-    def student(self, model: nn.Module, projection: nn.Module) -> nn.Module:
+    def student(self, model: nn.Module, projection: nn.Module, target: str = "feature") -> nn.Module:
         return task.StudentForward(model, projection)
 
     def task_loss(self, out: dict[str, Any], local_batch_size: int) -> torch.Tensor:
         return task.task_loss(out, local_batch_size)
 
     def teacher_features(
-        self, teacher: nn.Module, batch: tuple[torch.Tensor, ...]
+        self, teacher: nn.Module, batch: tuple[torch.Tensor, ...], target: str = "feature"
     ) -> dict[str, torch.Tensor]:
         return task.teacher_features(teacher, *batch)
 
@@ -86,6 +87,13 @@ class ClipParadigm(Paradigm):
                     f"{student.name} has {getattr(student, what)}; a link feeds both the same batch, so "
                     "they must match"
                 )
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        from open_clip.transformer import ResidualAttentionBlock
+        from timm.models.swin_transformer import SwinTransformerBlock
+
+        # The residual blocks of both towers (open_clip's ViT and text transformers, timm's Swin).
+        return [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, SwinTransformerBlock))]
 
     def default_eps(self, member: ClipMember) -> float:
         # The official code (OpenCLIP's defaults): 1e-6 for ViT towers, 1e-8 otherwise; Table C
@@ -215,10 +223,40 @@ class ClipParadigm(Paradigm):
     def metric_unit(self, metric: str) -> str:
         return "%" if self.higher_is_better(metric) else "nats"  # evaluate's module docstring
 
-    def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:
+    def evaluate_checkpoint(
+        self,
+        path: str | Path,
+        *,
+        imagefolders: tuple[str, ...] = (),
+        embedded: bool = True,
+        seed: int = 0,
+        num_images: int | None = None,
+        batch_size: int = 256,
+        device: str = "cpu",
+        **unknown: Any,
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        from compt.paradigms.clip.evaluate import evaluate_checkpoint
+
+        if unknown:
+            raise ValueError(f"{path} is a CLIP model: {', '.join(sorted(unknown))} does not apply to it")
+        metrics, info = evaluate_checkpoint(
+            path,
+            imagefolders=imagefolders,
+            embedded=embedded,
+            seed=seed,
+            num_images=num_images,
+            batch_size=batch_size,
+            device=device,
+        )
+        return metrics, info | {"setting": f"{info['image_size']} px, context {info['context_length']}"}
+
+    def export(self, checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
         from compt.paradigms.clip.export import export_member
 
-        return export_member(checkpoint, out_dir)
+        return export_member(checkpoint, out_dir, force=force)
+
+    def how_to_load(self, export_dir: str | Path) -> str:
+        return f"open_clip: 'local-dir:{export_dir}'"
 
     def is_export_dir(self, path: str | Path) -> bool:
         from compt.paradigms.clip.export import is_export_dir

@@ -155,6 +155,7 @@ class _Run:
     paradigm: _ClassificationTask = field(default_factory=_ClassificationTask)
     distiller: None = None  # no teacher: the engine's step adds no distillation
     masks: None = None  # no growth masks
+    sharded: bool = False  # a fine-tune is replicated (DDP), never FSDP2-sharded
     teacher_macs_per_step: int = 0
     zero_shot_top1: float | None = None  # the test top-1 of the head before the first step
     stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
@@ -168,6 +169,10 @@ class _Run:
     @property
     def local_batch_size(self) -> int:
         return self.cfg.global_batch_size // self.cfg.accum_steps
+
+    def eval_model(self) -> ImageClassifier:
+        """The model the engine's periodic evaluation reads: the replicated classifier itself."""
+        return self.model
 
     def autocast(self):
         if self.amp_dtype is None:
