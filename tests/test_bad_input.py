@@ -20,9 +20,11 @@ from PIL import Image
 
 from compt.chain import load_spec
 from compt.cli import main as cli_main
+from compt.cost import _member_params
 from compt.engine.checkpoint import CheckpointError, save_checkpoint
 from compt.engine.train import NonFiniteLossError, TrainConfig, train_member
 from compt.families import get_member
+from compt.paradigms.clip.cost import _sample_cost
 from compt.paradigms.clip.data import DataConfig, build_loader, tokenizer
 from compt.paradigms.clip.data.evalsets import ZeroShotTask, imagefolder_task
 
@@ -539,7 +541,11 @@ def test_grow_takes_a_run_folder_and_refuses_to_overwrite_its_teacher(tmp_path, 
 
 def test_ctrl_c_in_a_short_command_is_one_line_and_130(capsys):
     """Ctrl-C in `compt plan` (or grow, eval...) was a KeyboardInterrupt traceback (issue 11 item 10)."""
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # seconds: 5 ViTs at M = 7
+    # The plan counts 5 ViTs' MACs on meta tensors (~2.5 s); an earlier test in the same process may
+    # have cached them, and a plan from the cache ends before the Ctrl-C arrives.
+    _sample_cost.cache_clear()
+    _member_params.cache_clear()
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert cli_main(["plan", "--family", "vit", "--captions", "7"]) == 130
