@@ -18,7 +18,8 @@ import torch
 from compt.config import from_dict
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, DEFAULT_REF_DIM, list_alpha_schedules
 from compt.engine import dist
-from compt.families import get_member
+from compt.engine.progressive import Progression, ProgressiveConfig, growth_space
+from compt.families import Member, get_member
 from compt.grow import list_depth_strategies, list_width_strategies
 
 __all__ = ["TrainConfig", "PRECISIONS", "OPTIMIZER_INITS", "check_runtime", "precision_of"]
@@ -74,10 +75,13 @@ class TrainConfig:
     keep_moments: bool = False  # final.pt also holds the AdamW moments (a teacher of a grown-moments link)
     lr_decay_fraction: float = 1.0  # the cosine reaches min_lr after this fraction of the post-warmup run
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
+    # AutoProg-One (issue 15): grow the member while it trains, in depth and input resolution; None: off
+    progressive: ProgressiveConfig | None = None
 
     def __post_init__(self) -> None:
         # An unknown member fails here, naming the nearest one; its paradigm reads the data config.
-        data_config = get_member(self.member, self.family).paradigm.data_config
+        member = get_member(self.member, self.family)
+        data_config = member.paradigm.data_config
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", from_dict(data_config, self.data, where="train.data"))
         if not isinstance(self.data, data_config):
@@ -146,6 +150,30 @@ class TrainConfig:
         if not isinstance(self.alpha, str):
             object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if isinstance(self.progressive, dict):
+            progressive = from_dict(ProgressiveConfig, self.progressive, where="train.progressive")
+            object.__setattr__(self, "progressive", progressive)
+        if self.progressive is not None:
+            self._check_progressive(member)
+
+    def _check_progressive(self, member: Member) -> None:
+        """AutoProg-One on this member: refused by name now, not at step 0 (a chain loads every member)."""
+        if member.paradigm.progressive_ops() is None:
+            raise ValueError(
+                f"train.progressive: the {member.paradigm.name} paradigm of {member.name} has no progressive "
+                "training; remove train.progressive"
+            )
+        if self.width == "msg":
+            raise ValueError(
+                "train.progressive cannot grow a link with width=msg: MSG's growth masks parametrize one "
+                "model, and AutoProg replaces the model at every growth; use width=insert"
+            )
+        try:
+            growth_space(member, self.progressive.num_stages)  # a non-ViT member, by name
+            if self.steps is not None:  # else the data size decides; build_run checks it before step 0
+                Progression(self.progressive, member, self.steps)
+        except ValueError as e:
+            raise ValueError(f"train.progressive: {e}") from None
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -84,12 +84,15 @@ def _train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict
     # reaches only the rank's own features (compt.engine.dist.gather_with_local_grad); DDP *averages*
     # gradients over ranks, so it is scaled by the world size to make that average the true gradient.
     task_scale = world if run.paradigm.task_loss_is_global else 1
+    prog, step = run.progressive, run.state.step  # AutoProg-One's stages (None: full size throughout)
     stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = tuple(x.to(device, non_blocking=True) for x in batch)
+        if prog is not None:  # this stage's input resolution, for the student and a link's teacher alike
+            batch = prog.resize(batch, step)
         # DDP all-reduces gradients only on the last micro-batch of the step.
         sync = run.forward.no_sync() if world > 1 and i < n - 1 else nullcontext()
-        with sync:
+        with sync, prog.sub_net(run.model, step) if prog is not None else nullcontext():
             with run.autocast():
                 out = run.forward(*batch)
                 task = run.paradigm.task_loss(out, run.local_batch_size)
@@ -128,6 +131,8 @@ def _train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     stats.update(run.paradigm.after_step(run.model))  # e.g. CLIP's temperature clamp
+    if prog is not None:
+        prog.after_step(run)  # MoGrow's EMA follows the weights
     stats["loss"] = stats["loss_task"] + stats.get("loss_ifd", 0.0)
     stats["lr"] = torch.tensor(lr)
     # Remember the first step whose loss was not finite, without a host sync (read at log/save time).
@@ -140,9 +145,12 @@ def _advance(run: Run) -> None:
     """Count the step just taken: data position, samples and training MACs (App. C.2)."""
     st = run.state
     teacher_ran = run.distiller is not None and run.distiller.factor(st.step) > 0
+    if run.progressive is not None:  # the step's stage: its depth, resolution and sub-net (AutoProg-One)
+        st.train_macs += run.progressive.step_macs(st.step, teacher_ran)
+    else:
+        st.train_macs += run.macs_per_step - (0 if teacher_ran else run.teacher_macs_per_step)
     st.step += 1
     st.samples_seen += run.cfg.global_batch_size
-    st.train_macs += run.macs_per_step - (0 if teacher_ran else run.teacher_macs_per_step)
     st.step_in_epoch += 1
     if st.step_in_epoch >= run.data.steps_per_epoch:
         st.epoch, st.step_in_epoch = st.epoch + 1, 0
@@ -235,7 +243,10 @@ def _loop(run: Run, evaluate, should_stop) -> TrainResult:
             msg += "rerun the same command to resume"
             _LOG.warning(msg)
             raise TrainingInterrupted(msg, path, stop)
-        stats = _train_step(run, run.data.next())
+        micro_batches = run.data.next()
+        if run.progressive is not None:  # AutoProg-One: a growth, or a search's end, before this step
+            run.progressive.before_step(run)
+        stats = _train_step(run, micro_batches)
         _advance(run)
         run.log.heartbeat(st.step, st.wall_s + time.perf_counter() - run.clock)
 

@@ -16,6 +16,7 @@ in one sub-package per paradigm behind one :class:`Paradigm` object:
 | ``data_config``, ``build_loader``, ``num_samples`` | the training data | embedded set, CSV/TSV, webdataset |
 | ``sample_cost``, ``cost_sample`` | training MACs of one sample (App. C.2) | 1 image + M captions |
 | ``evaluator``, ``check_eval``, ``export`` | evaluation, export | zero-shot, retrieval, open_clip folder |
+| ``progressive_ops`` | AutoProg-One's stage models, growth, sub-nets | ViT depth and image resolution |
 
 A paradigm is registered by name; the built-in ones are imported on first use, so importing this
 module is cheap and never imports a paradigm's dependencies::
@@ -40,6 +41,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from compt.cost import MemberCost
+    from compt.engine.progressive_train import ProgressiveOps
     from compt.families import Member
     from compt.grow.layout import GrowLayout
 
@@ -128,6 +130,11 @@ class Paradigm(abc.ABC):
     def default_eps(self, member: Member) -> float:
         """AdamW's eps when the run does not set one."""
         return 1e-8
+
+    def progressive_ops(self) -> ProgressiveOps | None:
+        """AutoProg-One's model operations on this paradigm's members (``train.progressive``); ``None``:
+        the paradigm has no progressive training."""
+        return None
 
     # --- data ----------------------------------------------------------------------------------------
 

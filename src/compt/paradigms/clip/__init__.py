@@ -85,6 +85,11 @@ class ClipParadigm(Paradigm):
                     "they must match"
                 )
 
+    def progressive_ops(self):
+        from compt.paradigms.clip.progressive import ClipProgressive
+
+        return ClipProgressive()  # stateless: one per call is fine
+
     def default_eps(self, member: ClipMember) -> float:
         # The official code (OpenCLIP's defaults): 1e-6 for ViT towers, 1e-8 otherwise; Table C
         # prints 1e-8 for both, the code the paper's numbers come from uses 1e-6 for ViTs.
