@@ -22,7 +22,7 @@ from compt.engine.progressive import Progression, ProgressiveConfig, growth_spac
 from compt.families import Member, get_member
 from compt.grow import list_depth_strategies, list_width_strategies
 
-__all__ = ["TrainConfig", "PRECISIONS", "OPTIMIZER_INITS", "check_runtime", "precision_of"]
+__all__ = ["TrainConfig", "PRECISIONS", "OPTIMIZER_INITS", "check_runtime", "check_schedule", "precision_of"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZER_INITS = ("fresh", "grown")  # a link's AdamW state: new (paper), or grown from the teacher's
@@ -191,6 +191,26 @@ def check_runtime(cfg: TrainConfig) -> None:
     not after a member trained (issue 11); ``train_member`` finds the same errors at setup.
     """
     precision_of(cfg, dist.resolve_device(cfg.device, dist.launch_local_rank()))
+
+
+def check_schedule(cfg: TrainConfig, total_steps: int, batches_per_epoch: int) -> None:
+    """Raise ``ValueError`` when ``cfg``'s AutoProg schedule (``train.progressive``) does not fit a run of
+    ``total_steps`` steps whose epoch holds ``batches_per_epoch`` micro-batches (its search's scoring
+    batches come from an epoch of another seed). A run's setup and :func:`compt.chain.load_spec` call it,
+    the latter for every member before the first trains."""
+    prog = cfg.progressive
+    if prog is None:
+        return
+    if prog.schedule == "search" and prog.search_eval_batches > batches_per_epoch:
+        raise ValueError(
+            f"train.progressive.search_eval_batches={prog.search_eval_batches}: one epoch of "
+            f"data.kind={cfg.data.kind} holds only {batches_per_epoch} batches of "
+            f"{cfg.global_batch_size // cfg.accum_steps}; lower it or use more data"
+        )
+    try:
+        Progression(prog, get_member(cfg.member, cfg.family), total_steps)
+    except ValueError as e:  # too few steps for its stages and searches
+        raise ValueError(f"train.progressive: {e}") from None
 
 
 def precision_of(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:

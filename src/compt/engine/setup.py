@@ -25,7 +25,7 @@ from compt.cost import member_cost, run_steps
 from compt.distill import Distiller, load_teacher, make_projection
 from compt.engine import dist
 from compt.engine.checkpoint import checkpoint_digest, latest_checkpoint, load_checkpoint
-from compt.engine.config import TrainConfig, precision_of
+from compt.engine.config import TrainConfig, check_schedule, precision_of
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, load_moments
 from compt.engine.progressive_train import ProgressiveTraining
 from compt.engine.resume import DataStream, restore_run, seed_all
@@ -269,19 +269,10 @@ def _progressive(
     """AutoProg-One's stages for this run (``train.progressive``), checked against its steps and data."""
     if cfg.progressive is None:
         return None
-    scored = cfg.progressive.schedule == "search"
-    if scored and cfg.progressive.search_eval_batches > data.steps_per_epoch * cfg.accum_steps:
-        raise ValueError(
-            f"train.progressive.search_eval_batches={cfg.progressive.search_eval_batches}: one epoch of "
-            f"data.kind={cfg.data.kind} holds only {data.steps_per_epoch * cfg.accum_steps} batches of "
-            f"{data.micro_batch}; lower it or use more data"
-        )
-    try:
-        return ProgressiveTraining(cfg.progressive, member, total_steps, seed=cfg.seed, device=info.device,
-                                   batch_size=cfg.global_batch_size, micro_batch_size=data.micro_batch,
-                                   sample=member.paradigm.cost_sample(cfg.data), teacher=teacher)  # fmt: skip
-    except ValueError as e:  # too few steps for its stages and searches
-        raise ValueError(f"train.progressive: {e}") from None
+    check_schedule(cfg, total_steps, data.steps_per_epoch * cfg.accum_steps)
+    return ProgressiveTraining(cfg.progressive, member, total_steps, seed=cfg.seed, device=info.device,
+                               batch_size=cfg.global_batch_size, micro_batch_size=data.micro_batch,
+                               sample=member.paradigm.cost_sample(cfg.data), teacher=teacher)  # fmt: skip
 
 
 def _announce(run: Run, resume_from: Path | None) -> None:
