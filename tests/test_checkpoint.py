@@ -178,6 +178,13 @@ def test_not_a_checkpoint_and_missing_file_are_named(tmp_path):
         load_checkpoint(tmp_path / "text.pt")
 
 
+def test_a_checkpoint_of_another_kind_of_model_is_named_before_building_it(tmp_path):
+    # A language model's config read as CLIP (issue 16): the paradigm's own validation, not a TypeError.
+    save_checkpoint(tmp_path / "lm.pt", {"model": {}, "model_cfg": {"hidden_size": 8}, "paradigm": "clip"})
+    with pytest.raises(CheckpointError, match=r"lm\.pt does not hold a clip model: .*'hidden_size'"):
+        model_from_checkpoint(tmp_path / "lm.pt")
+
+
 # --- the trainer on damaged and failing checkpoints ---------------------------------------------
 
 

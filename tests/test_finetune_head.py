@@ -17,11 +17,10 @@ from compt.paradigms.clip.finetune.head import (
     build_classifier,
     classification_loss,
     load_clip,
-    resize_images,
-    resize_pos_embed,
     top1,
 )
 from compt.paradigms.clip.finetune.sid import StageEmbedding
+from compt.paradigms.clip.progressive import encode_image, resize_images
 
 CLASSES = ["circle", "square", "star"]
 TEMPLATES = ["a {}.", "a picture of a {}."]
@@ -67,13 +66,14 @@ def test_classification_loss_is_the_cross_entropy_of_the_logits(clip, member):
     assert logits.shape == (10, 3)
 
 
-def test_resize_pos_embed_keeps_the_class_token_and_is_the_identity_at_its_own_grid():
-    pos = torch.randn(1 + 4 * 4, 8)
-    assert resize_pos_embed(pos, 4) is pos
-    small = resize_pos_embed(pos, 2)
-    assert small.shape == (1 + 2 * 2, 8) and torch.equal(small[0], pos[0])
-    flat = torch.cat([pos[:1], torch.ones(16, 8) * 3.0])  # a constant grid stays constant
-    assert torch.allclose(resize_pos_embed(flat, 3)[1:], torch.full((9, 8), 3.0), atol=1e-5)
+def test_a_lower_resolution_runs_autoprog_ones_encoder_under_the_head(clip, member):
+    # One interpolation for AutoProg-One and -Zero (issue 16): the classifier's image tower at 8 px is
+    # compt.paradigms.clip.progressive.encode_image at 8 px, the head applied to it.
+    clf = build_classifier(clip, member.model_cfg, CLASSES, TEMPLATES)
+    small = resize_images(_images(size=16)[0], 8)
+    with torch.no_grad():
+        expected = clf.head(encode_image(clip, small, normalize=True))
+        assert torch.allclose(clf(small), expected, atol=1e-6)
 
 
 def test_a_lower_resolution_trains_the_full_size_position_embedding(clip, member):
@@ -158,7 +158,7 @@ def test_load_clip_reads_a_checkpoint_and_an_export_alike(tmp_path, clip, member
 )
 def test_a_checkpoint_that_is_not_a_clip_is_a_clear_error(tmp_path, model_cfg):
     path = save_checkpoint(tmp_path / "final.pt", {"model": {"w": torch.zeros(2)}, "model_cfg": model_cfg})
-    with pytest.raises(CheckpointError, match="does not hold an open_clip CLIP"):
+    with pytest.raises(CheckpointError, match="does not hold a clip model"):
         load_clip(path)
 
 

@@ -124,5 +124,5 @@ def test_a_checkpoint_that_is_not_a_clip_is_a_clear_error(tmp_path):
     path = save_checkpoint(
         tmp_path / "lm.pt", {"model": {}, "model_cfg": {"vocab_size": 8, "hidden_size": 4}}
     )
-    with pytest.raises(CheckpointError, match="does not hold an open_clip CLIP"):
+    with pytest.raises(CheckpointError, match="does not hold a clip model"):
         probe_checkpoint(path, tmp_path, tmp_path)

@@ -15,7 +15,8 @@ PACKAGE = Path(compt.__file__).parent
 HIGH = {"compt.engine.train", "compt.chain", "compt.cli"}
 # Who may import each high-level module (a module may always import what sits below it).
 ALLOWED = {
-    "compt.engine.train": {"compt.chain", "compt.cli"},
+    # The fine-tune's loop is a trainer too, built on this one's step (issue 16).
+    "compt.engine.train": {"compt.chain", "compt.cli", "compt.paradigms.clip.finetune.train"},
     "compt.chain": {"compt.cli"},
     "compt.cli": {"compt.__main__", "compt.cli"},
 }

@@ -17,7 +17,7 @@ import sys
 from compt.engine.checkpoint import CheckpointError
 
 # Order is the order shown by `compt --help`.
-_COMMANDS = ["plan", "grow", "train", "chain", "eval", "report", "export"]
+_COMMANDS = ["plan", "grow", "train", "chain", "eval", "finetune", "report", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -255,6 +255,12 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
         paradigm = get_paradigm(payload.get("paradigm"))
     except KeyError as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
+    try:  # a config of another kind of model fails here by name, not as a TypeError inside build
+        paradigm.validate_model_cfg(payload["model_cfg"], "model_cfg")
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path} does not hold a {paradigm.name} model: {e}; pass a checkpoint compt wrote for one"
+        ) from None
     model = paradigm.build(payload["model_cfg"])
     how = "it was not saved by compt for this model; pass the checkpoint its run wrote (final.pt)"
     try:

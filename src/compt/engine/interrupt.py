@@ -47,11 +47,11 @@ def signal_name(signum: int) -> str:
 
 
 @contextmanager
-def stop_on_signals(run: Any, final: Path) -> Iterator[None]:
+def stop_on_signals(run: Any, final: Path, name: str) -> Iterator[None]:
     """Record SIGTERM/SIGINT in ``run.stop_signal`` while the block trains (main thread only).
 
-    A signal that arrives during the last boundary (final evaluation and save) finishes the member
-    (``final``), then stops here: a caller such as the chain would otherwise train the next one.
+    A signal that arrives during the last boundary (final evaluation and save) finishes the run
+    ``name`` (``final``), then stops here: a caller such as the chain would otherwise train the next one.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -71,9 +71,9 @@ def stop_on_signals(run: Any, final: Path) -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
     if run.stop_signal:
-        name = signal_name(run.stop_signal)
         raise TrainingInterrupted(
-            f"stopped by {name} after {run.cfg.member} finished ({final}); rerun the same command",
+            f"stopped by {signal_name(run.stop_signal)} after {name} finished ({final}); "
+            "rerun the same command",
             final,
             run.stop_signal,
         )

@@ -139,18 +139,26 @@ def restore_rng(states: list[dict[str, Any]], rank: int, device: torch.device, f
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def run_changes(now: dict[str, Any], payload: dict[str, Any], *, finished: bool) -> list[str]:
+def run_changes(
+    now: dict[str, Any],
+    payload: dict[str, Any],
+    *,
+    finished: bool,
+    same_run: tuple[str, ...] = SAME_RUN_FIELDS,
+    free: tuple[str, ...] = _FREE_FIELDS,
+) -> list[str]:
     """What makes the run of config ``now`` another one than the checkpoint ``payload``'s, in words.
 
     For a step checkpoint, the fields of :data:`SAME_RUN_FIELDS` (others may change on resume); for
     a finished run (``final.pt``), every field but the free ones, since none of the new values would
-    be used (issue 11: a rerun reported new epochs for weights trained with the old ones). A field
+    be used (issue 11: a rerun reported new epochs for weights trained with the old ones); ``same_run``
+    and ``free`` default to TrainConfig's (a loop with another config passes its own). A field
     written before it existed takes its :data:`LEGACY_VALUES` value; other fields added since the
     checkpoint are not a difference. A link's teacher counts by content too: a teacher retrained
     since (another SHA-256) makes the link stale.
     """
     saved = {**LEGACY_VALUES, **(payload.get("config") or {})}
-    keys = SAME_RUN_FIELDS if not finished else [k for k in now if k in saved and k not in _FREE_FIELDS]
+    keys = same_run if not finished else [k for k in now if k in saved and k not in free]
     changes = []
     for key in keys:
         a, b = now.get(key), saved.get(key)
@@ -170,18 +178,26 @@ def _strip_free(data: Any) -> Any:
     return {k: v for k, v in data.items() if k not in _DATA_FREE_FIELDS} if isinstance(data, dict) else data
 
 
-def check_same_run(now: dict[str, Any], saved: dict[str, Any], path: str | Path) -> None:
-    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes."""
-    changes = run_changes(now, {"config": saved}, finished=False)
+def check_same_run(
+    now: dict[str, Any],
+    saved: dict[str, Any],
+    path: str | Path,
+    *,
+    same_run: tuple[str, ...] = SAME_RUN_FIELDS,
+    free: tuple[str, ...] = _FREE_FIELDS,
+) -> None:
+    """Raise if ``saved`` (a checkpoint's ``config``) is another run than ``now``; warn on softer changes.
+
+    ``same_run`` / ``free``: the fields that define the run and those that may change silently.
+    """
+    changes = run_changes(now, {"config": saved}, finished=False, same_run=same_run, free=free)
     if changes:
         raise RunMismatchError(
             f"{path} belongs to a different run: {changes[0]}. Use a new out_dir for the new settings, or "
             "the old settings to resume."
         )
     saved = {**LEGACY_VALUES, **saved}
-    changed = [
-        k for k in now if k not in SAME_RUN_FIELDS and k not in _FREE_FIELDS and now[k] != saved.get(k)
-    ]
+    changed = [k for k in now if k not in same_run and k not in free and now[k] != saved.get(k)]
     if changed:
         warnings.warn(
             f"resuming {path} with changed settings: "

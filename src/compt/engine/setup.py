@@ -35,7 +35,7 @@ from compt.grow import grow, grow_moments
 from compt.grow.masks import GrowthMask
 from compt.paradigms import Paradigm
 
-__all__ = ["TrainState", "Run", "build_run"]
+__all__ = ["TrainState", "Run", "build_run", "configure_torch"]
 
 _LOG = logging.getLogger("compt.train")
 
@@ -187,7 +187,8 @@ def _build_link(
     return _Link(distiller, projection, info, teacher_macs, masks, moments)
 
 
-def _configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+def configure_torch(cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 matmuls on CUDA and, if asked, deterministic algorithms (for any loop built on the engine)."""
     if device.type == "cuda":  # TF32 for the fp32 parts of AMP: A100-class speed, ample precision for CLIP
         torch.set_float32_matmul_precision("high")
     if cfg.deterministic:
@@ -200,7 +201,7 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     member, device = get_member(cfg.member, cfg.family), info.device
     paradigm = member.paradigm
     amp_dtype, use_scaler = precision_of(cfg, device)
-    _configure_torch(cfg, device)
+    configure_torch(cfg, device)
     state = TrainState()
     data = DataStream(cfg, member, info, state)
     total_steps = cfg.steps or run_steps(cfg.epochs, data.steps_per_epoch)  # as compt plan counts them

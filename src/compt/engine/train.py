@@ -50,6 +50,8 @@ __all__ = [
     "TrainingInterrupted",
     "train_member",
     "check_runtime",
+    "train_step",
+    "advance",
 ]
 
 _LOG = logging.getLogger("compt.train")
@@ -71,7 +73,7 @@ class TrainResult:
 # --- the training step ---------------------------------------------------------------------------
 
 
-def _train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """One optimizer step of Eq. 4 over ``accum_steps`` micro-batches; returns detached stats."""
     device, world, n = run.info.device, run.info.world_size, len(micro_batches)
     lr = run.schedule.apply(run.optimizer, run.state.step)  # cosine with warmup, per iteration
@@ -141,7 +143,7 @@ def _train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict
     return stats
 
 
-def _advance(run: Run) -> None:
+def advance(run: Run) -> None:
     """Count the step just taken: data position, samples and training MACs (App. C.2)."""
     st = run.state
     teacher_ran = run.distiller is not None and run.distiller.factor(st.step) > 0
@@ -190,7 +192,7 @@ def train_member(
             if done is not None:
                 return done
             run = build_run(cfg, info)
-            with stop_on_signals(run, run.out_dir / "final.pt"):
+            with stop_on_signals(run, run.out_dir / "final.pt", cfg.member):
                 return _loop(run, evaluate, should_stop)
     finally:
         if run is not None:
@@ -246,8 +248,8 @@ def _loop(run: Run, evaluate, should_stop) -> TrainResult:
         micro_batches = run.data.next()
         if run.progressive is not None:  # AutoProg-One: a growth, or a search's end, before this step
             run.progressive.before_step(run)
-        stats = _train_step(run, micro_batches)
-        _advance(run)
+        stats = train_step(run, micro_batches)
+        advance(run)
         run.log.heartbeat(st.step, st.wall_s + time.perf_counter() - run.clock)
 
 
@@ -306,3 +308,8 @@ def _result(path: Path, payload: dict[str, Any]) -> TrainResult:
         metrics=dict(payload.get("metrics") or {}),
         planned_steps=int(payload.get("planned_steps", payload["steps"])),
     )
+
+
+# --- the step machinery, for loops built on this engine ------------------------------------------
+# The fine-tune (compt.paradigms.clip.finetune.train, issue 16) runs its own stage-aware loop over the
+# same step, counters, SIGTERM handling and precision; it passes a run object with the fields these read.

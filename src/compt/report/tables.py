@@ -68,6 +68,7 @@ from compt.lossless import (
     gap,
     verdict,
 )
+from compt.report.finetune import finetune_section
 
 __all__ = [
     "Run",
@@ -387,6 +388,7 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
     if baseline:
         out += _baseline_section(run, baseline, mains, scale, unit, tu)
     out += _per_task_section(run, baseline)
+    out += finetune_section(run, baseline)  # issue 16: transfer of each member, when fine-tuned
     if figures:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(out) + "\n"

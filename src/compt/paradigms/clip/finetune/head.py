@@ -31,14 +31,16 @@ from torch.func import functional_call
 from compt.engine.checkpoint import CheckpointError
 from compt.paradigms.clip.finetune.sid import StageEmbedding
 
+# One lower-resolution path for AutoProg-One and AutoProg-Zero (issue 16): the same batch resize and
+# the same bicubic position-embedding interpolation (timm's resample_abs_pos_embed).
+from compt.paradigms.clip.progressive import resample_pos_embed
+
 __all__ = [
     "ImageClassifier",
     "load_clip",
     "zero_shot_head",
     "build_classifier",
     "classification_loss",
-    "resize_pos_embed",
-    "resize_images",
     "top1",
 ]
 
@@ -52,43 +54,10 @@ def load_clip(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
     from compt.paradigms.clip.export import load_model
 
     how = "pass a compt CLIP checkpoint (a run's final.pt), its run folder, or an exported member folder"
-    try:
-        model, cfg, info = load_model(path)
-    except (TypeError, KeyError) as e:  # CLIP(**cfg) on a config of another kind of model
-        raise CheckpointError(
-            f"{path} does not hold an open_clip CLIP ({type(e).__name__}: {e}); {how}"
-        ) from e
+    model, cfg, info = load_model(path)  # a checkpoint of another kind of model: CheckpointError
     if not isinstance(cfg, dict) or "vision_cfg" not in cfg or not hasattr(model, "encode_image"):
         raise CheckpointError(f"{path} holds a model without an image tower (no vision_cfg); {how}")
     return model, cfg, info
-
-
-def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """A ViT position embedding ``[1 + g*g, width]`` (class token first) resized to ``[1 + grid**2, width]``.
-
-    The patch part is interpolated bicubically as a ``g x g`` image; the class token's row is kept.
-    """
-    num_patches = pos.shape[0] - 1
-    g = round(num_patches**0.5)
-    if g * g != num_patches:
-        raise ValueError(f"position embedding of {num_patches} patches is not a square grid")
-    if grid == g:
-        return pos
-    patches = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
-    patches = patches.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid * grid, -1)
-    return torch.cat([pos[:1], patches])
-
-
-def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """A batch ``[B, 3, H, W]`` resized to ``resolution`` px on its device (bilinear, antialiased).
-
-    AutoProg downsamples each full-size batch on the GPU (main_prog.py:973); antialiasing keeps a 4x
-    reduction from aliasing the fine structure the task depends on.
-    """
-    if images.shape[-1] == resolution and images.shape[-2] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
 
 
 def _side(size: int | tuple[int, int] | None) -> int | None:
@@ -155,7 +124,7 @@ class ImageClassifier(nn.Module):
             if self.image_size is None or size == self.image_size:
                 feats = self.visual(images)
             else:
-                pos = resize_pos_embed(self.visual.positional_embedding, size // self.patch_size)
+                pos = resample_pos_embed(self.visual.positional_embedding, size // self.patch_size)
                 feats = functional_call(self.visual, {"positional_embedding": pos}, (images,))
         finally:
             self._stage_vec = None

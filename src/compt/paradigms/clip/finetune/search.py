@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from compt.paradigms.clip.finetune.head import ImageClassifier, classification_loss, resize_images
+from compt.paradigms.clip.finetune.head import ImageClassifier, classification_loss
 from compt.paradigms.clip.finetune.proxies import measured_step_s, ntk_score, train_macs, zico_score
 from compt.paradigms.clip.finetune.unfreeze import StagePlan, manual_schedule, set_level, stage_resolutions
+from compt.paradigms.clip.progressive import resize_images
 
 __all__ = [
     "AutoProgZeroConfig",

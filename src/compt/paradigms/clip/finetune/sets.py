@@ -41,7 +41,15 @@ from compt.paradigms.clip.data.synthetic import (
     scene_rng,
 )
 
-__all__ = ["FinetuneTask", "register_finetune_task", "finetune_set", "write_finetune_set", "load_splits"]
+__all__ = [
+    "FinetuneTask",
+    "register_finetune_task",
+    "finetune_set",
+    "write_finetune_set",
+    "load_splits",
+    "hold_out",
+    "member_scenes",
+]
 
 
 @dataclass(frozen=True)
@@ -202,3 +210,61 @@ def load_splits(
             f"{test.classnames[:3]}...); give both the same classnames file"
         )
     return train, test
+
+
+def hold_out(task: ZeroShotTask, fraction: float, seed: int) -> tuple[ZeroShotTask, ZeroShotTask | None]:
+    """``(rest, validation)``: a stratified, seeded ``fraction`` of ``task`` held out (``None`` for 0).
+
+    Settings are chosen on the validation part and reported on the test split (issue 16).
+    """
+    if fraction == 0:
+        return task, None
+    from sklearn.model_selection import train_test_split
+
+    n_val = max(len(task.classnames), round(fraction * len(task.labels)))
+    if len(task.labels) - n_val < len(task.classnames):
+        raise DataError(
+            f"{task.name}: {len(task.labels)} images are too few to hold out {n_val} for validation and "
+            "keep every class in the rest; add images or lower val_fraction"
+        )
+    keep, val = train_test_split(
+        torch.arange(len(task.labels)).numpy(),
+        test_size=n_val,
+        stratify=task.labels.numpy(),
+        random_state=seed,
+    )
+
+    def part(idx, name: str) -> ZeroShotTask:
+        idx = torch.as_tensor(idx)
+        return ZeroShotTask(name, task.classnames, task.templates, task.images[idx], task.labels[idx])
+
+    return part(keep, task.name), part(val, f"{task.name}-val")
+
+
+def member_scenes(path: str | Path) -> tuple[int, SyntheticSpec]:
+    """``(image_size, scene vocabulary)`` a member was trained on, from its checkpoint or run folder.
+
+    A set rendered with them (``compt finetune --make-set DIR --like CKPT``) names its classes in
+    words the member's captions used. Raises :class:`DataError` for a member not trained on the
+    embedded scenes and for an export folder (which keeps no training config).
+    """
+    from compt.config import from_dict
+    from compt.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    file: Path | None = Path(path)
+    if file.is_dir():
+        file = file / "final.pt" if (file / "final.pt").is_file() else latest_checkpoint(file)
+    if file is None or not file.is_file():
+        raise DataError(
+            f"--like {path}: no checkpoint there; pass a member's final.pt or its run folder (an export "
+            "folder keeps no training config)"
+        )
+    payload = load_checkpoint(file)
+    data = (payload.get("config") or {}).get("data") or {}
+    if data.get("kind") != "synthetic":
+        raise DataError(
+            f"--like {file}: the member was trained on data.kind={data.get('kind')!r}, not the embedded "
+            "scenes; leave out --like (and give --image-size)"
+        )
+    spec = from_dict(SyntheticSpec, data.get("synthetic") or {}, where=f"{file}: config.data.synthetic")
+    return int(payload["model_cfg"]["vision_cfg"].get("image_size", 224)), spec
