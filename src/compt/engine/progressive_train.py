@@ -181,7 +181,7 @@ class ProgressiveTraining:
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.stage: StageModel | None = None
         self._scoring: list[Batch] | None = None  # the search's fixed batches, built at the first search
-        self._wrapped: tuple[int, bool] | None = None  # (id of the model, find_unused) of run.forward
+        self._wrapped: bool | None = None  # find_unused of run.forward's wrapper; None: wrap it anew
         self._plan: tuple[int, StepPlan] | None = None
         self._macs: dict[tuple, int] = {}
         self._clock = 0.0
@@ -234,9 +234,9 @@ class ProgressiveTraining:
         # A search's sub-nets skip blocks, which then get no gradient: DDP must be told, during the
         # search only (it costs a graph traversal per step); one wrapper for the whole search phase.
         find_unused = self.plan(step).phase == "search"
-        if self._wrapped != (id(run.model), find_unused):
+        if self._wrapped != find_unused:
             run.wrap(find_unused=find_unused)
-            self._wrapped = (id(run.model), find_unused)
+            self._wrapped = find_unused
         if self._timing(step):
             self._synchronize()
             self._clock = time.perf_counter()
@@ -295,6 +295,7 @@ class ProgressiveTraining:
             carried = carry_adamw_state(run.optimizer, _named(run.model, run.projection), optimizer,
                                         _named(new.model, run.projection), source)  # fmt: skip
         run.model, run.optimizer, self.stage = new.model, optimizer, new
+        self._wrapped = None  # the forward still wraps the old model
         step, adamw = run.state.step, f"carried for {carried} tensors" if carried else "reset"
         _LOG.info("%s: %s at step %d into %s (AdamW state %s)", run.cfg.member, event, step,
                   new.member.name, adamw)  # fmt: skip

@@ -4,7 +4,9 @@ A baseline member is a chain link with ``teacher=None``: one loop, not two. A li
 from the teacher (:func:`compt.grow.grow`, inverse weight initialization) and adds the inverse
 feature distillation loss (:mod:`compt.distill`) to the task loss. What a batch, the task loss and
 the distilled features are is the member's paradigm's (:mod:`compt.paradigms`; for CLIP the
-multi-caption contrastive loss of Eq. 2-3); this module knows no paradigm.
+multi-caption contrastive loss of Eq. 2-3); this module knows no paradigm. With ``train.progressive`` the
+member grows while it trains (AutoProg-One: stages of lower depth and resolution, MoGrow, a schedule
+search), the loop calling :mod:`compt.engine.progressive_train` before and inside each step.
 
 Launch (docs/train.md)::
 
