@@ -72,6 +72,38 @@ def run(bench: AutoProgBench, out: Path, workers: int, log=print) -> dict[str, A
     }
 
 
+def time_pairs(bench: AutoProgBench, out: Path, log=print) -> dict[str, Any]:
+    """Training time of each member plain and with AutoProg-One (seed 0), run back to back in this one
+    process: the CPU time (``time.process_time``, one torch thread) is what a shared machine's load
+    leaves alone, unlike the wall times of the pool's runs. Writes ``<out>/timing.json``."""
+    import torch
+
+    from compt.config import from_dict
+    from compt.engine.train import TrainConfig, train_member
+
+    torch.set_num_threads(1)
+    warm(bench)
+    timing: dict[str, Any] = {}
+    for member in bench.members:
+        row = {}
+        for arm, options in (("baseline", None), ("ap", ARMS["ap"])):
+            folder = str(out / "runs" / f"timing_{arm}_{member}")  # runs/: checkpoints, not committed
+            fields = bench.train_fields() | dict(member=member, family=bench.family, out_dir=folder,
+                                                 steps=bench.baseline_steps, device="cpu", save_every_steps=0,
+                                                 progressive=options)  # fmt: skip
+            cpu, wall = time.process_time(), time.perf_counter()
+            result = train_member(from_dict(TrainConfig, fields, where="timing"))
+            row[arm] = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
+                        "train_wall_s": result.wall_s, "train_macs": result.train_macs}  # fmt: skip
+        row["cpu_x"] = row["baseline"]["cpu_s"] / row["ap"]["cpu_s"]
+        row["macs_x"] = row["baseline"]["train_macs"] / row["ap"]["train_macs"]
+        log(f"  {member}: CPU {row['baseline']['cpu_s']:.0f} s plain, {row['ap']['cpu_s']:.0f} s AutoProg "
+            f"({row['cpu_x']:.2f}x; MACs {row['macs_x']:.3f}x)")  # fmt: skip
+        timing[member] = row
+    (out / "timing.json").write_text(json.dumps(timing, indent=1))
+    return timing
+
+
 def _loss(g: dict[str, Any]) -> str:
     return f"{g['loss']['mean']:.4f} ± {g['loss']['std']:.4f}"
 
@@ -166,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/autoprog", help="results folder (rerun to resume)")
     p.add_argument("--smoke", action="store_true", help="one seed, 2 members, short runs")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
+    p.add_argument("--timing", action="store_true", help="only the back-to-back CPU timing (timing.json)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="override a bench field")
     args = p.parse_args(argv)
     bench = AutoProgBench()
@@ -180,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = dataclasses.replace(bench, **changes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.timing:
+        time_pairs(bench, out)
+        return 0
     results = run(bench, out, args.workers)
     results["command"] = "python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/autoprog.py", *(argv if argv is not None else sys.argv[1:])]
