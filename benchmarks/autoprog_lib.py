@@ -13,7 +13,10 @@ change of them, so the tables report the test split and keep the validation spli
   first member's baseline); ``chainap``: the same chain with AutoProg-One on the first member (``ap``'s
   run) and on every link; the AutoProg-only family is the ``ap`` runs;
 - ablations on ``ablation_member``: the manual linear schedule with MoGrow and AdamW carried
-  (``ap-manual``), then without MoGrow (``ap-manual-plain``) or with AdamW reset (``ap-manual-reset``).
+  (``ap-manual``), then without MoGrow (``ap-manual-plain``) or with AdamW reset (``ap-manual-reset``),
+  and the manual schedule of the lowest resolution until the last stage (``ap-manual-lowres``: what
+  the searches chose on this benchmark, added after the first full run to tell the schedule's effect
+  from the search's).
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ ARMS = {
     "ap-manual": MANUAL,
     "ap-manual-plain": MANUAL | {"mogrow": False},
     "ap-manual-reset": MANUAL | {"optimizer_growth": "reset"},
+    # A diagnostic: the searches' usual pick on this benchmark (the lowest resolution until the last
+    # stage), as a manual schedule: is a loss of the searched runs the schedule's or the search's?
+    "ap-manual-lowres": MANUAL | {"resolution": [0, 0, 0, 3]},
 }
-ABLATIONS = ("ap-manual", "ap-manual-plain", "ap-manual-reset")
+ABLATIONS = ("ap-manual", "ap-manual-plain", "ap-manual-reset", "ap-manual-lowres")
 
 
 @dataclass(frozen=True)
