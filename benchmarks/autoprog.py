@@ -165,6 +165,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     t = results["tables"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -173,11 +174,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ys = [r[key]["loss"]["mean"] for r in t["members"].values()]
         es = [r[key]["loss"]["std"] for r in t["members"].values()]
         left.errorbar(xs, ys, yerr=es, marker=marker, linestyle="-", capsize=3, label=label)
+    manual = t["ablations"]["ap-manual"]  # the manual linear schedule, on the ablation member
+    left.errorbar([manual["train_macs"] / 1e12], [manual["loss"]["mean"]], yerr=[manual["loss"]["std"]],
+                  marker="s", capsize=3, linestyle="none", label="AutoProg-One (manual ramp)")  # fmt: skip
     for m, r in t["members"].items():
         left.annotate(m, (r["baseline"]["train_macs"] / 1e12, r["baseline"]["loss"]["mean"]), fontsize=8,
-                      xytext=(4, 4), textcoords="offset points")  # fmt: skip
+                      xytext=(4, -12), textcoords="offset points")  # fmt: skip
     left.set(xscale="log", xlabel="training MACs of the member (T)", ylabel="val_loss (test split)",
              title="one member, equal steps")  # fmt: skip
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.legend(fontsize=8)
     for i, (arm, f) in enumerate(t["family"].items()):
         gaps = [r["gap"] for r in f["members"].values()]
