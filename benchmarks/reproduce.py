@@ -2,21 +2,24 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/reproduce.py --out benchmarks/results          # full run (~40 min, 2 cores)
+    .venv/bin/python benchmarks/reproduce.py --out benchmarks/results          # full run (resumable)
     .venv/bin/python benchmarks/reproduce.py --quick --out /tmp/reproduce-quick  # 3-member chain, < 10 min
 
-The protocol (docs/reproduce.md):
+The protocol (issue 12, docs/reproduce.md):
 
-1. Baselines: every member trained with growing schedules (seed 0) and, at the longest, over every
-   seed; the baseline of the comparison is the longest schedule, mean and spread over seeds.
+1. Baselines: every member trained with growing schedules (seed 0) and, at the reference schedule,
+   over every seed; the baseline of every comparison is the reference, mean and spread over seeds.
+   Converged: doubling the reference changes the metric by less than the lossless tolerance.
 2. Chains: the first member is its baseline twin; every link k trains its own complete cosine
-   schedule of ``fraction * baseline steps``, for each swept fraction (seed 0). The shortest fraction
+   schedule of ``fraction * reference steps``, for each swept fraction (seed 0). The shortest fraction
    with every member lossless (else the longest) is rerun on every seed.
-3. At that fraction (seed 0): alpha 0 (IWI only) / 50 / auto, every member grown from the smallest
-   (Table 4a), 3 vs 4 members (Fig. 7), a smaller first member prepended (Fig. 6).
+3. Optionally (``ablations=true``), at that fraction (seed 0): alpha 0 (IWI only) / 50 / auto, every
+   member grown from the smallest (Table 4a), 3 vs 4 members (Fig. 7), a smaller first member (Fig. 6).
 
-Results: ``<out>/results.json`` (raw runs and tables), ``<out>/README.md`` and PNG figures. The last
-line printed is ``<mode>: acceleration=<x>x worst_gap=<points> lossless=<yes|no>``.
+The headline metric is ``val_loss`` (lower is better); percentages can be chosen with ``--set
+metric=...``. Results: ``<out>/results.json`` (raw runs and tables), ``<out>/README.md`` and PNG
+figures. The last line printed is ``<mode>: metric=<m> baselines=<b1>/<b2>/... acceleration=<x>x
+worst_gap=<gap> lossless=<yes|no>`` (gap in the metric's units, positive when the chain is worse).
 """
 
 from __future__ import annotations
@@ -44,15 +47,25 @@ from reproduce_lib import (  # noqa: E402
     run_jobs,
 )
 
+from compt.lossless import shortfall as _shortfall  # noqa: E402
+from compt.paradigms.clip.evaluate import higher_is_better  # noqa: E402
+
+# Three members, one short schedule (no sweep), links at 1/4: a < 10 min check that the members
+# differ and the chain runs end to end; the full run is the benchmark.
 QUICK = dict(
-    members=("micro-XS", "micro-S", "micro-M"),
+    members=("bench-XS", "bench-S", "bench-M"),
     three=(),
-    prepend="",
-    baseline_steps=(300,),
+    baseline_steps=(600,),
+    reference_steps=600,
     link_fractions=(0.25,),
-    alphas=(),
-    ablations=False,
+    eval_images=1000,
+    eval_retrieval=500,
 )
+
+
+def shortfall(metric: str, reference: float, value: float) -> float:
+    """How much worse ``value`` is than ``reference`` on ``metric``, in its units (positive: worse)."""
+    return _shortfall(reference, value, higher_is_better(metric))
 
 
 def _metric(res: dict, name: str) -> float:
@@ -60,28 +73,71 @@ def _metric(res: dict, name: str) -> float:
 
 
 def baseline_table(proto: Protocol, res: dict[str, dict]) -> dict[str, dict]:
-    """Per member: the schedule sweep (seed 0) and the longest schedule's mean/std over seeds."""
-    longest, table = proto.baseline_steps[-1], {}
+    """Per member: the schedule sweep (seed 0), the reference schedule's mean/std over seeds, and the
+    convergence check (issue 12, criterion 2): doubling the reference changes the metric by less
+    than the lossless tolerance."""
+    ref, table = proto.reference, {}
     for m in proto.members:
         sweep = {
             s: _metric(res[baseline_key(m, s, proto.seeds[0])], proto.metric) for s in proto.baseline_steps
         }
-        runs = [res[baseline_key(m, longest, seed)] for seed in proto.seeds]
-        mean, std = mean_std([_metric(r, proto.metric) for r in runs])
-        gain = sweep[longest] - sweep[proto.baseline_steps[-2]] if len(sweep) > 1 else math.nan
+        runs = [res[baseline_key(m, ref, seed)] for seed in proto.seeds]
+        vals = [_metric(r, proto.metric) for r in runs]
+        mean, std = mean_std(vals)
+        # What doubling the reference bought at seed 0, in the metric's units (positive: better).
+        doubling = -shortfall(proto.metric, sweep[ref], sweep[2 * ref]) if 2 * ref in sweep else math.nan
         table[m] = {
             "sweep": sweep,
             "mean": mean,
             "std": std,
-            "per_seed": [_metric(r, proto.metric) for r in runs],
-            "tolerance": max(proto.tolerance, 2 * std),
-            "last_doubling_gain": gain,
-            "converged": bool(gain < proto.converge_pt) if len(sweep) > 1 else None,
+            "per_seed": vals,
+            "tolerance": max(proto.base_tolerance(), 2 * std),
+            "doubling_gain": doubling,
+            "converged": None if math.isnan(doubling) else bool(abs(doubling) < proto.base_tolerance()),
             "train_macs": runs[0]["train_macs"],
             "wall_s": mean_std([r["wall_s"] for r in runs])[0],
-            "tasks": {k: mean_std([r["metrics"][k] for r in runs])[0] for k in runs[0]["metrics"]},
+            "tasks": {k: mean_std([r["metrics"][k] for r in runs]) for k in runs[0]["metrics"]},
         }
     return table
+
+
+def family_table(proto: Protocol, base: dict[str, dict]) -> list[dict]:
+    """Criterion 1 of issue 12: each member better than the next smaller one by >= 3 seed stds."""
+    rows, members = [], list(base)
+    for small, large in zip(members, members[1:], strict=False):
+        a, b = base[small], base[large]
+        gap = shortfall(proto.metric, b["mean"], a["mean"])  # how much worse the smaller one is
+        noise = max(a["std"], b["std"])
+        rows.append(
+            {
+                "pair": f"{small} -> {large}",
+                "gap": gap,
+                "std": noise,
+                "sigmas": gap / noise if noise > 0 else math.inf,
+                "separated": bool(gap > 0 and gap >= 3 * noise),
+                "macs_x": b["train_macs"] / a["train_macs"],
+            }
+        )
+    return rows
+
+
+def chance_levels(proto: Protocol) -> dict[str, float]:
+    """Zero-shot top-1 of a uniform guess on each embedded task (100 / number of classes)."""
+    from compt.paradigms.clip.data.evalsets import embedded_eval_sets
+
+    tasks, _ = embedded_eval_sets(8, num_images=1, num_retrieval=0, tasks=proto.eval_tasks, spec=proto.spec)
+    return {f"zeroshot/{t.name}/top1": 100.0 / len(t.classnames) for t in tasks}
+
+
+def informative_tasks(proto: Protocol, base: dict[str, dict]) -> dict[str, bool]:
+    """Criterion 4 of issue 12, per zero-shot task: the smallest member clearly above chance and the
+    largest clearly below 100 (each by max(5 pt, 3 seed std)); the others belong out of a headline."""
+    small, large = base[proto.members[0]]["tasks"], base[proto.members[-1]]["tasks"]
+    out = {}
+    for key, chance in chance_levels(proto).items():
+        (lo, lo_std), (hi, hi_std) = small[key], large[key]
+        out[key] = bool(lo - chance >= max(5.0, 3 * lo_std) and 100 - hi >= max(5.0, 3 * hi_std))
+    return out
 
 
 def chain_rows(
@@ -106,7 +162,7 @@ def chain_rows(
         b_wall = b["wall_s"] if b else wall
         acc_base, acc_chain = acc_base + b_macs, acc_chain + macs
         acc_base_w, acc_chain_w = acc_base_w + b_wall, acc_chain_w + wall
-        gap = b["mean"] - mean if b else math.nan
+        gap = shortfall(proto.metric, b["mean"], mean) if b else math.nan
         rows.append(
             {
                 "member": m,
@@ -178,11 +234,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     report_dir = report_dir or out
     report_dir.mkdir(parents=True, exist_ok=True)
-    t0, longest, s0 = time.perf_counter(), proto.baseline_steps[-1], proto.seeds[0]
-    first = lambda m: lambda s: baseline_key(m, longest, s)  # noqa: E731
+    t0, ref, s0 = time.perf_counter(), proto.reference, proto.seeds[0]
+    first = lambda m: lambda s: baseline_key(m, ref, s)  # noqa: E731
     jobs = baseline_jobs(proto, proto.members)
     if proto.prepend and proto.ablations:
-        jobs.append(baseline_key_job(proto.prepend, longest, s0))
+        jobs.append(baseline_key_job(proto.prepend, ref, s0))
     for f in proto.link_fractions:
         jobs += chain_jobs(
             proto,
@@ -258,13 +314,22 @@ def run(
     results = {
         "protocol": proto.to_dict(),
         "metric": proto.metric,
+        "higher_is_better": higher_is_better(proto.metric),
+        "reference_steps": proto.reference,
+        "base_tolerance": proto.base_tolerance(),
         "baselines": base,
+        "family": family_table(proto, base),
+        "chance": chance_levels(proto),
+        "informative": informative_tasks(proto, base),
         "sweep": sweep,
         "chosen_fraction": chosen,
         "main": main,
         "ablations": ablations,
         "runs": res,
         "wall_minutes": (time.perf_counter() - t0) / 60,
+        # Every run's CPU time (runs finished in earlier sittings included): the benchmark's compute,
+        # independent of whatever else loaded the machine (issue 12, criterion 6: <= 3 h on 2 cores).
+        "cpu_hours": sum(r.get("cpu_s", r["total_s"]) for r in res.values()) / 3600,
         "workers": workers,
     }
     (report_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -319,13 +384,27 @@ def main(argv: list[str] | None = None) -> int:
     from reproduce_report import write_report
 
     write_report(results, report)
-    s = results["main"]["summary"]
-    print(f"wrote {report / 'README.md'} ({results['wall_minutes']:.1f} min)")
     print(
-        f"{'quick' if args.quick else 'full'}: acceleration={s['accumulated_macs_x']:.2f}x "
-        f"worst_gap={s['worst_gap']:.2f} lossless={'yes' if s['lossless'] else 'no'}"
+        f"wrote {report / 'README.md'} ({results['wall_minutes']:.1f} min wall, "
+        f"{results['cpu_hours']:.2f} CPU hours over all runs)"
     )
+    print(summary_line(results, "quick" if args.quick else "full"))
     return 0
+
+
+def summary_line(results: dict[str, Any], mode: str) -> str:
+    """``<mode>: metric=<m> baselines=<b1>/<b2>/... acceleration=<x>x worst_gap=<gap> lossless=<yes|no>``.
+
+    Baselines: each member's reference baseline, mean over seeds, smallest first; the gap is in the
+    metric's own units, positive when the chain is worse (issue 12).
+    """
+    s, metric = results["main"]["summary"], results["metric"]
+    digits = 2 if higher_is_better(metric) else 3
+    base = "/".join(f"{b['mean']:.{digits}f}" for b in results["baselines"].values())
+    return (
+        f"{mode}: metric={metric} baselines={base} acceleration={s['accumulated_macs_x']:.2f}x "
+        f"worst_gap={s['worst_gap']:.{digits}f} lossless={'yes' if s['lossless'] else 'no'}"
+    )
 
 
 if __name__ == "__main__":

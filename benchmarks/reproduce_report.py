@@ -13,13 +13,18 @@ def _n(v: float, digits: int = 1) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _pm(mean: float, std: float, seeds: int) -> str:
-    return _n(mean) if seeds < 2 else f"{_n(mean)} ± {_n(std)}"
+def _digits(results: dict[str, Any]) -> int:
+    """Decimals of the headline metric: 3 for a loss (nats), 1 for a percentage."""
+    return 1 if results.get("higher_is_better", True) else 3
 
 
-def _chain_table(v: dict[str, Any]) -> list[str]:
+def _pm(mean: float, std: float, seeds: int, digits: int = 1) -> str:
+    return _n(mean, digits) if seeds < 2 else f"{_n(mean, digits)} ± {_n(std, digits)}"
+
+
+def _chain_table(v: dict[str, Any], d: int = 1) -> list[str]:
     lines = [
-        "| member | steps | baseline | chain | gap (pt) | tolerance | lossless | MACs x (indiv.) | "
+        "| member | steps | baseline | chain | gap | tolerance | lossless | MACs x (indiv.) | "
         "MACs x (accum.) | wall x (indiv.) | wall x (accum.) |",
         "|" + "---|" * 11,
     ]
@@ -27,13 +32,14 @@ def _chain_table(v: dict[str, Any]) -> list[str]:
     for r in v["rows"]:
         if r["first"]:
             lines.append(
-                f"| {r['member']} | {r['steps']} | {_pm(r['baseline_mean'], r['baseline_std'], 3)} | "
+                f"| {r['member']} | {r['steps']} | {_pm(r['baseline_mean'], r['baseline_std'], 3, d)} | "
                 f"= baseline (first member) | | | | 1.00 | 1.00 | 1.00 | 1.00 |"
             )
             continue
         lines.append(
-            f"| {r['member']} | {r['steps']} | {_pm(r['baseline_mean'], r['baseline_std'], 3)} | "
-            f"{_pm(r['chain_mean'], r['chain_std'], n)} | {_n(r['gap'], 2)} | {_n(r['tolerance'], 2)} | "
+            f"| {r['member']} | {r['steps']} | {_pm(r['baseline_mean'], r['baseline_std'], 3, d)} | "
+            f"{_pm(r['chain_mean'], r['chain_std'], n, d)} | {_n(r['gap'], d + 1)} | "
+            f"{_n(r['tolerance'], d + 1)} | "
             f"{'yes' if r['lossless'] else 'no'} | {_n(r['individual_macs_x'], 2)} | "
             f"{_n(r['accumulated_macs_x'], 2)} | {_n(r['individual_wall_x'], 2)} | "
             f"{_n(r['accumulated_wall_x'], 2)} |"
@@ -41,96 +47,142 @@ def _chain_table(v: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _summary_line(v: dict[str, Any]) -> str:
+def _summary_line(v: dict[str, Any], d: int = 1) -> str:
     s = v["summary"]
     return (
         f"accumulated MACs acceleration {_n(s['accumulated_macs_x'], 2)}x, "
         f"wall {_n(s['accumulated_wall_x'], 2)}x, "
-        f"worst gap {_n(s['worst_gap'], 2)} pt, lossless: {'yes' if s['lossless'] else 'no'}"
+        f"worst gap {_n(s['worst_gap'], d + 1)}, lossless: {'yes' if s['lossless'] else 'no'}"
     )
 
 
-def _variants_table(variants: list[dict[str, Any]], label) -> list[str]:
+def _variants_table(variants: list[dict[str, Any]], label, d: int = 1) -> list[str]:
     lines = [
-        "| variant | members | per-member metric (gap to baseline, pt) | accum. MACs x | worst gap "
-        "| lossless |",
+        "| variant | members | per-member metric (gap to baseline) | accum. MACs x | worst gap | lossless |",
         "|---|---|---|---|---|---|",
     ]
     for v in variants:
         cells = ", ".join(
-            f"{r['member']} {_n(r['chain_mean'])} ({'first' if r['first'] else _n(r['gap'], 1)})"
+            f"{r['member']} {_n(r['chain_mean'], d)} ({'first' if r['first'] else _n(r['gap'], d)})"
             for r in v["rows"]
         )
         s = v["summary"]
         lines.append(
             f"| {label(v)} | {len(v['members'])} | {cells} | {_n(s['accumulated_macs_x'], 2)} | "
-            f"{_n(s['worst_gap'], 2)} | {'yes' if s['lossless'] else 'no'} |"
+            f"{_n(s['worst_gap'], d + 1)} | {'yes' if s['lossless'] else 'no'} |"
         )
     return lines
 
 
 def _baseline_tables(results: dict[str, Any]) -> list[str]:
-    proto, base = results["protocol"], results["baselines"]
-    steps = proto["baseline_steps"]
+    proto, base, d = results["protocol"], results["baselines"], _digits(results)
+    steps, ref = proto["baseline_steps"], results["reference_steps"]
     lines = [
-        "| member | " + " | ".join(f"{s} steps" for s in steps) + " | last doubling | converged | "
-        f"{len(proto['seeds'])} seeds at {steps[-1]} |",
-        "|" + "---|" * (len(steps) + 4),
+        "| member | " + " | ".join(f"{s} steps" for s in steps) + f" | doubling {ref} -> {2 * ref} | "
+        f"converged | {len(proto['seeds'])} seeds at {ref} | per seed |",
+        "|" + "---|" * (len(steps) + 5),
     ]
     for m, b in base.items():
-        sweep = " | ".join(_n(b["sweep"][str(s)] if str(s) in b["sweep"] else b["sweep"][s]) for s in steps)
+        sweep = " | ".join(
+            _n(b["sweep"][str(s)] if str(s) in b["sweep"] else b["sweep"][s], d) for s in steps
+        )
         conv = {True: "yes", False: "**no**", None: "–"}[b["converged"]]
         lines.append(
-            f"| {m} | {sweep} | {_n(b['last_doubling_gain'], 2)} | {conv} | "
-            f"{_pm(b['mean'], b['std'], len(b['per_seed']))} |"
+            f"| {m} | {sweep} | {_n(b['doubling_gain'], d)} | {conv} | "
+            f"{_pm(b['mean'], b['std'], len(b['per_seed']), d)} | "
+            + " / ".join(_n(v, d) for v in b["per_seed"])
+            + " |"
         )
-    keys = [
-        k for k in next(iter(base.values()))["tasks"] if k.startswith("zeroshot/") or k == "mean_retrieval_r1"
-    ]
     lines += [
         "",
-        "Per task (mean over seeds, longest schedule):",
-        "",
-        "| member | " + " | ".join(k.split("/")[1] if "/" in k else k for k in keys) + " |",
+        "Doubling: what twice the reference schedule bought at seed 0 (positive: better); converged "
+        f"when its size is below the lossless tolerance ({results['base_tolerance']:g}).",
+    ]
+    return lines
+
+
+def _family_table(results: dict[str, Any]) -> list[str]:
+    d = _digits(results)
+    lines = [
+        "| pair | MACs x per step | gap (smaller worse by) | max seed std | gap / std | >= 3 std |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["family"]:
+        lines.append(
+            f"| {r['pair']} | {_n(r['macs_x'], 2)} | {_n(r['gap'], d)} | {_n(r['std'], d + 1)} | "
+            f"{_n(r['sigmas'], 1)} | {'yes' if r['separated'] else '**no**'} |"
+        )
+    return lines
+
+
+def _task_table(results: dict[str, Any]) -> list[str]:
+    base, chance = results["baselines"], results.get("chance", {})
+    first = next(iter(base.values()))["tasks"]
+    keys = [k for k in first if k.startswith("zeroshot/") or k.startswith("mean_") or k.endswith("_r10")]
+    keys += [k for k in first if k.startswith("val")]
+    lines = [
+        "| member | " + " | ".join(k.removeprefix("zeroshot/").removesuffix("/top1") for k in keys) + " |",
         "|" + "---|" * (len(keys) + 1),
     ]
     for m, b in base.items():
-        lines.append(f"| {m} | " + " | ".join(_n(b["tasks"][k]) for k in keys) + " |")
+        cells = [_pm(*b["tasks"][k], len(b["per_seed"]), 3 if "loss" in k else 1) for k in keys]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("| chance | " + " | ".join(_n(chance.get(k)) for k in keys) + " |")
+    verdicts = results.get("informative", {})
+    if verdicts:
+        lines += [
+            "",
+            "Informative tasks (smallest member clearly above chance and largest clearly below 100: "
+            "by max(5 pt, 3 seed std) each): "
+            + ", ".join(f"{k.split('/')[1]} {'yes' if v else 'no'}" for k, v in verdicts.items())
+            + ".",
+        ]
     return lines
 
 
 def render(results: dict[str, Any], figures: list[str]) -> str:
-    proto, main = results["protocol"], results["main"]
+    proto, main, d = results["protocol"], results["main"], _digits(results)
+    direction = "higher is better" if results.get("higher_is_better", True) else "lower is better"
     lines = [
         "# compt reproduce: does the chain pay on the embedded data?",
         "",
         f"Command: `{results.get('command', '')}` ({results['workers']} workers, "
-        f"{results['wall_minutes']:.1f} min wall). Raw numbers: `results.json`. Findings and caveats "
-        "(a saturated metric passes trivially; seed spread): `docs/reproduce.md`.",
+        f"{results['wall_minutes']:.1f} min wall this sitting; {results.get('cpu_hours', 0):.2f} CPU hours "
+        "over all runs). Raw numbers: `results.json`. Findings and caveats: "
+        "`docs/reproduce.md`.",
         "",
-        f"Family `{Path(proto['family']).name}`, chain {' -> '.join(proto['members'])}; "
-        f"metric `{results['metric']}` (zero-shot top-1 over {', '.join(proto['eval_tasks'])}, "
-        f"{proto['eval_images']} images each); batch {proto['batch']}, lr {proto['lr']}, "
-        f"{proto['num_samples']} training images, alpha {proto['alpha']}.",
+        f"Family `{Path(proto['family']).name}`, chain {' -> '.join(proto['members'])}; headline metric "
+        f"`{results['metric']}` ({direction}); zero-shot tasks {', '.join(proto['eval_tasks'])} "
+        f"({proto['eval_images']} images each), validation loss on {proto['val_images']} held-out images "
+        f"in batches of {proto['val_batch']}; batch {proto['batch']}, lr {proto['lr']}, "
+        f"{proto['num_samples']} training scenes, alpha {proto['alpha']}.",
         "",
         f"## Headline: {len(proto['members'])}-member chain at link fraction {results['chosen_fraction']:g}, "
         f"seeds {main['seeds']}",
         "",
-        _summary_line(main) + ".",
+        _summary_line(main, d) + ".",
         "",
-        *_chain_table(main),
+        *_chain_table(main, d),
         "",
-        "Gap = baseline mean - chain mean (positive: the chain is worse). Tolerance = max("
-        f"{proto['tolerance']} pt, 2 x baseline seed std). MACs: the engine's count "
-        "(teacher forward included).",
+        "Gap = how much worse the chain is than its baseline's mean, in the metric's units (positive: "
+        f"worse). Tolerance = max({results['base_tolerance']:g}, 2 x baseline seed std). MACs: the "
+        "engine's count (teacher forward included).",
         "",
-        "## Baselines (Fig. 4): schedule sweep at seed 0, then every seed at the longest",
+        f"## The family (issue 12, criterion 1): baselines at {results['reference_steps']} steps",
+        "",
+        *_family_table(results),
+        "",
+        f"## Baselines (Fig. 4): schedule sweep at seed 0, every seed at {results['reference_steps']} steps",
         "",
         *_baseline_tables(results),
         "",
+        "Per task (mean ± std over seeds, reference schedule):",
+        "",
+        *_task_table(results),
+        "",
         "## Link length sweep (seed 0): each link its own complete cosine schedule",
         "",
-        *_variants_table(results["sweep"], lambda v: f"fraction {v['fraction']:g}"),
+        *_variants_table(results["sweep"], lambda v: f"fraction {v['fraction']:g}", d),
     ]
     groups = {
         "alpha": (
@@ -165,6 +217,7 @@ def render(results: dict[str, Any], figures: list[str]) -> str:
                 *_variants_table(
                     [_reseed(results, main0)] + chosen,
                     lambda v, label=label: "main chain (seed 0)" if v.get("is_main") else label(v),
+                    d,
                 ),
             ]
     if figures:
@@ -201,7 +254,7 @@ def write_figures(results: dict[str, Any], out: Path) -> list[str]:
         curves,
         out / "link_sweep.png",
         xlabel="link steps / baseline steps",
-        ylabel="gap to baseline mean (pt, >0 worse)",
+        ylabel="gap to baseline mean (>0: chain worse)",
         title="Chain link length sweep (seed 0)",
     )
     files.append("link_sweep.png")
@@ -232,10 +285,10 @@ def write_figures(results: dict[str, Any], out: Path) -> list[str]:
         labels = [f"{v['tag']} a={v['alpha']}" if v["tag"] == "chain" else v["tag"] for v in variants]
         panels = [
             BarPanel(
-                "ablations: worst gap (pt)",
+                "ablations: worst gap",
                 labels,
                 [("worst gap", [v["summary"]["worst_gap"] for v in variants])],
-                "pt",
+                results["metric"],
                 hline=0.0,
             ),
             BarPanel(

@@ -21,6 +21,7 @@ from compt.cli.chain import _load as load_cli_spec
 from compt.config import ConfigError
 from compt.engine.checkpoint import load_checkpoint
 from compt.engine.resume import RunMismatchError
+from compt.engine.runlog import read_metrics
 
 SPEC = {
     "name": "t",
@@ -111,6 +112,39 @@ def test_until_lossless_stops_a_link_early(finished, tmp_path):
     assert link["steps"] < 8 and link["epochs"] < 2
 
 
+# Small eval sets: every step's evaluation of the loss test below takes milliseconds.
+SMALL_EVAL = {"metric": "val_loss", "options": {"num_images": 8, "val_images": 64, "val_batch_size": 32}}
+
+
+def test_until_lossless_stops_a_link_on_a_loss_at_the_first_check_within_tolerance(tmp_path):
+    """val_loss is lower-is-better: the link stops at the first step whose loss is at most the twin's
+    + 0.01 nats (the paradigm's default tolerance), not at the first one above it (issue 12 item 5)."""
+    until = {"enabled": True, "check_every_steps": 1}
+    spec = load_spec(
+        _write(tmp_path, eval=SMALL_EVAL, baseline_epochs=1, epochs=[1, 2], until_lossless=until)
+    )
+    root = Path(spec.out_dir)
+
+    def run_against(twin: float) -> dict:
+        (root / "individual").mkdir(parents=True, exist_ok=True)
+        summary = {"members": [{"name": "debug-L", "metrics": {"val_loss": twin}}]}
+        (root / "individual" / "summary.json").write_text(json.dumps(summary))
+        return run_chain(spec)["members"][1]
+
+    assert run_against(-1e9)["until_lossless"] is None  # out of reach: the link's whole trajectory
+    losses = {r["step"]: r["val_loss"] for r in read_metrics(root / "chain/debug-L/metrics.jsonl", "eval")}
+    assert sorted(losses) == list(range(1, 9))  # the cheap periodic evaluation ran at every check
+    # k: the first step below every earlier one; the twin is set so that k is just within 0.01 nats.
+    k = next(s for s in range(2, 9) if losses[s] < min(losses[j] for j in range(1, s)))
+    margin = (min(losses[j] for j in range(1, k)) - losses[k]) / 2
+    shutil.rmtree(root / "chain" / "debug-L")  # the same link again, from the same teacher
+    link = run_against(losses[k] - 0.01 + margin / 2)
+    assert link["steps"] == k and link["until_lossless"] == {"stopped_at_step": k, "epochs_needed": 2 * k / 8}
+    evals = read_metrics(root / "chain" / "debug-L" / "metrics.jsonl", "eval")
+    assert [r["val_loss"] for r in evals[:k]] == pytest.approx([losses[s] for s in range(1, k + 1)])
+    assert "mean_zeroshot_top1" in link["metrics"]  # the final evaluation after the stop is the full one
+
+
 def test_until_lossless_against_twins_of_another_spec_is_refused(finished, tmp_path):
     """The sweep after issue 11: twins trained on other data were a silent, wrong until_lossless target."""
     _, individual, _ = finished
@@ -153,6 +187,10 @@ def test_until_lossless_without_baseline_is_a_clear_error(tmp_path, capsys):
         ({"train": {"out_dir": "x"}}, "the chain sets it per member"),
         ({"train": {"lr": -1.0}}, "lr"),
         ({"eval": {"metric": "mean_zeroshot_top5"}}, "not a metric compt computes"),
+        ({"eval": {"periodic": ["val_los"]}}, "eval.periodic: 'val_los' is not a metric"),
+        ({"eval": {"options": {"val_image": 64}}}, "eval.options.*val_image"),
+        ({"until_lossless": {"tolerance": -0.1}}, "absolute tolerance must be a finite number >= 0"),
+        ({"until_lossless": {"relative_tolerance": 1.5}}, "a fraction of the twin's value"),
     ],
 )
 def test_bad_specs_fail_before_training(tmp_path, changes, message):
@@ -315,3 +353,32 @@ def test_a_rerun_with_another_config_is_refused_then_retrained_keeping_the_old_r
     on_disk = json.loads((root / "summary.json").read_text())
     # what trained, as numbers: `1e-2` was a YAML 1.1 string in summary.json before (issue 11's sweep)
     assert on_disk["config"]["train"]["lr"] == 1e-2 and on_disk["members"][1]["steps"] == 12
+
+
+def test_until_lossless_stops_in_the_metrics_direction(tmp_path):
+    # val_loss goes down: within 0.1 nats of the twin's 5.0 means <= 5.1 (a higher-is-better rule
+    # would stop at once at 5.2, and never at 3.0 once the twin's score is subtracted the other way).
+    from compt.chain import EvalSpec, UntilLossless, _lossless_stop
+
+    spec = ChainSpec(
+        family="llama-cpu",
+        out_dir=str(tmp_path),
+        members=("llama-cpu-S", "llama-cpu-M"),
+        eval=EvalSpec(metric="val_loss"),
+        until_lossless=UntilLossless(enabled=True, tolerance=0.1),
+    )
+    (tmp_path / "individual").mkdir()
+    twin = {"members": [{"name": "llama-cpu-M", "metrics": {"val_loss": 5.0}}]}
+    (tmp_path / "individual" / "summary.json").write_text(json.dumps(twin))
+    stop = _lossless_stop(spec, spec.resolved_members()[1])
+    assert stop({"val_loss": 5.05}) and stop({"val_loss": 3.0})
+    assert not stop({"val_loss": 5.2}) and not stop({})
+    assert spec.data.cache_dir == str(tmp_path / "data")  # the chain's members share one tokenizer
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_load_and_validate(path, tmp_path):
+    spec = load_spec(path, [f"out_dir={tmp_path}"])  # every member's TrainConfig is built and checked
+    assert len(spec.resolved_members()) >= 2

@@ -21,7 +21,7 @@ from compt.paradigms.clip.data import (
     tokenizer,
 )
 from compt.paradigms.clip.data.scene_captions import all_captions, describe
-from compt.paradigms.clip.data.synthetic import SyntheticDataset, sample_scene, scene_rng
+from compt.paradigms.clip.data.synthetic import SyntheticDataset, render, sample_scene, scene_rng
 
 SMALL = DataConfig(num_samples=96, seed=3)
 
@@ -136,6 +136,46 @@ def test_debug_resolution_and_num_captions():
     cfg = DataConfig(num_samples=8, num_captions=2)
     (images, texts), *_ = _batches(cfg, image_size=16, context_length=16, global_batch_size=8)
     assert images.shape == (8, 3, 16, 16) and texts.shape == (8, 2, 16)
+
+
+def test_grid_puts_every_object_inside_its_own_patch():
+    # Issue 12: 32 px images, 8 px patches -> a 4 x 4 grid; every object inside one patch.
+    spec = SyntheticSpec(sizes=("small", "medium"), object_scale=0.8, grid=4)
+    cells = 0
+    for i in range(200):
+        scene = sample_scene(scene_rng(0, 0, i), spec)
+        centres = [xy for o in scene.objects for xy in o.positions]
+        for o in scene.objects:
+            assert o.radius < 0.125  # half a cell
+        for x, y in centres:
+            assert (x * 4 - 0.5) == pytest.approx(round(x * 4 - 0.5)) and 0 < x < 1
+            assert (y * 4 - 0.5) == pytest.approx(round(y * 4 - 0.5)) and 0 < y < 1
+        assert len({(round(x, 6), round(y, 6)) for x, y in centres}) == len(centres)  # one object a cell
+        cells += len(centres)
+    assert cells > 250  # multi and pair scenes were among them
+    # The image shows it: a lone object's pixels lie inside its cell (on a plain black background),
+    # up to the anti-aliased tips of pointed shapes (triangle/star vertices reach 1.15 radii).
+    dark = SyntheticSpec(
+        sizes=("small", "medium"),
+        object_scale=0.8,
+        grid=4,
+        backgrounds=("black",),
+        patterns=("plain",),
+        pixel_noise=0.0,
+    )
+    for i in range(40):
+        rng = scene_rng(0, 0, i)
+        scene = sample_scene(rng, dark, "single")
+        ((x, y),) = scene.objects[0].positions
+        cell = np.zeros((32, 32), bool)
+        r0, c0 = int(y * 4) * 8, int(x * 4) * 8
+        cell[max(0, r0 - 1) : r0 + 9, max(0, c0 - 1) : c0 + 9] = True
+        bright = render(scene, 32, rng, dark).max(axis=2) > 0.3
+        assert bright.any() and not (bright & ~cell).any()
+    # Defaults keep the free placement, and a too-large object is a clear error.
+    assert SyntheticSpec().grid == 0
+    with pytest.raises(ValueError, match="fit a cell"):
+        SyntheticSpec(sizes=("large",), grid=4)
 
 
 def test_tokenizer_matches_open_clip():

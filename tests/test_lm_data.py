@@ -129,7 +129,7 @@ def test_windows_overlap_by_one_token_and_batches_are_deterministic():
 
     def batches(**kw):
         args = {"seed": 1, "epoch": 0, "global_batch_size": 8, **kw}
-        return list(TokenLoader(windows, **args))
+        return [tokens for (tokens,) in TokenLoader(windows, **args)]
 
     one = batches()
     assert len(one) == 12 and one[0].shape == (8, 11) and one[0].dtype == torch.int64

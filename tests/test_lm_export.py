@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from compt.paradigms.lm.export import export_lm
+from compt.paradigms.lm.export import check_target, export_lm
 from compt.paradigms.lm.models import build_model, llama_cfg
 from compt.paradigms.lm.tokenizer import EOS, byte_tokenizer, train_bpe
 
@@ -63,3 +63,18 @@ def test_export_checks_what_it_is_given(tmp_path):
     with pytest.raises(TypeError, match="unwrap DDP"):
         export_lm(torch.nn.Sequential(model), None, tmp_path / "b")
     assert (export_lm(model, None, tmp_path / "c") / "config.json").is_file()
+
+
+def test_an_export_folder_of_another_model_is_refused_unless_forced(tmp_path):
+    def tiny(layers: int):
+        shape = dict(width=32, heads=4, kv_heads=2, head_dim=8, mlp=48, vocab_size=64, context_length=8)
+        return build_model(llama_cfg(layers=layers, tied=True, **shape))
+
+    out = export_lm(tiny(1), None, tmp_path / "export")
+    check_target(out, tiny(1))  # the same config: a re-export is fine
+    with pytest.raises(ValueError, match=r"another model \(num_hidden_layers 1 vs 2\).*--force"):
+        check_target(out, tiny(2))
+    check_target(out, tiny(2), force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        check_target(tmp_path / "file", tiny(1))

@@ -1,20 +1,12 @@
-"""The Llama grow layout (compt.paradigms.lm.layout) applied the way compt.grow._grow applies a layout.
-
-Until compt.grow takes a layout object (issue 14's architecture step), :func:`_grow` below runs the
-same steps as ``compt.grow.iwi._grow``: plan every tensor with ``compt.grow.iwi._maps``, then write it with
-``compt.grow.strategies.grow_tensor``.
-"""
+"""The Llama grow layout (compt.paradigms.lm.layout) through compt.grow's public API (``paradigm="lm"``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compt.grow.iwi import _maps
-from compt.grow.layout import GrowError
-from compt.grow.strategies import depth_map, grow_tensor, list_depth_strategies, list_width_strategies
-from compt.grow.strategies import width_strategy as get_width
-from compt.paradigms.lm.layout import check_growable, describe, net2net_notes, plan
+from compt.grow import GrowError, grow, grow_state_dict, list_depth_strategies, list_width_strategies
+from compt.paradigms.lm.layout import describe, net2net_notes
 from compt.paradigms.lm.models import build_model, llama_cfg
 
 torch.set_num_threads(1)
@@ -41,20 +33,14 @@ def _model(cfg, seed):
 
 
 def _grow(teacher, t_cfg, student, s_cfg, width="insert", depth="duplicate", seed=0):
-    """compt.grow._grow's steps with the LM layout; loads the result into ``student``."""
-    strategy = get_width(width)
-    t_sd, s_sd = teacher.state_dict(), student.state_dict()
-    t, s = describe(t_sd, t_cfg, "teacher"), describe(s_sd, s_cfg, "student")
-    check_growable(t, s)
-    rules, depth_maps = plan(t, s, lambda a, b: depth_map(depth, a, b))
-    assert set(rules) == set(s_sd), set(rules) ^ set(s_sd)
-    cache: dict = {}
-    jobs = [(k, v, rules[k], _maps(rules[k], t_sd, v, strategy, seed, cache)) for k, v in s_sd.items()]
-    out = {}
-    for key, s_val, rule, maps in jobs:
-        out[key] = s_val.clone() if maps is None else grow_tensor(t_sd[rule.source], s_val, maps, False)[0]
+    """compt.grow.grow_state_dict with the LM layout; loads the result into ``student``."""
+    s_sd = student.state_dict()
+    out, report = grow_state_dict(
+        teacher.state_dict(), t_cfg, s_sd, s_cfg, width=width, depth=depth, seed=seed, paradigm="lm"
+    )
+    assert set(out) == set(s_sd) == set(report.tensors)
     student.load_state_dict(out)
-    return out, depth_maps
+    return out, report.depth_maps
 
 
 def _logits(model, tokens):
@@ -191,3 +177,22 @@ def test_describe_rejects_a_config_that_does_not_fit_the_state_dict():
         describe(sd, {**cfg, "num_attention_heads": 8, "num_key_value_heads": 4}, "teacher")
     with pytest.raises(GrowError, match="did you mean 'hidden_size'"):
         describe(sd, {**cfg, "hiden_size": 3}, "teacher")
+
+
+def test_grow_on_models_finds_the_lm_layout_and_matches_the_state_dict_path():
+    t_cfg, s_cfg = _cfg(), _cfg(width=48, layers=3, heads=6, kv_heads=3, mlp=80)
+    teacher = _model(t_cfg, 0)
+    by_sd, by_model = _model(s_cfg, 1), _model(s_cfg, 1)
+    _grow(teacher, t_cfg, by_sd, s_cfg, "net2net", "interval", seed=2)
+    report = grow(teacher, by_model, width="net2net", depth="interval", seed=2)  # hints from the models
+    assert report.depth_maps == {"decoder": [0, None, 1]} and report.notes
+    for key, value in by_sd.state_dict().items():
+        torch.testing.assert_close(by_model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert by_model.lm_head.weight is by_model.model.embed_tokens.weight
+
+
+def test_a_clip_model_cannot_grow_into_a_llama():
+    from compt.families import create
+
+    with pytest.raises(GrowError, match="different paradigms"):
+        grow(create("debug-S"), _model(_cfg(), 0))

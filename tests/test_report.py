@@ -8,13 +8,26 @@ from pathlib import Path
 import pytest
 
 from compt.cli import main as cli_main
-from compt.report import load_run, member_curve, read_metrics, render_markdown, report_warnings, write_report
+from compt.report import (
+    collect_runs,
+    load_run,
+    member_curve,
+    read_metrics,
+    render_markdown,
+    report_warnings,
+    seed_curves,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _write_run(
-    root: Path, kind: str, members: list[tuple[str, float, float, float, float]], evals: int = 3
+    root: Path,
+    kind: str,
+    members: list[tuple[str, float, float, float, float]],
+    evals: int = 3,
+    seed: int = 0,
 ) -> Path:
     """A run folder: summary.json plus one metrics.jsonl per member (train lines and eval lines).
 
@@ -78,7 +91,7 @@ def _write_run(
                 else None,
             }
         )
-    summary = {"kind": kind, "family": "tiny", "members": entries, "config": {"seed": 0}}
+    summary = {"kind": kind, "family": "tiny", "members": entries, "config": {"train": {"seed": seed}}}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return root
 
@@ -144,8 +157,9 @@ def test_table2_gaps_ratios_and_lossless(runs):
     s, m = rows["tiny-S"], rows["tiny-M"]
     assert s["Teacher"] == "tiny-XS" and rows["tiny-XS"]["Teacher"] == "—"
     assert s["Zero-shot top-1"] == "26.00" and s["Zero-shot top-1 baseline"] == "25.00"
-    assert s["Zero-shot top-1 Δ"] == "+1.00" and s["Retrieval R@1 Δ"] == "+0.50"
-    assert m["Zero-shot top-1 Δ"] == "-0.20" and m["Lossless"] == "yes"  # within 0.5 points
+    # The gap is how much worse than the baseline: negative when the chain is better (issue 12).
+    assert s["Zero-shot top-1 gap"] == "-1.00" and s["Retrieval R@1 gap"] == "-0.50"
+    assert m["Zero-shot top-1 gap"] == "+0.20" and m["Lossless"] == "yes"  # within 0.5 points
     # Individual and accumulated ratios: 4e12/1.5e12, (1+4)/(1+1.5); hours: 150/50.
     macs_col = next(k for k in s if k.startswith("MACs indiv."))
     assert s[macs_col] == "1.50 (2.67×)"
@@ -168,6 +182,42 @@ def test_lossy_member_is_flagged(tmp_path):
     assert "Lossless for every member: no" in md
 
 
+def _lm_summary(root: Path, kind: str, losses: list[float], tolerance: float) -> Path:
+    """An LM run's summary.json: val_loss lower is better, its tolerance in nats (as chain.py writes)."""
+    root.mkdir(parents=True)
+    members = [
+        {
+            "name": f"llama-cpu-{tag}",
+            "teacher": None,
+            "epochs": 1.0,
+            "steps": 10,
+            "samples_seen": 160,
+            "train_macs": 1e12,
+            "accumulated_train_macs": 1e12 * (i + 1),
+            "wall_s": 10.0,
+            "accumulated_wall_s": 10.0 * (i + 1),
+            "metrics": {"val_loss": loss},
+        }
+        for i, (tag, loss) in enumerate(zip("SML", losses, strict=False))
+    ]
+    summary = {"kind": kind, "family": "llama-cpu", "metric": "val_loss", "members": members}
+    rule = {"higher_is_better": False, "tolerance": {"absolute": tolerance, "relative": 0.0}, "unit": "nats"}
+    summary |= {"paradigm": "lm", "metric_rules": {"val_loss": rule}}
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_lossless_follows_the_metrics_direction_and_the_runs_tolerance(tmp_path):
+    # A loss above the twin's is worse: 4.03 vs 4.00 is within 0.05, 4.10 is not, 3.50 is better.
+    base = load_run(_lm_summary(tmp_path / "b", "individual", [4.0, 4.0, 4.0], 0.05))
+    chain = load_run(_lm_summary(tmp_path / "c", "chain", [4.0, 4.03, 4.10], 0.05))
+    rows = _table_rows(render_markdown(chain, base))
+    assert [rows[f"llama-cpu-{t}"]["Lossless"] for t in "SML"] == ["yes", "yes", "no"]
+    assert rows["llama-cpu-M"]["Val. loss gap"] == "+0.030"
+    better = load_run(_lm_summary(tmp_path / "d", "chain", [4.0, 3.5, 3.9], 0.05))
+    assert "Lossless for every member: yes" in render_markdown(better, base)
+
+
 def test_write_report_makes_markdown_and_valid_pngs(runs, tmp_path):
     chain, base = runs
     out = tmp_path / "rep"
@@ -184,7 +234,7 @@ def test_chain_alone_has_no_baseline_columns(runs):
     report = write_report(chain)  # default folder: <run>/report
     assert report == chain / "report" / "report.md"
     md = report.read_text()
-    assert not any("baseline" in k for k in _table_rows(md)["tiny-S"]) and "Δ" not in md
+    assert not any("baseline" in k or "gap" in k for k in _table_rows(md)["tiny-S"])
     assert not (chain / "report" / "acceleration.png").exists()
     assert (chain / "report" / "metric_vs_macs.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -368,3 +418,134 @@ def test_report_out_on_an_unwritable_path_is_one_line(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "report folder" in err and "blocker/rep cannot be written" in err and "--out" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --- metric direction (issue 12 item 5) ----------------------------------------------------------
+
+
+def _loss_run(root: Path, kind: str, losses: list[float], rules: bool = True) -> Path:
+    """A CLIP run whose headline is val_loss (lower is better), with metric_rules as chain.py writes them
+    (``rules=False``: a summary written before them, read through the CLIP paradigm)."""
+    run = _write_run(
+        root, kind, [(f"tiny-{t}", 4, 1e12 * (i + 1), 60, 30.0) for i, t in enumerate(("XS", "S", "M"))]
+    )
+    doc = json.loads((run / "summary.json").read_text())
+    for m, loss in zip(doc["members"], losses, strict=True):
+        m["metrics"] |= {"val_loss": loss, "chance/val_loss": 5.545}
+    doc["metric"] = "val_loss"
+    if rules:
+        tol = {"absolute": 0.01, "relative": 0.0}
+        doc["metric_rules"] = {"val_loss": {"higher_is_better": False, "tolerance": tol, "unit": "nats"}}
+    (run / "summary.json").write_text(json.dumps(doc))
+    return run
+
+
+@pytest.mark.parametrize("rules", [True, False])
+def test_a_loss_is_judged_lower_is_better_in_nats(tmp_path, rules):
+    base = _loss_run(tmp_path / "b", "individual", [4.149, 4.127, 4.112], rules)
+    chain = _loss_run(tmp_path / "c", "chain", [4.149, 4.132, 4.136], rules)
+    md = render_markdown(load_run(chain), load_run(base))
+    rows = _table_rows(md)
+    s, m = rows["tiny-S"], rows["tiny-M"]
+    assert (s["Val. loss"], s["Val. loss baseline"], s["Val. loss gap"]) == ("4.132", "4.127", "+0.005")
+    assert m["Val. loss gap"] == "+0.024" and s["Lossless"] == "yes" and m["Lossless"] == "no"
+    assert "Lossless for every member: no (tiny-M: Val. loss 0.024 nats worse (tolerance 0.01 nats))." in md
+    assert "Val. loss in nats" in md and "Val. loss 0.01 nats" in md and "Val. loss 5.545" in md
+    better = _loss_run(tmp_path / "d", "chain", [4.149, 4.100, 4.090], rules)
+    rows = _table_rows(render_markdown(load_run(better), load_run(base)))
+    assert rows["tiny-M"]["Val. loss gap"] == "-0.022" and rows["tiny-M"]["Lossless"] == "yes"
+
+
+def test_a_loss_near_its_chance_level_is_marked_and_a_spec_tolerance_applies(tmp_path):
+    base = _loss_run(tmp_path / "b", "individual", [5.540, 4.127, 4.112])
+    chain = _loss_run(tmp_path / "c", "chain", [5.530, 4.160, 4.136])
+    doc = json.loads((chain / "summary.json").read_text())
+    doc["metric_rules"]["val_loss"]["tolerance"] = {"absolute": 0.0, "relative": 0.01}  # 1 % of the twin
+    (chain / "summary.json").write_text(json.dumps(doc))
+    rows = _table_rows(render_markdown(load_run(chain), load_run(base)))
+    assert rows["tiny-XS"]["Val. loss"] == "5.530 (at chance)"  # less than 1 % below ln(256)
+    assert rows["tiny-XS"]["Lossless"] == "yes (val_loss at chance)"  # judged on the accuracies
+    assert rows["tiny-S"]["Lossless"] == "yes" and rows["tiny-M"]["Lossless"] == "yes"  # 0.033 < 0.041
+
+
+# --- Fig. 1: curves and seeds ---------------------------------------------------------------------
+
+
+def test_curves_of_chain_and_baseline_one_seed(runs):
+    chain, base = load_run(runs[0]), load_run(runs[1])
+    c = {x.member: x.points for x in seed_curves(chain, "mean_zeroshot_top1")}
+    b = {x.member: x.points for x in seed_curves(base, "mean_zeroshot_top1")}
+    # The chain's tiny-S starts after tiny-XS's 1e12 MACs; the baseline's after its own 1e12.
+    assert [(round(x / 1e12, 6), y, sd, n) for x, y, sd, n in c["tiny-S"]] == [
+        (1.5, pytest.approx(26 / 3), 0.0, 1),
+        (2.0, pytest.approx(52 / 3), 0.0, 1),
+        (2.5, pytest.approx(26.0), 0.0, 1),
+    ]
+    assert [round(x / 1e12, 6) for x, *_ in b["tiny-M"]] == [8.0, 11.0, 14.0]
+
+
+def _seeds(tmp_path: Path, top1s: list[tuple[float, float]]) -> Path:
+    """Output trees seed0/, seed1/, ... (chain/ + individual/), member tiny-S's final top-1 per seed."""
+    for seed, (ours, theirs) in enumerate(top1s):
+        tree = tmp_path / "seeds" / f"seed{seed}"
+        _write_run(
+            tree / "chain",
+            "chain",
+            [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 4, 1e12, 50, ours)],
+            seed=seed,
+        )
+        base = [("tiny-XS", 8, 1e12, 60, 20.0), ("tiny-S", 8, 3e12, 90, theirs)]
+        _write_run(tree / "individual", "individual", base, seed=seed)
+    return tmp_path / "seeds"
+
+
+def test_curves_pool_seeds_by_step_with_their_spread(tmp_path):
+    folder = _seeds(tmp_path, [(24.0, 25.0), (26.0, 25.5), (28.0, 26.0)])
+    run, base = collect_runs([folder])
+    assert [str(r.root) for r in run.seeds] == [str(folder / f"seed{i}" / "chain") for i in range(3)]
+    (xs, s) = seed_curves(run, "mean_zeroshot_top1")
+    assert xs.points[-1][1:] == (20.0, 0.0, 3)  # the same in every seed: no spread
+    # Per step, the mean and sample std over seeds of top1 * step/30: 26 ± 2 at the end.
+    assert [(round(x / 1e12, 6), y, sd, n) for x, y, sd, n in s.points] == [
+        (1.333333, pytest.approx(26 / 3), pytest.approx(2 / 3), 3),
+        (1.666667, pytest.approx(52 / 3), pytest.approx(4 / 3), 3),
+        (2.0, pytest.approx(26.0), pytest.approx(2.0), 3),
+    ]
+    rows = _table_rows(render_markdown(run, base))
+    assert (
+        rows["tiny-S"]["Zero-shot top-1"] == "26.00 ± 2.00"
+        and rows["tiny-S"]["Zero-shot top-1 gap"] == "-0.50"
+    )
+    assert rows["tiny-S"]["Zero-shot top-1 baseline"] == "25.50 ± 0.50"
+
+
+def test_report_over_seeds_from_the_cli(tmp_path, capsys):
+    folder = _seeds(tmp_path, [(24.0, 25.0), (26.0, 25.5)])
+    assert cli_main(["report", str(folder)]) == 0
+    md = (folder / "report" / "report.md").read_text()
+    assert "CoM-PT: the mean ± standard deviation over 2 seeds" in md and "over 2 seeds" in md
+    assert (folder / "report" / "metric_vs_macs.png").read_bytes()[:8] == PNG_MAGIC
+    # The same seeds named one by one, chain then baseline with --baseline.
+    chains = [str(folder / f"seed{i}" / "chain") for i in range(2)]
+    bases = [str(folder / f"seed{i}" / "individual") for i in range(2)]
+    out = tmp_path / "o"
+    assert cli_main(["report", *chains, "--baseline", *bases, "--out", str(out)]) == 0
+    assert _table_rows((out / "report.md").read_text()) == _table_rows(md)
+    # Legacy form: a chain and its baseline (two kinds) are run and baseline, not two seeds.
+    run, base = collect_runs([chains[0], bases[0]])
+    assert (run.seeds, base.seeds, base.summary["kind"]) == ((), (), "individual")
+
+
+def test_seeds_of_another_experiment_or_the_same_seed_are_named(tmp_path):
+    folder = _seeds(tmp_path, [(24.0, 25.0), (26.0, 25.5)])
+    doc = json.loads((folder / "seed1" / "chain" / "summary.json").read_text())
+    doc["config"]["train"]["seed"] = 0
+    (folder / "seed1" / "chain" / "summary.json").write_text(json.dumps(doc))
+    run, base = collect_runs([folder])
+    (warning,) = report_warnings(run, base)
+    assert "have train.seed 0, 0" in warning
+    _write_run(tmp_path / "other", "chain", [("tiny-XS", 8, 1e12, 60, 20.0)])
+    with pytest.raises(ValueError, match="is not a seed of"):
+        collect_runs([folder / "seed0" / "chain", tmp_path / "other"])
+    with pytest.raises(FileNotFoundError, match="no run folders"):
+        collect_runs([tmp_path / "seeds" / "seed0" / "chain" / "tiny-S"])

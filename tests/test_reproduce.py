@@ -26,12 +26,16 @@ DEBUG = dict(
     prepend="",
     seeds=(0, 1),
     baseline_steps=(2, 4),
+    reference_steps=2,  # the baseline of comparisons; 4 is its doubling (the convergence check)
     link_fractions=(0.5, 1.0),
     alphas=(0.0,),
+    ablations=True,  # off in the benchmark's defaults (budget); the machinery stays tested
     batch=8,
     num_samples=64,
     eval_images=8,
     eval_retrieval=8,
+    val_images=16,
+    val_batch=8,
 )
 
 
@@ -47,27 +51,43 @@ def results(tmp_path_factory):
 def test_every_phase_ran_with_the_engine(results):
     res, out, _ = results
     runs = res["runs"]
-    # baselines: seed 0 at both lengths, seed 1 at the longest
-    assert {"base_debug-S_2_s0", "base_debug-S_4_s0", "base_debug-S_4_s1", "base_debug-L_4_s1"} <= set(runs)
+    # baselines: seed 0 at both lengths, seed 1 at the reference (2 steps) only
+    assert {"base_debug-S_2_s0", "base_debug-S_4_s0", "base_debug-S_2_s1", "base_debug-L_2_s1"} <= set(runs)
+    assert "base_debug-L_4_s1" not in runs
     for key, run in runs.items():
         assert (out / "runs" / key / "final.pt").is_file()  # the engine wrote it
-        assert run["train_macs"] > 0 and 0 <= run["metrics"][METRIC] <= 100
-    # a link trains fraction x the member's longest baseline schedule and costs its teacher's forward too
-    link = runs["chain-debug-S_f0p5_a500_debug-L_s0"]
-    base = runs["base_debug-L_4_s0"]
-    assert link["steps"] == 2 and link["job"]["teacher"] == "base_debug-S_4_s0"
-    assert link["train_macs"] > base["train_macs"] / 2
+        assert run["train_macs"] > 0 and run["metrics"][METRIC] > 0 and "mean_zeroshot_top1" in run["metrics"]
+    # a link trains fraction x the member's reference schedule and costs its teacher's forward too
+    link = runs["chain-debug-S_f1_a500_debug-L_s0"]
+    base = runs["base_debug-L_2_s0"]
+    assert link["steps"] == 2 and link["job"]["teacher"] == "base_debug-S_2_s0"
+    assert link["train_macs"] > base["train_macs"]
 
 
 def test_tables_are_consistent(results):
     res, _, _ = results
+    assert res["metric"] == METRIC and not res["higher_is_better"]  # a loss: lower is better
     b = res["baselines"]["debug-L"]
-    assert len(b["per_seed"]) == 2 and b["tolerance"] >= 0.5
+    assert len(b["per_seed"]) == 2 and b["tolerance"] >= Protocol().loss_tolerance
+    # convergence (criterion 2): what doubling 2 -> 4 steps bought at seed 0, positive when the loss fell
+    assert b["doubling_gain"] == pytest.approx(b["sweep"][2] - b["sweep"][4])
+    assert b["converged"] == (abs(b["doubling_gain"]) < Protocol().loss_tolerance)
+    fam = res["family"][0]  # criterion 1: the smaller member's loss minus the larger one's
+    small = res["baselines"]["debug-S"]
+    assert fam["gap"] == pytest.approx(small["mean"] - b["mean"])
+    assert fam["separated"] == (fam["gap"] > 0 and fam["gap"] >= 3 * max(small["std"], b["std"]))
     rows = res["main"]["rows"]
     assert rows[0]["first"] and rows[0]["accumulated_macs_x"] == pytest.approx(1.0)
     last = rows[-1]
-    assert last["gap"] == pytest.approx(b["mean"] - last["chain_mean"])
+    assert last["gap"] == pytest.approx(last["chain_mean"] - b["mean"])  # positive: the chain is worse
     assert last["lossless"] == (last["gap"] <= last["tolerance"])
+    assert set(res["informative"]) == {
+        "zeroshot/shape/top1",
+        "zeroshot/colour/top1",
+        "zeroshot/count/top1",
+        "zeroshot/binding/top1",
+    }
+    assert res["chance"]["zeroshot/colour/top1"] == pytest.approx(100 / len(Protocol().spec.colours))
     assert math.isclose(res["main"]["summary"]["worst_gap"], last["gap"])
     assert res["chosen_fraction"] in (0.5, 1.0)
     tags = {(v["tag"], str(v["alpha"])) for v in res["ablations"]}
@@ -83,6 +103,41 @@ def test_report_and_rerun_resumes(results, tmp_path):
     json.dumps(res, default=str)  # serializable
     again = reproduce.run(replace_proto(Protocol(), **DEBUG), out, workers=1, log=lambda *a: None)
     assert again["runs"] == json.loads(json.dumps(res["runs"]))  # every run read back, none retrained
+    # Finished runs of another setup are never mixed in: a changed lr into the same folder is an error.
+    with pytest.raises(RuntimeError, match=r"another protocol \(lr differ"):
+        reproduce.run(replace_proto(Protocol(), **DEBUG, lr=1e-3), out, workers=1, log=lambda *a: None)
+
+
+def test_quick_line_names_metric_baselines_and_direction(results):
+    res, _, _ = results
+    line = reproduce.summary_line(res, "quick")
+    b = [res["baselines"][m]["mean"] for m in ("debug-S", "debug-L")]
+    s = res["main"]["summary"]
+    assert line == (
+        f"quick: metric={METRIC} baselines={b[0]:.3f}/{b[1]:.3f} acceleration={s['accumulated_macs_x']:.2f}x "
+        f"worst_gap={s['worst_gap']:.3f} lossless={'yes' if s['lossless'] else 'no'}"
+    )
+
+
+def test_the_benchmark_family_fits_every_caption_and_the_grid():
+    """The bench family's 20-token context holds every caption of BENCH_SPEC (none truncated), and
+    its 8 px patches on 32 px images are the 4 x 4 grid the objects are centred on."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from compt.families import get_family
+    from compt.paradigms.clip.data.scene_captions import all_captions
+    from compt.paradigms.clip.data.synthetic import sample_scene, scene_rng
+
+    proto, tok = Protocol(), SimpleTokenizer()
+    members = get_family(proto.family).members
+    longest = max(
+        len(tok.encode(c)) + 2  # start and end tokens
+        for i in range(300)
+        for c in (lambda p, subs: [p, *subs])(*all_captions(sample_scene(scene_rng(0, 0, i), proto.spec)))
+    )
+    for m in members:
+        assert longest <= m.context_length, (m.name, longest)
+        assert m.image_size // m.model_cfg["vision_cfg"]["patch_size"] == proto.spec.grid
 
 
 def test_unknown_protocol_field_is_a_clear_error():
@@ -98,5 +153,8 @@ def test_rescoring_with_a_derived_metric_reuses_the_runs(results, tmp_path):
     run = again["runs"]["base_debug-L_4_s0"]["metrics"]
     expected = (run["retrieval/synthetic/i2t_r10"] + run["retrieval/synthetic/t2i_r10"]) / 2
     assert again["baselines"]["debug-L"]["sweep"][4] == pytest.approx(expected)
+    assert again["higher_is_better"] and again["base_tolerance"] == Protocol().tolerance
+    last = again["main"]["rows"][-1]  # a percentage: the gap is baseline minus chain
+    assert last["gap"] == pytest.approx(again["baselines"]["debug-L"]["mean"] - last["chain_mean"])
     with pytest.raises(KeyError, match="neither in the run's metrics"):
         metric_value(run, "bogus")

@@ -442,6 +442,58 @@ def test_should_stop_ends_the_link_early(tmp_path):
     assert [r["step"] for r in evals] == [2, 4] and evals[-1]["should_stop"] is True
 
 
+def test_periodic_evaluate_runs_before_the_last_step_and_evaluate_after_a_stop(tmp_path):
+    """A cheap periodic evaluation (issue 12); the final metrics are the full one's, also after a stop."""
+    seen = []
+
+    def full(model, step):
+        seen.append(("full", step))
+        return {"score": float(step), "extra": 1.0}
+
+    def cheap(model, step):
+        seen.append(("cheap", step))
+        return {"score": float(step)}
+
+    result = train_member(config(tmp_path / "a", eval_every_steps=2), evaluate=full, periodic_evaluate=cheap)
+    assert seen == [("cheap", 2), ("cheap", 4), ("full", 6)] and result.metrics == {
+        "score": 6.0,
+        "extra": 1.0,
+    }
+    seen.clear()
+    stopped = train_member(
+        config(tmp_path / "b", eval_every_steps=2),
+        evaluate=full,
+        periodic_evaluate=cheap,
+        should_stop=lambda m: m["score"] >= 4,
+    )
+    assert seen == [("cheap", 2), ("cheap", 4), ("full", 4)] and stopped.steps == 4
+    assert load_checkpoint(stopped.final_checkpoint)["metrics"] == {"score": 4.0, "extra": 1.0}
+    evals = read_metrics(tmp_path / "b" / "metrics.jsonl", "eval")
+    assert [(r["step"], "extra" in r, r.get("should_stop")) for r in evals] == [
+        (2, False, None),
+        (4, False, True),
+        (4, True, None),
+    ]
+
+
+def test_data_skips_and_repairs_are_in_metrics_jsonl(tmp_path):
+    """A non-UTF-8 caption (step 1) and a batch of missing files refilled (step 2) are counted there."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i in range(12):
+        name = f"images/img{i}.png"
+        if not 4 <= i < 8:  # rows 4..7, the whole second batch, are missing: it is refilled
+            Image.new("RGB", (20, 20), (20 * i, 0, 0)).save(tmp_path / name)
+        rows.append(name.encode() + b"\t" + (b"caf\xe9 cr\xe8me" if i == 1 else f"photo {i}".encode()))
+    (tmp_path / "train.tsv").write_bytes(b"filepath\ttitle\n" + b"".join(r + b"\n" for r in rows))
+    data = DataConfig(kind="tsv", path=str(tmp_path / "train.tsv"), shuffle=False)
+    train_member(config(tmp_path / "run", data=data, global_batch_size=4, steps=2))
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    assert [(r["step"], r["data_skips"], r["data_repairs"]) for r in lines] == [(1, 0, 1), (2, 4, 2)]
+
+
 def test_a_failing_evaluation_keeps_what_trained(tmp_path):
     """issue 11: an eval set that fails after the last step lost the member; now it saves, then raises."""
 

@@ -20,7 +20,12 @@ it first, the other reuses it.
 
 Automatic epoch allocation (beyond the paper, which interpolates it, §3.1.2 / Fig. 8): a link with
 ``until_lossless`` evaluates every ``check_every_steps`` and stops as soon as its metric is within
-``tolerance`` points of its individually trained twin, its epochs being the cap.
+the tolerance of its individually trained twin, in the metric's direction (a loss: at most that much
+above the twin's; issue 12), its epochs being the cap.
+
+Evaluations during training (``eval.every_steps``, the ``until_lossless`` checks) compute only the
+``eval.periodic`` metrics (default: the validation loss, the cheap low-noise metric of issue 12) and
+what ``until_lossless`` compares; the evaluation after the last step computes everything.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from compt.engine.lock import hold
 from compt.engine.resume import run_changes
 from compt.engine.train import TrainConfig, TrainResult, check_runtime, train_member
 from compt.families import Member, check_ascending, get_family
+from compt.lossless import CHANCE_PREFIX, MetricRule, Tolerance, is_lossless
 from compt.plan import allocate_epochs
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "run_chain",
     "member_train_config",
     "check_until_lossless",
+    "metric_rules",
 ]
 
 _LOG = logging.getLogger("compt.chain")
@@ -66,10 +73,20 @@ class EvalSpec:
     imagefolders: tuple[str, ...] = ()  # CLIP: extra ImageFolder zero-shot sets (a class per sub-folder)
     metric: str = "mean_zeroshot_top1"  # headline metric used by reports and until_lossless (paradigm's key)
     seed: int = 0  # seed of the embedded evaluation sets
+    # Metric keys the evaluations during training compute (only their sets are evaluated; the last
+    # evaluation computes all); empty: everything every time. Issue 12: the cheap validation loss.
+    periodic: tuple[str, ...] = ("val_loss",)
+    # Keyword options of the paradigm's evaluator (CLIP: num_images, val_images, val_batch_size, batch_size)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"eval.options must be a mapping of evaluator options, got {self.options!r}")
+        reserved = {"metrics", "data_cfg", "imagefolders", "seed"} & set(self.options)
+        if reserved:
+            raise ValueError(f"eval.options must not set {sorted(reserved)}: the chain sets them")
 
 
 @dataclass(frozen=True)
@@ -77,14 +94,27 @@ class UntilLossless:
     """Stop a link as soon as it is lossless against its individually trained twin."""
 
     enabled: bool = False
-    tolerance: float = 0.5  # points below the twin still counted lossless (the paper's criterion)
+    # How much worse than its twin on eval.metric a link may be and count as lossless, in the metric's
+    # units (points for a %, nats for a loss); null: the paradigm's default (0.5 points, 0.01 nats).
+    tolerance: float | None = None
+    relative_tolerance: float | None = None  # or a fraction of the twin's value; the larger applies
     check_every_steps: int = 50  # evaluation period while a link trains, optimizer steps
 
     def __post_init__(self) -> None:
-        if self.tolerance < 0:
-            raise ValueError(f"until_lossless.tolerance must be >= 0, got {self.tolerance}")
+        try:
+            self.as_tolerance()
+        except ValueError as e:
+            raise ValueError(
+                f"tolerance={self.tolerance!r}, relative_tolerance={self.relative_tolerance!r}: {e}"
+            ) from None
         if self.check_every_steps <= 0:
             raise ValueError(f"until_lossless.check_every_steps must be > 0, got {self.check_every_steps}")
+
+    def as_tolerance(self) -> Tolerance | None:
+        """The spec's tolerance, or None when it sets none (then the paradigm's default applies)."""
+        if self.tolerance is None and self.relative_tolerance is None:
+            return None
+        return Tolerance(absolute=self.tolerance or 0.0, relative=self.relative_tolerance or 0.0)
 
 
 @dataclass(frozen=True)
@@ -109,12 +139,19 @@ class ChainSpec:
         paradigm = get_family(self.family).paradigm
         data = {} if self.data is None else self.data
         if isinstance(data, dict):
-            object.__setattr__(self, "data", from_dict(paradigm.data_config, data, where="data"))
+            data = from_dict(paradigm.data_config, data, where="data")
         elif not isinstance(data, paradigm.data_config):
             raise ValueError(
                 f"data must be a mapping of {paradigm.data_config.__name__} fields, got {data!r}"
             )
-        paradigm.check_metric(self.eval.metric)  # a typo would make until_lossless wait forever
+        # Run-relative data defaults point at the chain's root, shared by every member (an LM's tokenizer).
+        object.__setattr__(self, "data", paradigm.bind_data(data, self.out_dir))
+        for where, keys in (("eval.metric", (self.eval.metric,)), ("eval.periodic", self.eval.periodic)):
+            for key in keys:  # a typo would make until_lossless wait forever
+                try:
+                    paradigm.check_metric(key)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
         if self.baseline_epochs <= 0:
             raise ValueError(f"baseline_epochs must be > 0, got {self.baseline_epochs}")
         if self.target_ratio and self.target_ratio < 1:  # else found only when epochs are allocated
@@ -249,13 +286,45 @@ def member_train_config(spec: ChainSpec, index: int, individual: bool) -> TrainC
     return from_dict(TrainConfig, fields, where=f"chain spec, member {member.name}")
 
 
-def _eval_options(spec: ChainSpec) -> dict[str, Any]:
-    return {"imagefolders": spec.eval.imagefolders} if spec.eval.imagefolders else {}
+def _eval_options(spec: ChainSpec, metrics: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The paradigm evaluator's options: ``eval.options``, the ImageFolders, and for the evaluations
+    during training the metric keys they compute (``metrics``: only the sets these keys need)."""
+    options = dict(spec.eval.options)
+    if spec.eval.imagefolders:
+        options["imagefolders"] = spec.eval.imagefolders
+    if metrics is not None:
+        options["metrics"] = metrics
+    return options
 
 
-def _evaluator(spec: ChainSpec, member: Member):
+def _evaluator(spec: ChainSpec, member: Member, metrics: tuple[str, ...] | None = None):
     """An ``evaluate(model, step)`` callback on the paradigm's held-out sets at the member's size."""
-    return member.paradigm.evaluator(member, data_cfg=spec.data, seed=spec.eval.seed, **_eval_options(spec))
+    return member.paradigm.evaluator(
+        member, data_cfg=spec.data, seed=spec.eval.seed, **_eval_options(spec, metrics)
+    )
+
+
+def _periodic_evaluator(spec: ChainSpec, member: Member, until_lossless: bool):
+    """The evaluations during training: ``eval.periodic`` and what until_lossless compares (None: all)."""
+    if not spec.eval.periodic:
+        return None
+    keys = tuple(dict.fromkeys(spec.eval.periodic + ((spec.eval.metric,) if until_lossless else ())))
+    return _evaluator(spec, member, keys)
+
+
+def metric_rules(spec: ChainSpec, keys: list[str]) -> dict[str, MetricRule]:
+    """How each of ``keys`` is compared (the paradigm's direction, tolerance and unit), with the
+    spec's ``until_lossless`` tolerance for ``eval.metric``; ``summary.json`` records them."""
+    paradigm = get_family(spec.family).paradigm
+    own = spec.until_lossless.as_tolerance()
+    return {k: paradigm.metric_rule(k, own if k == spec.eval.metric else None) for k in keys}
+
+
+def _lossless_stop(spec: ChainSpec, member: Member):
+    """``should_stop(metrics)``: the link is within the tolerance of its twin, in the metric's direction."""
+    metric, twin = spec.eval.metric, _twin_metric(spec, member)
+    rule = metric_rules(spec, [metric])[metric]
+    return lambda metrics: metric in metrics and is_lossless(metrics[metric], twin, rule)
 
 
 def _reuse_first_member(spec: ChainSpec, individual: bool, cfg: TrainConfig) -> None:
@@ -329,12 +398,19 @@ def run_chain(
     if not individual:
         check_until_lossless(spec)
     with hold(root):
+        rows = _train_members(spec, individual, retrain, root)
+        keys = sorted(
+            {k for r in rows for k in r["metrics"] if not k.startswith(CHANCE_PREFIX)} | {spec.eval.metric}
+        )
         summary = {
             "kind": "individual" if individual else "chain",
             "name": spec.name,
             "family": spec.family,
+            "paradigm": get_family(spec.family).paradigm.name,
             "metric": spec.eval.metric,
-            "members": _train_members(spec, individual, retrain, root),
+            # How the report compares each metric: direction, lossless tolerance, unit (issue 12).
+            "metric_rules": {k: rule.to_dict() for k, rule in metric_rules(spec, keys).items()},
+            "members": rows,
             "config": to_dict(spec),
         }
         if dist.is_main():
@@ -356,12 +432,15 @@ def _train_members(spec: ChainSpec, individual: bool, retrain: bool, root: Path)
         if i == 0 and dist.is_main():
             _reuse_first_member(spec, individual, cfg)
         dist.barrier()
-        should_stop = None
-        if spec.until_lossless.enabled and i > 0 and not individual:
-            target = _twin_metric(spec, member) - spec.until_lossless.tolerance
-            should_stop = lambda metrics, t=target: metrics.get(spec.eval.metric, float("-inf")) >= t  # noqa: E731
-        evaluate = _evaluator(spec, member)
-        result: TrainResult = train_member(cfg, evaluate=evaluate, should_stop=should_stop, retrain=retrain)
+        until = spec.until_lossless.enabled and i > 0 and not individual
+        should_stop = _lossless_stop(spec, member) if until else None
+        result: TrainResult = train_member(
+            cfg,
+            evaluate=_evaluator(spec, member),
+            should_stop=should_stop,
+            retrain=retrain,
+            periodic_evaluate=_periodic_evaluator(spec, member, until),
+        )
         acc_macs += result.train_macs
         acc_wall += result.wall_s
         export_dir = Path(cfg.out_dir) / "export"

@@ -36,6 +36,12 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
   Inheritance, Qin et al. 2022), ``step``: switched off after a fraction (SALT, arXiv 2410.18779).
   The factor is a function of the step, so a resumed run gets the same alpha; a step whose factor
   is 0 needs no teacher forward at all (:meth:`Distiller.factor`).
+- What is distilled is a *target* of the paradigm (:attr:`compt.paradigms.Paradigm.distill_targets`):
+  ``"feature"`` is Eq. 1 as above; the LM paradigm also offers ``"logit"``, a KL on the shared
+  vocabulary (no T). The paradigm gives each pair's unweighted distance
+  (:meth:`~compt.paradigms.Paradigm.distance`), logged as ``mse_<key>`` / ``kl_<key>``; alpha, its
+  ``auto`` mode, schedules and the gate weigh it the same whatever the target (the width scale
+  applies to feature MSEs only: a KL over the vocabulary is not a mean over dimensions).
 - The distillation gate (``gate=True``; beyond the paper, docs/reproduce.md finding 2): L_IFD gets
   weight 0 on a step where the student's task loss is already below the teacher's on the same batch
   (:meth:`Distiller.teacher_task_loss`), so a student never gets pulled back toward a weaker teacher.
@@ -136,6 +142,9 @@ def _step(progress: float, fraction: float) -> float:
     return 1.0 if progress < fraction else 0.0
 
 
+_STAT = {"feature": "mse", "logit": "kl"}  # the logged name of a target's distance
+
+
 def load_teacher(path: str | Path, student: Member) -> tuple[nn.Module, dict[str, Any], Member]:
     """The teacher of a chain link from its checkpoint: ``(model, payload, member)``.
 
@@ -194,10 +203,11 @@ def feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class AutoAlpha:
     """alpha_t = r * L_task / D, so that L_IFD / L_task = alpha * D / L_task equals r at every step.
 
-    D is the unweighted distance ``(MSE_image + MSE_text) / 2``, averaged over ranks so that every
-    rank uses the same alpha; both are detached (alpha is a weight, not a path for gradients). With
-    ``decay > 0``, exponential moving averages of L_task and D replace the step's values (smoother
-    alpha, but the ratio then lags behind a fast-shrinking D). alpha stays a tensor (no host sync per
+    D is the unweighted distance ``(MSE_image + MSE_text) / 2``; D and L_task are averaged over ranks
+    so that every rank uses the same alpha (an LM's L_task is each rank's own); both are detached
+    (alpha is a weight, not a path for gradients). With ``decay > 0``, exponential moving averages
+    of L_task and D replace the step's values (smoother alpha, but the ratio then lags behind a
+    fast-shrinking D). alpha stays a tensor (no host sync per
     step) and is capped so that a student almost equal to its teacher (D ~ 0) cannot get an absurd weight.
     """
 
@@ -216,8 +226,8 @@ class AutoAlpha:
 
     def __call__(self, task_loss: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         """Update the averages with this step's values and return the alpha to use for this step."""
-        task = task_loss.detach().float()
-        d = dist.all_reduce_mean(distance.detach().float())
+        pair = torch.stack([task_loss.detach().float(), distance.detach().float()])
+        task, d = dist.all_reduce_mean(pair)  # one collective for both
         if self.task_ema is None:
             self.task_ema, self.distance_ema = torch.zeros_like(task), torch.zeros_like(d)
         self.task_ema = self.task_ema.to(task.device) * self.decay + task * (1 - self.decay)
@@ -263,8 +273,15 @@ class Distiller:
         schedule: str = "constant",
         fraction: float = 1.0,
         total_steps: int = 1,
+        target: str = "feature",
     ):
         self.paradigm = paradigm  # compt.paradigms.Paradigm: which features the teacher gives
+        if target not in paradigm.distill_targets:
+            raise ValueError(
+                f"distillation target {target!r} is not one of the {paradigm.name} paradigm's: "
+                + ", ".join(paradigm.distill_targets)
+            )
+        self.target = target
         self.gate = bool(gate)
         if ref_dim is not None and ref_dim < 1:
             raise ValueError(f"alpha reference dim must be >= 1 (or None), got {ref_dim}")
@@ -294,7 +311,7 @@ class Distiller:
     @torch.no_grad()
     def teacher_features(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """The teacher's features of the student's batch (call it inside the student's autocast)."""
-        return self.paradigm.teacher_features(self.teacher, batch)
+        return self.paradigm.teacher_features(self.teacher, batch, self.target)
 
     @torch.no_grad()
     def teacher_task_loss(
@@ -313,28 +330,30 @@ class Distiller:
     ) -> dict[str, torch.Tensor]:
         """L_IFD of Eq. 1/4 from projected student features and the teacher's (same keys).
 
-        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` per feature, ``alpha`` (the
-        weight applied to the mean MSE: alpha x ``factor`` x D / ref_dim, or auto's value x
-        ``factor``) and ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all
-        tensors, all but ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate,
-        ``teacher_task`` (:meth:`teacher_task_loss`) only by the gate, which needs it; ``factor`` is
-        :meth:`factor` of the step.
+        Returns ``loss`` (alpha-weighted, to add to L_task), ``mse_<key>`` (``kl_<key>`` for the
+        logit target) per feature, ``alpha`` (the weight applied to the mean distance: alpha x
+        ``factor`` x D / ref_dim for a feature target, or auto's value x ``factor``) and
+        ``distill_on`` (1: L_IFD counts this step, 0: the gate dropped it); all tensors, all but
+        ``loss`` detached. ``task_loss`` is read by the ``auto`` mode and the gate, ``teacher_task``
+        (:meth:`teacher_task_loss`) only by the gate, which needs it; ``factor`` is :meth:`factor`.
         """
         if set(student) != set(teacher):
             raise ValueError(
                 f"student features {sorted(student)} and teacher features {sorted(teacher)} differ"
             )
-        mse = {key: feature_mse(student[key], teacher[key]) for key in student}
+        mse = {key: self.paradigm.distance(self.target, student[key], teacher[key]) for key in student}
         distance = torch.stack(list(mse.values())).mean()  # Eq. 4: averaged over the feature pairs
         if self.auto is not None:
             alpha = self.auto(task_loss, distance) * factor
         else:
             # One weight per unit of squared distance at every width (width_scale); features of
-            # different widths would each need their own, so they must agree.
+            # different widths would each need their own, so they must agree. A KL over the
+            # vocabulary (the logit target) is not a per-dimension mean: no width scale.
             dims = {value.shape[-1] for value in teacher.values()}
             if len(dims) != 1:
                 raise ValueError(f"a fixed alpha needs features of one width, got widths {sorted(dims)}")
-            weight = self.alpha * factor * width_scale(dims.pop(), self.ref_dim)
+            scale = width_scale(dims.pop(), self.ref_dim) if self.target == "feature" else 1.0
+            weight = self.alpha * factor * scale
             # A fill on the device: torch.tensor(x, device=cuda) is a host-to-device copy that syncs.
             alpha = torch.full((), weight, device=distance.device)
         on = torch.ones((), device=distance.device)
@@ -345,7 +364,7 @@ class Distiller:
             on = (task_loss.detach().float() >= teacher_task.detach().float()).float()
         return {
             "loss": on * alpha * distance,
-            **{f"mse_{key}": value.detach() for key, value in mse.items()},
+            **{f"{_STAT[self.target]}_{key}": value.detach() for key, value in mse.items()},
             "alpha": alpha.detach(),
             "distill_on": on,
         }

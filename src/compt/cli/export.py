@@ -1,4 +1,8 @@
-"""``compt export CKPT OUT_DIR``: write a member in open_clip's ``local-dir:`` layout (issue part 6)."""
+"""``compt export CKPT OUT_DIR``: write a member in its ecosystem's layout (issue part 6; issue 14).
+
+CLIP: open_clip's ``local-dir:`` folder. LM: a Hugging Face folder (``config.json``,
+``model.safetensors``, the tokenizer) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint as an open_clip local-dir folder",
-        description="Write OUT_DIR/open_clip_config.json and OUT_DIR/open_clip_model.safetensors, loadable "
-        "with open_clip.create_model_and_transforms('local-dir:OUT_DIR') and "
-        "open_clip.get_tokenizer('local-dir:OUT_DIR').",
+        help="export a checkpoint (CLIP: open_clip local-dir folder; LM: Hugging Face folder)",
+        description="CLIP: write OUT_DIR/open_clip_config.json and OUT_DIR/open_clip_model.safetensors, "
+        "loadable with open_clip.create_model_and_transforms('local-dir:OUT_DIR') and "
+        "open_clip.get_tokenizer('local-dir:OUT_DIR'). LM: write a Hugging Face folder (config.json, "
+        "model.safetensors, tokenizer.json) loadable with transformers.AutoModelForCausalLM.from_pretrained.",
     )
     p.add_argument(
         "ckpt", metavar="CKPT", help="checkpoint file, run folder (final.pt / newest step_*.pt) or export"
@@ -27,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from compt.engine.checkpoint import CheckpointError
-    from compt.paradigms.clip.export import export_member
+    from compt.paradigms import paradigm_of_path
 
+    paradigm = paradigm_of_path(args.ckpt)
     try:
-        out = export_member(args.ckpt, args.out_dir, force=args.force)
+        out = paradigm.export(args.ckpt, args.out_dir, force=args.force)
     except CheckpointError as e:  # a corrupt or foreign file is a user error: one line, exit 2
         raise ValueError(str(e)) from e
-    print(f"exported {args.ckpt} -> {out}  (open_clip: 'local-dir:{out}')")
+    print(f"exported {args.ckpt} -> {out}  ({paradigm.how_to_load(out)})")
     return 0

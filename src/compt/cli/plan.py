@@ -6,6 +6,7 @@
     compt plan configs/demo.yaml                 # a chain spec: its family, members, epochs, data, batch
     compt plan --family vit --members ViT-T/16,ViT-S/16,ViT-B/16,ViT-L/16 --epochs 128,24,18,15 \
         --progressive all                        # AutoProg-One on every chain member (an estimate)
+    compt plan --family llama --samples 4882812 --baseline-epochs 1 --seq-len 2048   # 10B tokens
 
 Models are built on the meta device, so planning ViT-L takes seconds and no memory.
 """
@@ -40,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default: every member of --family",
     )
     p.add_argument(
-        "--samples", type=int, help=f"images per epoch (default {CC3M_SAMPLES:,}, CC3M as in the paper)"
+        "--samples",
+        type=int,
+        help=f"samples per epoch: images (CLIP) or windows of --seq-len tokens (LM) "
+        f"(default {CC3M_SAMPLES:,}, CC3M as in the paper)",
     )
     p.add_argument(
         "--baseline-epochs",
@@ -52,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated chain epochs, one per member, fractions allowed (e.g. 3,1,0.75); "
         "default: allocated per §3.1.2",
     )
-    p.add_argument("--captions", type=int, help="captions per image, M (default 4, Table G)")
+    p.add_argument("--captions", type=int, help="CLIP: captions per image, M (default 4, Table G)")
+    p.add_argument("--seq-len", type=int, help="LM: tokens per sample (default: the member's context length)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -105,6 +110,26 @@ def _epochs(text: str | None) -> list[float] | None:
         ) from None
 
 
+# flag -> the keyword of Paradigm.sample_cost it sets
+_SAMPLE_FLAGS = {"captions": "num_captions", "seq_len": "seq_len"}
+
+
+def _sample(args: argparse.Namespace, members: list[Member]) -> dict[str, int]:
+    """The per-sample keywords of the flags given; a flag of another paradigm is an error."""
+    paradigm = members[0].paradigm
+    sample = {}
+    for flag, key in _SAMPLE_FLAGS.items():
+        if getattr(args, flag) is None:
+            continue
+        if key not in paradigm.sample_fields:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} does not apply to {paradigm.name} members ({members[0].name}); "
+                f"their samples take: {', '.join(paradigm.sample_fields) or 'nothing'}"
+            )
+        sample[key] = getattr(args, flag)
+    return sample
+
+
 # The flags a chain spec answers itself (`compt plan SPEC`), with their defaults otherwise.
 _SPEC_FLAGS = {
     "family": None,
@@ -112,7 +137,8 @@ _SPEC_FLAGS = {
     "samples": CC3M_SAMPLES,
     "baseline_epochs": 128,
     "epochs": None,
-    "captions": 4,
+    "captions": None,  # none given: the paradigm's sample (CLIP: 4 captions)
+    "seq_len": None,
     "batch_size": PAPER_BATCH_SIZE,
     "progressive": "none",
 }
@@ -138,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             samples=args.samples,
             baseline_epochs=args.baseline_epochs,
             epochs=_epochs(args.epochs),
-            sample={"num_captions": args.captions},
+            sample=_sample(args, members),
             batch_size=args.batch_size,
             target_ratio=args.target_ratio,
             end_fraction=args.end_fraction,

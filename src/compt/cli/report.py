@@ -1,4 +1,4 @@
-"""``compt report RUN [BASELINE_RUN]``: Table 2 and Figures 1/5/8 from a run's summary.json (paper §5)."""
+"""``compt report RUN... [--baseline RUN...]``: Table 2 and Figures 1/5/8 from summary.json files (§5)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
         help="render a run (and a baseline) as Table 2 + figures",
-        description="Render RUN/summary.json (and BASELINE_RUN/summary.json) as report.md with PNG figures: "
-        "metric vs cumulative training MACs, epochs per link, acceleration ratios. Reads only structured "
-        "files (summary.json, metrics.jsonl).",
+        description="Render RUN/summary.json (and its baseline's) as report.md with PNG figures: metric vs "
+        "cumulative training MACs (seed bands), epochs per link, acceleration ratios. Several runs of one "
+        "kind are seeds of one experiment, pooled (means ± seed std). Reads only structured files "
+        "(summary.json, metrics.jsonl).",
     )
     p.add_argument(
-        "run",
+        "runs",
         metavar="RUN",
-        help="run folder holding summary.json (or the file itself), or a "
-        "`compt chain run` output folder (renders chain/ against individual/)",
+        nargs="+",
+        help="a run folder holding summary.json (or the file itself), a `compt chain run` output folder "
+        "(renders chain/ against individual/), or a folder of those, one per seed. Runs of another kind "
+        "than the first (e.g. `compt report CHAIN INDIVIDUAL`) are the baseline",
     )
     p.add_argument(
-        "baseline", metavar="BASELINE_RUN", nargs="?", help="baseline run folder (members trained alone)"
+        "--baseline",
+        metavar="RUN",
+        nargs="+",
+        default=(),
+        help="the baseline run folder(s) (members trained alone), one per seed",
     )
-    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/report)")
+    p.add_argument(
+        "--out", metavar="DIR", help="output folder (default: RUN/report, or the seeds' common folder)"
+    )
     p.add_argument(
         "--metric",
         metavar="KEY",
@@ -35,11 +44,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from compt.report import load_run, report_warnings, resolve_runs, write_report
+    from compt.report import collect_runs, report_warnings, write_report
 
-    run_path, baseline = resolve_runs(args.run, args.baseline)
-    out = args.out or (Path(args.run) / "report" if Path(args.run).is_dir() else None)
-    run, base = load_run(run_path), (load_run(baseline) if baseline is not None else None)
+    run, base = collect_runs(args.runs, args.baseline)
+    single = len(args.runs) == 1 and Path(args.runs[0]).is_dir()
+    out = args.out or (Path(args.runs[0]) / "report" if single else None)
     for warning in report_warnings(run, base):  # also at the top of report.md
         print(f"compt report: warning: {warning}", file=sys.stderr)
     report = write_report(run, base, out, metric=args.metric)

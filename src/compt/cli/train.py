@@ -4,15 +4,18 @@
         --batch-size 256 --out runs/tiny-S
     compt train --member tiny-M --data synthetic --set data.num_samples=10000 --epochs 1 \\
         --batch-size 256 --out runs/tiny-M --teacher runs/tiny-S/final.pt --alpha auto
+    compt train --member llama-cpu-S --data stdlib --steps 200 --batch-size 16 --lr 3e-3 --out runs/lm-S
     torchrun --standalone --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.tsv \\
         --epochs 128 --set data.workers=8
 
 ``--progressive search`` (or ``manual``) trains the member with AutoProg-One, growing it in depth
 and input resolution (``--set progressive.mogrow=false``, ``--set progressive.num_stages=3``, ...).
-``--data`` is a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
-(``'shards/{00000..00331}.tar'``). Every TrainConfig field can also come from ``--config run.yaml``
-or ``--set key=value`` (e.g. ``--set data.num_samples=20000 --set grad_clip=1.0``); flags win over
-the YAML file and ``--set`` wins over both. Rerunning the same command resumes the run.
+``--data`` is, for CLIP, a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
+(``'shards/{00000..00331}.tar'``); for an LM, ``stdlib`` (the embedded corpus), a folder of
+.txt/.jsonl files or a folder of ``train.bin``/``val.bin`` token files. Every TrainConfig field can
+also come from ``--config run.yaml`` or ``--set key=value`` (e.g. ``--set data.num_samples=20000
+--set grad_clip=1.0``); flags win over the YAML file and ``--set`` wins over both. Rerunning the
+same command resumes the run.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ _FLAGS = {
     "depth": "depth",
     "alpha": "alpha",
     "alpha_ratio": "alpha_ratio",
+    "distill": "distill",
+    "parallel": "parallel",
     "deterministic": "deterministic",
 }
 
@@ -68,7 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--member", help="member to train, e.g. ViT-B/16, tiny-S (compt plan lists families)")
     p.add_argument("--family", help="family name or YAML file holding --member (default: any registered)")
     p.add_argument(
-        "--data", help="synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar' | a registered kind"
+        "--data",
+        help="CLIP: synthetic | TABLE.csv/.tsv | 'SHARDS/{00000..00099}.tar'; "
+        "LM: stdlib | TEXT_DIR | TOKENS_DIR",
     )
     p.add_argument("--epochs", type=float, help="passes over the data (fractions allowed; default 1)")
     p.add_argument("--steps", type=int, help="optimizer steps instead of --epochs")
@@ -90,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-every",
         type=_non_negative,
         metavar="N",
-        help="zero-shot eval on the embedded sets every N steps; 0 = only at the end; default: none",
+        help="evaluate (CLIP: zero-shot on the embedded sets; LM: validation loss) every N steps; "
+        "0 = only at the end; default: none",
     )
     p.add_argument(
         "--teacher",
@@ -113,6 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="AutoProg-One: grow the member in depth and input resolution while it trains, its schedule "
         "searched or the manual one (docs/train.md; more options: --set progressive.KEY=VALUE)",
     )
+    p.add_argument("--distill", help="what a link distills: feature (default, Eq. 1) | logit (LM: KL)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp2"], help="several processes: ddp (default) | fsdp2")
     p.add_argument("--config", help="YAML file with TrainConfig fields (data: as a mapping)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (dotted)"

@@ -36,6 +36,7 @@ __all__ = [
     "verify_checkpoint",
     "checkpoint_digest",
     "latest_checkpoint",
+    "resolve_checkpoint",
     "model_from_checkpoint",
     "prune_checkpoints",
 ]
@@ -219,6 +220,22 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
             f"checkpoint {p} is corrupted or truncated; falling back to an earlier one", stacklevel=2
         )
     return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file of ``path``: itself, or a run folder's ``final.pt`` (else its newest valid
+    ``step_*.pt``); ``FileNotFoundError`` naming the path when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        found = path / "final.pt" if (path / "final.pt").is_file() else latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path} holds no final.pt or step_*.pt; pass a checkpoint file or a run folder"
+            )
+        return found
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file, a run folder or an export")
+    return path
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> None:

@@ -21,10 +21,20 @@ from compt.engine import dist
 from compt.engine.progressive import Progression, ProgressiveConfig, growth_space
 from compt.families import Member, get_member
 from compt.grow import list_depth_strategies, list_width_strategies
+from compt.paradigms import Paradigm
 
-__all__ = ["TrainConfig", "PRECISIONS", "OPTIMIZER_INITS", "check_runtime", "check_schedule", "precision_of"]
+__all__ = [
+    "TrainConfig",
+    "PRECISIONS",
+    "PARALLEL",
+    "OPTIMIZER_INITS",
+    "check_runtime",
+    "check_schedule",
+    "precision_of",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp2")  # several processes: replicas (DDP) or shards (FSDP2, compt.engine.fsdp)
 OPTIMIZER_INITS = ("fresh", "grown")  # a link's AdamW state: new (paper), or grown from the teacher's
 
 
@@ -70,18 +80,21 @@ class TrainConfig:
     alpha_schedule: str = "constant"  # constant (paper) | linear (to 0, Knowledge Inheritance) | step (SALT)
     alpha_schedule_fraction: float = 1.0  # fraction of the run where `linear` reaches 0 / `step` ends
     distill_gate: bool = False  # beyond the paper: no L_IFD on steps where student L_task < teacher L_task
+    distill: str = "feature"  # what a link distills: "feature" (Eq. 1, through T) or "logit" (LM: KL)
     mask_ramp_fraction: float = 0.25  # width "msg": fraction of the run over which growth masks go 0 -> 1
     optimizer_init: str = "fresh"  # fresh AdamW (paper) | grown: the teacher's moments grown with weights
     keep_moments: bool = False  # final.pt also holds the AdamW moments (a teacher of a grown-moments link)
     lr_decay_fraction: float = 1.0  # the cosine reaches min_lr after this fraction of the post-warmup run
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
+    parallel: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp2" (fully_shard per block)
     # AutoProg-One (issue 15): grow the member while it trains, in depth and input resolution; None: off
     progressive: ProgressiveConfig | None = None
 
     def __post_init__(self) -> None:
         # An unknown member fails here, naming the nearest one; its paradigm reads the data config.
         member = get_member(self.member, self.family)
-        data_config = member.paradigm.data_config
+        paradigm = member.paradigm
+        data_config = paradigm.data_config
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", from_dict(data_config, self.data, where="train.data"))
         if not isinstance(self.data, data_config):
@@ -89,6 +102,9 @@ class TrainConfig:
                 f"train.data must be a {data_config.__module__}.{data_config.__name__} (or its fields as a "
                 f"mapping) for member {self.member}, got {type(self.data).__name__}"
             )
+        object.__setattr__(self, "data", paradigm.bind_data(self.data, self.out_dir))  # run-relative paths
+        gate_ok = not self.distill_gate or type(paradigm).teacher_task_loss is not Paradigm.teacher_task_loss
+        fsdp_ok = self.parallel != "fsdp2" or (self.width != "msg" and self.optimizer_init != "grown")
         alpha_ok = self.alpha == "auto" or (
             not isinstance(self.alpha, str) and math.isfinite(self.alpha) and self.alpha >= 0
         )
@@ -117,6 +133,15 @@ class TrainConfig:
             ("keep_last", self.keep_last >= 0, "must be >= 0"),
             ("log_every_steps", self.log_every_steps >= 1, "must be >= 1"),
             ("eval_every_steps", self.eval_every_steps >= 0, "must be >= 0"),
+            (
+                "distill",
+                self.distill in paradigm.distill_targets,
+                f"must be one of {', '.join(paradigm.distill_targets)} for a {paradigm.name} member",
+            ),
+            ("distill_gate", gate_ok, f"is not available for the {paradigm.name} paradigm; set it to false"),
+            ("parallel", self.parallel in PARALLEL, f"must be one of {', '.join(PARALLEL)}"),
+            ("compile", not (self.compile and self.parallel == "fsdp2"), "is not supported with fsdp2 yet"),
+            ("parallel", fsdp_ok, "fsdp2 does not support width=msg or optimizer_init=grown yet; use ddp"),
             ("alpha", alpha_ok, "must be a finite number >= 0 or 'auto'"),
             ("alpha_ratio", self.alpha_ratio > 0, "must be > 0"),
             (
@@ -162,6 +187,11 @@ class TrainConfig:
             raise ValueError(
                 f"train.progressive: the {member.paradigm.name} paradigm of {member.name} has no progressive "
                 "training; remove train.progressive"
+            )
+        if self.parallel == "fsdp2":
+            raise ValueError(
+                "train.progressive cannot run under parallel=fsdp2: AutoProg replaces the model at every "
+                "growth and the FSDP2 wrapping does not follow it yet; use parallel=ddp"
             )
         if self.width == "msg":
             raise ValueError(

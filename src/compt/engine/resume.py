@@ -20,6 +20,8 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 (:func:`check_same_run`); a checkpoint written before a field existed is read with the value that
 its code implied (:data:`LEGACY_VALUES`). The functions here
 take the trainer's run object (``compt.engine.setup.Run``); this module never imports the trainer.
+Under FSDP2 (``run.sharded``) the model, projection and optimizer states are gathered to full tensors
+on rank 0 and written in the same layout (:mod:`compt.engine.fsdp` says why).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from compt.config import to_dict
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import (
     checkpoint_digest,
     latest_checkpoint,
@@ -59,6 +61,7 @@ __all__ = [
     "check_prior_run",
     "move_aside",
     "RunMismatchError",
+    "gather_states",
     "model_payload",
     "save_run",
     "restore_run",
@@ -82,6 +85,7 @@ SAME_RUN_FIELDS = (
     "alpha_ref_dim",  # the meaning of alpha (issue 13): an old run must not silently resume 16x lighter
     "optimizer_init",
     "progressive",  # AutoProg-One's stages decide what the checkpoint's model is (issue 15)
+    "distill",
 )
 # TrainConfig fields added by issue 13, and the value a checkpoint written before them implies.
 LEGACY_VALUES = {
@@ -93,6 +97,7 @@ LEGACY_VALUES = {
     "keep_moments": False,
     "lr_decay_fraction": 1.0,
     "progressive": None,  # issue 15
+    "distill": "feature",  # issue 14: what a link distills (the only target before)
 }
 # Fields that may change between an interruption and its resume without a warning.
 _FREE_FIELDS = ("out_dir", "device", "save_every_steps", "keep_last", "log_every_steps", "eval_every_steps")
@@ -275,12 +280,14 @@ class DataStream:
                 f"{self.micro_batch} samples per micro-batch cannot be split over {info.world_size} ranks; "
                 "use a multiple of the number of processes"
             )
-        self._it, self._at, self.skips = None, None, 0
+        # Samples the loader skipped / used after a repair so far this epoch (metrics.jsonl's
+        # data_skips / data_repairs; a repair is e.g. a refilled batch or a non-UTF-8 caption).
+        self._it, self._at, self.skips, self.repairs = None, None, 0, 0
         member.paradigm.check_data(cfg.data, member)
         self.steps_per_epoch = len(self._open()) // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"one epoch of data.kind={cfg.data.kind} has fewer than accum_steps={cfg.accum_steps} "
+                f"one epoch of the data has fewer than accum_steps={cfg.accum_steps} "
                 f"batches of {self.micro_batch}; use more data or a smaller train.global_batch_size"
             )
 
@@ -294,7 +301,7 @@ class DataStream:
             world_size=self.info.world_size,
             epoch=st.epoch,
             start_step=st.step_in_epoch * self.cfg.accum_steps,
-            pin_memory=pin_batches(self.info.device, self.cfg.data.workers),
+            pin_memory=pin_batches(self.info.device, getattr(self.cfg.data, "workers", 0)),
         )
         self._it, self._at = iter(self._loader), (st.epoch, st.step_in_epoch)
         return self._loader
@@ -306,16 +313,25 @@ class DataStream:
         batches = [next(self._it) for _ in range(self.cfg.accum_steps)]
         self._at = (self.state.epoch, self.state.step_in_epoch + 1)
         self.skips = sum(getattr(self._loader, "skips", {}).values())
+        self.repairs = sum(getattr(self._loader, "repairs", {}).values())
         return batches
 
 
-def model_payload(run: Any) -> dict[str, Any]:
-    """The part of a checkpoint that final.pt shares: model, config and cost counters."""
+def gather_states(run: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"model", "projection"}`` state dicts: the live ones, or under FSDP2 full ones on rank 0
+    (a collective: every rank calls it)."""
+    if run.sharded:
+        return fsdp.full_states(run.forward)
+    return {"model": run.model.state_dict(), "projection": run.projection.state_dict()}
+
+
+def model_payload(run: Any, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """The part of a checkpoint that final.pt shares: model (from :func:`gather_states`), config, costs."""
     st = run.state
     # Mid-run, an AutoProg run's model is its stage's (shallower); at the end it is the member itself.
     model_member = run.progressive.stage.member if run.progressive is not None else run.member
     return {
-        "model": plain_state_dict(run.model),
+        "model": states["model"] if run.sharded else plain_state_dict(run.model),  # masks: plain names
         "model_cfg": model_member.model_config(),
         "member": run.member.name,
         "paradigm": run.member.paradigm_name,
@@ -330,6 +346,7 @@ def model_payload(run: Any) -> dict[str, Any]:
         "macs_per_step": run.macs_per_step,
         # AutoProg-One: the schedule trained so far (a step checkpoint adds the EMA, save_run)
         "progressive": {"progression": run.progressive.progression.state_dict()} if run.progressive else None,
+        **run.paradigm.checkpoint_extras(run.cfg.data),  # e.g. an LM's tokenizer: the file stands alone
     }
 
 
@@ -337,9 +354,13 @@ def save_run(run: Any, path: Path) -> Path:
     """A resumable checkpoint at a step boundary (a collective: every rank sends its RNG state)."""
     run.tick()
     rng = dist.all_gather_object(capture_rng(run.info.device))
+    states = gather_states(run)
+    optimizer = (
+        fsdp.full_optimizer_state(run.forward, run.optimizer) if run.sharded else run.optimizer.state_dict()
+    )
     if run.info.is_main:
-        payload = model_payload(run) | {
-            "optimizer": run.optimizer.state_dict(),
+        payload = model_payload(run, states) | {
+            "optimizer": optimizer,
             "scheduler": run.schedule.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "rng": rng,
@@ -347,7 +368,7 @@ def save_run(run: Any, path: Path) -> Path:
             "step_in_epoch": run.state.step_in_epoch,
             "state": run.state.state_dict(),
             "distill": {
-                "projection": run.projection.state_dict(),
+                "projection": states["projection"],
                 **(run.distiller.state_dict() if run.distiller is not None else {}),
             },
             "world_size": run.info.world_size,
@@ -368,9 +389,15 @@ def restore_run(run: Any, path: Path, payload: dict[str, Any] | None = None) -> 
     """
     payload = load_checkpoint(path) if payload is None else payload
     check_same_run(to_dict(run.cfg), payload.get("config", {}), path)
-    run.model.load_state_dict(payload["model"])
-    run.projection.load_state_dict(payload["distill"]["projection"])
-    run.optimizer.load_state_dict(payload["optimizer"])
+    if run.sharded:  # every rank read the full file: each takes its shards
+        fsdp.load_states(
+            run.forward, {"model": payload["model"], "projection": payload["distill"]["projection"]}
+        )
+        fsdp.load_optimizer_state(run.forward, run.optimizer, payload["optimizer"])
+    else:
+        run.model.load_state_dict(payload["model"])
+        run.projection.load_state_dict(payload["distill"]["projection"])
+        run.optimizer.load_state_dict(payload["optimizer"])
     if run.scaler is not None and payload.get("scaler"):
         run.scaler.load_state_dict(payload["scaler"])
     if run.distiller is not None:

@@ -4,9 +4,12 @@
 
 - ``start``: the run's settings (member, teacher, world size, precision, steps, MACs per step, config);
 - ``train``: every ``log_every_steps`` steps: ``loss`` (= ``loss_task`` + ``loss_ifd``), ``loss_task``
-  (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted),
+  (Eq. 2-3), for a link ``loss_ifd`` (alpha-weighted, Eq. 1), ``mse_image``/``mse_text`` (unweighted;
+  an LM: ``mse_hidden`` or ``kl_logits``),
   ``alpha`` and ``ifd_ratio`` (= loss_ifd / loss_task, App. D.2's r); ``lr``, ``logit_scale``,
-  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``; on CUDA
+  ``samples_seen``, ``train_macs`` (cumulative, App. C.2), ``wall_s``, ``samples_per_s``,
+  ``data_skips`` / ``data_repairs`` (what rank 0's loader dropped / kept after a repair so far this
+  epoch: bad samples; refilled batches and non-UTF-8 captions, ``compt.engine.loader``); on CUDA
   ``cuda_max_allocated_gib`` / ``cuda_max_reserved_gib`` (this rank's peak memory since its start);
 - ``eval``: the metrics returned by the ``evaluate`` callback;
 - ``final`` / ``error``: the end of the run.
@@ -238,8 +241,9 @@ def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], boo
     run.tick()
     metrics: dict[str, float] = {}
     stop, error = False, None
+    model = run.eval_model()  # under FSDP2 a collective: a plain copy of the gathered weights on rank 0
     if run.info.is_main:
-        model, was_training = run.model, run.model.training
+        was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
@@ -274,13 +278,15 @@ def evaluate_now(run: Any, evaluate, should_stop) -> tuple[dict[str, float], boo
 
 def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
     """One metrics.jsonl record (a collective: per-rank losses are averaged over ranks); checks for NaN."""
-    local = [k for k in stats if k == "loss_ifd" or k.startswith("mse_")]  # per-rank means
+    local = [k for k in stats if k == "loss_ifd" or k.startswith(("mse_", "kl_"))]  # per-rank means
+    if not run.paradigm.task_loss_is_global:  # e.g. an LM's cross-entropy: each rank's own batch
+        local += [k for k in ("loss_task", "loss_teacher") if k in stats]
     if local and run.info.world_size > 1:
         stats = {
             **stats,
             **dict(zip(local, dist.all_reduce_mean(torch.stack([stats[k] for k in local])), strict=True)),
         }
-        stats["loss"] = stats["loss_task"] + stats["loss_ifd"]
+        stats["loss"] = stats["loss_task"] + stats.get("loss_ifd", 0.0)
     values = {k: float(v) for k, v in stats.items()}  # the one host sync of a log step
     run.tick()
     st = run.state
@@ -296,6 +302,7 @@ def log_step(run: Any, stats: dict[str, torch.Tensor]) -> None:
         wall_s=st.wall_s,
         samples_per_s=speed,
         data_skips=run.data.skips,
+        data_repairs=run.data.repairs,
     )
     if run.info.device.type == "cuda":  # allocator counters, read on the host: no sync (issue 17)
         record["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(run.info.device) / 2**30

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from compt.config import to_dict
 from compt.cost import member_cost, run_steps
 from compt.distill import Distiller, load_teacher, make_projection
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import checkpoint_digest, latest_checkpoint, load_checkpoint
 from compt.engine.config import TrainConfig, check_schedule, precision_of
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, load_moments
@@ -88,6 +88,7 @@ class Run:
     stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
+    sharded: bool = False  # FSDP2 (compt.engine.fsdp): `forward` holds the shards of model and T
 
     @property
     def out_dir(self) -> Path:
@@ -103,6 +104,12 @@ class Run:
             return nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
+    def eval_model(self) -> nn.Module:
+        """The plain student to evaluate on rank 0 (under FSDP2 a gathered copy; a collective)."""
+        if not self.sharded:
+            return self.model
+        return fsdp.plain_copy(self.forward, self.member.create, self.info.device)
+
     def tick(self) -> None:
         """Advance the training wall clock to now."""
         now = time.perf_counter()
@@ -114,9 +121,9 @@ class Run:
         return build_optimizer([model, self.projection], **_adamw_settings(self.cfg, self.member, self.info))
 
     def wrap(self, find_unused: bool = False) -> None:
-        """(Re)build the student forward around the current model: compiled, DDP-wrapped under torchrun
-        (``find_unused``: some parameters get no gradient this step, e.g. an AutoProg sub-net's)."""
-        student = self.paradigm.student(self.model, self.projection)
+        """(Re)build the student forward around the current (unsharded) model: compiled, DDP-wrapped under
+        torchrun (``find_unused``: some parameters get no gradient this step, e.g. an AutoProg sub-net's)."""
+        student = self.paradigm.student(self.model, self.projection, self.cfg.distill)
         self.forward = _wrap(student, self.cfg, self.info, find_unused)
 
 
@@ -159,6 +166,8 @@ def _build_link(
     """Teacher, projection T and cost of a chain link (``loaded``: :func:`compt.distill.load_teacher`'s);
     at step 0 grows the student (and, if asked, its AdamW moments) from the teacher."""
     teacher, payload, t_member = loaded
+    paradigm = member.paradigm
+    paradigm.check_teacher(payload, cfg.data, str(cfg.teacher))  # e.g. the same tokenizer
     digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
     masks = moments = None
     if grow_now:  # on resume the checkpoint already holds the grown (and trained) weights
@@ -169,8 +178,10 @@ def _build_link(
         masks = report.masks
         if masks is not None:
             masks.ramp_steps = max(1, round(cfg.mask_ramp_fraction * total_steps))
-    paradigm = member.paradigm
-    projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    if cfg.distill == "feature":  # T maps the student's features to the teacher's width (Eq. 1)
+        projection = make_projection(paradigm.feature_dim(member), paradigm.feature_dim(t_member))
+    else:  # a logit target compares one shared output space
+        projection = nn.Identity()
     distiller = Distiller(
         teacher.to(device),
         paradigm,
@@ -181,6 +192,7 @@ def _build_link(
         schedule=cfg.alpha_schedule,
         fraction=cfg.alpha_schedule_fraction,
         total_steps=total_steps,
+        target=cfg.distill,
     )
     teacher_macs = member_cost(t_member, **paradigm.cost_sample(cfg.data)).forward_macs
     info = {"checkpoint": str(cfg.teacher), "member": t_member.name, "sha256": digest}
@@ -209,19 +221,28 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     payload = load_checkpoint(resume_from) if resume_from is not None else None
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
     model = member.create() if cfg.progressive is None else None
+    sharded = cfg.parallel == "fsdp2" and info.world_size > 1  # never with AutoProg: TrainConfig refuses
     loaded = load_teacher(cfg.teacher, member) if cfg.teacher is not None else None
     progressive = _progressive(cfg, member, info, data, total_steps, loaded and loaded[2])
     if progressive is not None:  # its stage models are seeded on their own (a fork of the RNG)
         model = progressive.start() if payload is None else progressive.resume(payload["progressive"],
                                                                                payload["step"])  # fmt: skip
     link = None
-    if loaded is not None:
-        link = _build_link(cfg, member, model, resume_from is None, device, total_steps, loaded)
+    if loaded is not None:  # FSDP2: the one full copy grows on rank 0, the shards load it below
+        grow_now = resume_from is None and (info.is_main or not sharded)
+        link = _build_link(cfg, member, model, grow_now, device, total_steps, loaded)
     if progressive is not None and resume_from is None:
         progressive.reset_ema()  # MoGrow's average starts at the initial (for a link: grown) weights
     projection = link.projection if link else nn.Identity()
     model.to(device).train()
     projection.to(device)
+    student = paradigm.student(model, projection, cfg.distill)
+    if sharded:  # before the optimizer sees the parameters: sharding replaces them with DTensors
+        parts = (("model", model), ("projection", projection)) if info.is_main else ()
+        full = {p: {k: v.detach().clone() for k, v in m.state_dict().items()} for p, m in parts}
+        fsdp.shard(student, paradigm.shard_units(model), device, amp_dtype)
+        if resume_from is None:  # rank 0's (grown) student on every rank; a resume loads the checkpoint
+            fsdp.broadcast_from_rank0(student, full)
     optimizer = build_optimizer([model, projection], **_adamw_settings(cfg, member, info))
     if link and link.moments:  # staged training: the teacher's moments, grown with its weights
         load_moments(optimizer, model, link.moments)
@@ -232,7 +253,7 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     macs_per_step = cfg.global_batch_size * cost.train_macs + teacher_macs_per_step + cost.update_macs
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     run = Run(cfg=cfg, info=info, member=member, paradigm=paradigm, model=model, projection=projection,
-               forward=None,
+               forward=student, sharded=sharded,
                distiller=link and link.distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
                amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
                macs_per_step=macs_per_step, teacher_info=link and link.info,
@@ -244,7 +265,10 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
     if run.masks is not None:  # after the optimizer and the restore: both see the plain parameters
         run.masks.install(model)
-    run.wrap()  # an AutoProg search re-wraps it before its first step (compt.engine.progressive_train)
+    if sharded:
+        run.forward = student  # FSDP2 is its own wrapper (TrainConfig refuses compile with it)
+    else:
+        run.wrap()  # an AutoProg search re-wraps it before its first step (compt.engine.progressive_train)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
                      steps_per_epoch=data.steps_per_epoch, batch_size=cfg.global_batch_size,
@@ -282,6 +306,7 @@ def _announce(run: Run, resume_from: Path | None) -> None:
     precision = str(run.amp_dtype or "fp32")
     start = {"kind": "start", "step": st.step, "member": name, "teacher": run.teacher_info}
     start |= {"world_size": run.info.world_size, "device": str(run.info.device), "precision": precision}
+    start |= {"parallel": cfg.parallel if run.info.world_size > 1 else None}
     start |= {"total_steps": run.total_steps, "steps_per_epoch": run.data.steps_per_epoch}
     start |= {"warmup_steps": run.schedule.warmup_steps, "macs_per_step": run.macs_per_step}
     if run.progressive is not None:

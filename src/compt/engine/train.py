@@ -26,7 +26,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from compt.engine import dist
+from compt.engine import dist, fsdp
 from compt.engine.checkpoint import check_writable, save_checkpoint
 from compt.engine.config import TrainConfig, check_runtime
 from compt.engine.interrupt import TrainingInterrupted, signal_name, stop_agreed, stop_on_signals
 from compt.engine.lock import hold
 from compt.engine.optim import moments_by_name
-from compt.engine.resume import check_prior_run, model_payload, save_run
+from compt.engine.resume import check_prior_run, gather_states, model_payload, save_run
 from compt.engine.runlog import NonFiniteLossError, check_finite, evaluate_now, log_step
 from compt.engine.setup import Run, TrainState, build_run
 
@@ -94,8 +94,8 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
         batch = tuple(x.to(device, non_blocking=True) for x in batch)
         if prog is not None:  # this stage's input resolution, for the student and a link's teacher alike
             batch = prog.resize(batch, step)
-        # DDP all-reduces gradients only on the last micro-batch of the step.
-        sync = run.forward.no_sync() if world > 1 and i < n - 1 else nullcontext()
+        # DDP all-reduces (FSDP2 reduce-scatters) gradients only on the last micro-batch of the step.
+        sync = _no_sync(run) if world > 1 and i < n - 1 else nullcontext()
         with sync, prog.sub_net(run.model, step) if prog is not None else nullcontext():
             with run.autocast():
                 out = run.forward(*batch)
@@ -123,11 +123,14 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
                 objective.backward()
         for key, value in parts.items():
             stats[key] = stats.get(key, 0.0) + value.detach() / n
+    if run.sharded:
+        fsdp.reduce_replicated_grads(run.forward)  # parameters fully_shard cannot take (CLIP's logit_scale)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     if run.cfg.grad_clip > 0:
         params = [p for group in run.optimizer.param_groups for p in group["params"]]
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip).detach()
+        clip = fsdp.clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_
+        stats["grad_norm"] = clip(params, run.cfg.grad_clip).detach()
     if run.scaler is not None:
         run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed
         run.scaler.update()
@@ -143,6 +146,20 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
     bad = ~torch.isfinite(stats["loss"])
     run.first_bad_step = torch.where(bad & (run.first_bad_step < 0), run.state.step, run.first_bad_step)
     return stats
+
+
+@contextmanager
+def _no_sync(run: Run):
+    """No gradient communication for this micro-batch (gradient accumulation), under DDP or FSDP2."""
+    if not run.sharded:
+        with run.forward.no_sync():
+            yield
+        return
+    run.forward.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        run.forward.set_requires_gradient_sync(True)
 
 
 def advance(run: Run) -> None:
@@ -169,13 +186,16 @@ def train_member(
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     should_stop: Callable[[dict[str, float]], bool] | None = None,
     retrain: bool = False,
+    periodic_evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train one member (a baseline, or a chain link when ``cfg.teacher`` is set) and return its result.
 
     ``evaluate(model, step)`` runs on rank 0 with the plain student in eval mode every
     ``cfg.eval_every_steps`` and after the last step; its metrics go to ``metrics.jsonl`` and
-    :attr:`TrainResult.metrics`. ``should_stop(metrics) -> True`` ends the run early (``final.pt`` is
-    written as usual). Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
+    :attr:`TrainResult.metrics`. ``periodic_evaluate`` (default: ``evaluate``) replaces it at the
+    evaluations before the last step, e.g. a cheaper set (issue 12). ``should_stop(metrics) -> True``
+    ends the run early (then ``evaluate`` gives the final metrics; ``final.pt`` is written as usual).
+    Pass the same callbacks on every rank. Rerunning with the same ``out_dir``
     resumes from the newest valid ``step_*.pt``; a run whose ``final.pt`` exists returns at once.
     A folder holding a run of another config is an error naming the change, unless ``retrain``,
     which moves it aside (``<out_dir>.replaced-<N>``) and trains afresh. Another process training
@@ -195,7 +215,7 @@ def train_member(
                 return done
             run = build_run(cfg, info)
             with stop_on_signals(run, run.out_dir / "final.pt", cfg.member):
-                return _loop(run, evaluate, should_stop)
+                return _loop(run, evaluate, should_stop, periodic_evaluate or evaluate)
     finally:
         if run is not None:
             run.log.close()
@@ -213,7 +233,7 @@ def _reuse_finished(cfg: TrainConfig, retrain: bool) -> TrainResult | None:
     return _result(final, payload)
 
 
-def _loop(run: Run, evaluate, should_stop) -> TrainResult:
+def _loop(run: Run, evaluate, should_stop, periodic_evaluate) -> TrainResult:
     """nanoGPT-style: boundary work (log, eval, save) then one step, until the step after the last."""
     cfg, st = run.cfg, run.state
     has_eval = dist.broadcast_object(evaluate is not None)  # every rank must join the same collectives
@@ -227,7 +247,9 @@ def _loop(run: Run, evaluate, should_stop) -> TrainResult:
         at_eval = fresh and cfg.eval_every_steps > 0 and st.step % cfg.eval_every_steps == 0
         if has_eval and (last or at_eval):
             try:
-                metrics, stop_early = evaluate_now(run, evaluate, should_stop)
+                metrics, stop_early = evaluate_now(run, evaluate if last else periodic_evaluate, should_stop)
+                if stop_early and not last and periodic_evaluate is not evaluate:
+                    metrics, _ = evaluate_now(run, evaluate, None)  # the final metrics: the full evaluation's
             except Exception:
                 _save_before_raising(run)
                 raise
@@ -285,7 +307,8 @@ def _finish(run: Run, metrics: dict[str, float]) -> TrainResult:
         run.masks.remove(fold=True)
         run.masks = None
     final = run.out_dir / "final.pt"
-    st, payload = run.state, model_payload(run) | {"metrics": metrics, "planned_steps": run.total_steps}
+    st, payload = run.state, model_payload(run, gather_states(run))
+    payload |= {"metrics": metrics, "planned_steps": run.total_steps}
     if run.cfg.keep_moments:  # for a link that grows its optimizer state from this member's
         payload["moments"] = moments_by_name(run.optimizer, run.model)
     if run.info.is_main:

@@ -1,6 +1,7 @@
 """The two plot shapes of the paper's figures (Fig. 1/5/8), drawn from plain numbers for ``compt.report``.
 
-- :func:`plot_curves`: metric against cumulative training MACs, one line per member and run (Fig. 1);
+- :func:`plot_curve_panels` (one panel: :func:`plot_curves`): metric against cumulative training MACs,
+  one line per member and run, seed spread as a band, chance level as a line (Fig. 1);
 - :func:`plot_bar_panels`: grouped bars per member, optionally with star markers and a reference line
   (epochs per link, Fig. 8; acceleration ratios, Fig. 5).
 
@@ -15,18 +16,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Curve", "BarPanel", "plot_curves", "plot_bar_panels"]
+__all__ = ["Curve", "CurvePanel", "BarPanel", "plot_curves", "plot_curve_panels", "plot_bar_panels"]
 
 
 @dataclass(frozen=True)
 class Curve:
-    """One line: ``points`` are ``(x, y)``; ``color`` indexes matplotlib's cycle (C0, C1, ...)."""
+    """One line: ``points`` are ``(x, y)``; ``color`` indexes matplotlib's cycle (C0, C1, ...).
+
+    Curves of one label share a legend entry (e.g. a member's chain and baseline lines).
+    """
 
     label: str
     points: Sequence[tuple[float, float]]
     color: int = 0
     dashed: bool = False
     annotation: str = ""  # written next to the last point
+    spread: Sequence[float] = ()  # per point, the half-width of a band around it (e.g. a seed std)
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One plot of :func:`plot_curve_panels`."""
+
+    title: str
+    ylabel: str
+    curves: Sequence[Curve]
+    chance: float | None = None  # drawn as a dotted line: what a blind guess scores
 
 
 @dataclass(frozen=True)
@@ -52,21 +67,78 @@ def _figure(width: float, height: float):
 
 def plot_curves(curves: Sequence[Curve], path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
     """Write a line plot of ``curves`` to ``path`` (PNG); curves without points are left out."""
-    fig = _figure(7.0, 4.5)
-    ax = fig.add_subplot()
-    for c in curves:
-        if not c.points:
-            continue
-        xs, ys = zip(*c.points, strict=True)
-        ax.plot(xs, ys, "--" if c.dashed else "-", marker="o", ms=3, color=f"C{c.color}", label=c.label)
-        if c.annotation:
-            ax.annotate(c.annotation, (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if any(c.points for c in curves):
-        ax.legend(fontsize=7)
+    return plot_curve_panels([CurvePanel(title, ylabel, curves)], path, xlabel=xlabel)
+
+
+def plot_curve_panels(
+    panels: Sequence[CurvePanel],
+    path: str | Path,
+    *,
+    xlabel: str,
+    styles: Sequence[tuple[str, bool]] = (),
+    band_label: str = "",
+) -> Path:
+    """Write ``panels`` side by side to ``path`` (PNG), with one legend for what is drawn.
+
+    The legend has one entry per curve label (its colour), then each ``(label, dashed)`` of
+    ``styles`` whose line style some curve has (e.g. chain solid, baseline dashed), ``band_label``
+    when a spread is drawn (a band, or an error bar on a curve of one point) and "chance" when a
+    chance line is. Curves without points are left out.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig = _figure(6.0 * len(panels) if len(panels) > 1 else 7.0, 4.5)
+    entries: dict[str, Line2D] = {}
+    dashed_drawn, banded, chance_drawn = set(), False, False
+    for j, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), j + 1)
+        for c in panel.curves:
+            if not c.points:
+                continue
+            xs, ys = zip(*c.points, strict=True)
+            style = "--" if c.dashed else "-"
+            marker = "s" if c.dashed and styles else "o"  # with styles, the marker tells them apart too
+            ax.plot(xs, ys, style, marker=marker, ms=3, color=f"C{c.color}")
+            dashed_drawn.add(c.dashed)
+            if c.spread and any(c.spread) and len(xs) > 1:
+                lo = [y - d for y, d in zip(ys, c.spread, strict=True)]
+                hi = [y + d for y, d in zip(ys, c.spread, strict=True)]
+                ax.fill_between(xs, lo, hi, color=f"C{c.color}", alpha=0.18, lw=0)
+                banded = True
+            elif c.spread and any(c.spread):  # a lone point (a final evaluation): an error bar
+                ax.errorbar(xs, ys, yerr=list(c.spread), fmt="none", ecolor=f"C{c.color}", capsize=3, lw=1)
+                banded = True
+            if c.annotation:
+                ax.annotate(
+                    c.annotation, (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+            if c.label not in entries:  # with styles, the colour alone names the label
+                entries[c.label] = Line2D(
+                    [], [], color=f"C{c.color}", ls="-" if styles else style, marker="o", ms=3
+                )
+        if panel.chance is not None and any(c.points for c in panel.curves):
+            ax.axhline(panel.chance, color="0.45", ls=":", lw=1.2)
+            chance_drawn = True
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = list(entries.values()), list(entries)
+    for label, dashed in styles:
+        if dashed in dashed_drawn:
+            handles.append(
+                Line2D([], [], color="k", ls="--" if dashed else "-", marker="s" if dashed else "o", ms=3)
+            )
+            labels.append(label)
+    if banded and band_label:
+        handles.append(Patch(color="0.5", alpha=0.3))
+        labels.append(band_label)
+    if chance_drawn:
+        handles.append(Line2D([], [], color="0.45", ls=":", lw=1.2))
+        labels.append("chance")
+    if handles:
+        fig.axes[-1].legend(handles, labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)

@@ -25,7 +25,12 @@
         }
       ],
       "config": {...},                    # the run's config as a plain dict
-      "metric": "mean_zeroshot_top1"      # optional: headline metric, the default y axis of Fig. 1
+      "metric": "mean_zeroshot_top1",     # optional: headline metric, the default y axis of Fig. 1
+      "paradigm": "clip",                 # optional (default clip): who answers metric_rules' questions
+      "metric_rules": {                   # optional: how each metric compares (issue 12), else the paradigm's
+        "val_loss": {"higher_is_better": false, "tolerance": {"absolute": 0.01, "relative": 0.0},
+                     "unit": "nats"}
+      }
     }
 
 Other keys (e.g. ``name``, a member's ``planned_epochs``) are allowed and ignored.
@@ -36,31 +41,34 @@ lines (``"kind": "train"``) carry ``step``, ``epoch``, ``samples_seen``, ``train
 evaluation lines (``"kind": "eval"``) carry ``step`` and the metric keys of the paradigm's evaluation
 (``zeroshot/<task>/top1``, ``mean_zeroshot_top1``, ``retrieval/<set>/i2t_r1``, ...), and
 ``train_macs`` where known (otherwise it is interpolated from the other lines by step). The report
-reads only ``step``, ``train_macs`` and metric keys. All metrics are percentages.
+reads only ``step``, ``train_macs`` and metric keys.
 
-Outputs in the report folder: ``report.md``, ``metric_vs_macs.png`` (Fig. 1: metric against the
-pipeline's cumulative training MACs, chain vs baseline), ``epochs_per_link.png`` (Fig. 8) and, with a
-baseline, ``acceleration.png`` (Fig. 5: individual and accumulated acceleration ratios).
+A gap is how much worse a member is than its twin, in the metric's own units, positive when worse
+(:func:`compt.lossless.shortfall`: an accuracy below, a loss above). Either side may be several seeds
+(:mod:`compt.report.runs`): the tables show means ± seed standard deviation.
+
+Outputs in the report folder: ``report.md``, ``metric_vs_macs.png`` (Fig. 1, :mod:`compt.report.curves`:
+each member's metric against the pipeline's cumulative training MACs, chain vs baseline, seed bands),
+``epochs_per_link.png`` (Fig. 8) and, with a baseline, ``acceleration.png`` (Fig. 5: individual and
+accumulated acceleration ratios).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compt.families import normalize_name
 from compt.lossless import (
     CHANCE_MARGIN_FRACTION,
+    CHANCE_MARGIN_LOSS_FRACTION,
     CHANCE_MARGIN_POINTS,
     CHANCE_PREFIX,
-    LOSSLESS_POINTS,
+    MetricRule,
     at_chance,
     chance_level,
     comparable,
@@ -69,136 +77,19 @@ from compt.lossless import (
     verdict,
 )
 from compt.report.finetune import finetune_section
+from compt.report.runs import Run, load_run, pool_seeds, seed_warnings
 
-__all__ = [
-    "Run",
-    "load_run",
-    "read_metrics",
-    "member_curve",
-    "render_markdown",
-    "resolve_runs",
-    "write_report",
-    "report_warnings",
-    "MAIN_METRICS",
-]
+__all__ = ["render_markdown", "write_report", "report_warnings", "MAIN_METRICS"]
 
-SUMMARY_NAME = "summary.json"
-# The Table 2 columns, in order, when present: ImageNet/VTAB+-style zero-shot top-1 and COCO-style R@1.
-MAIN_METRICS = {"mean_zeroshot_top1": "Zero-shot top-1", "mean_retrieval_r1": "Retrieval R@1"}
-_MEMBER_KEYS = {
-    "name": str,
-    "teacher": (str, type(None)),
-    "epochs": (int, float),
-    "steps": int,
-    "samples_seen": int,
-    "train_macs": (int, float),
-    "accumulated_train_macs": (int, float),
-    "wall_s": (int, float),
-    "accumulated_wall_s": (int, float),
-    "metrics": dict,
+# The Table 2 columns, in order, when present: ImageNet/VTAB+-style zero-shot top-1 and COCO-style R@1,
+# and the held-out validation loss (issue 12: the low-noise metric, lower is better).
+# An LM's: validation loss (nats per token) and bits per byte, both lower-is-better.
+MAIN_METRICS = {
+    "mean_zeroshot_top1": "Zero-shot top-1",
+    "mean_retrieval_r1": "Retrieval R@1",
+    "val_loss": "Val. loss",
+    "val_bpb": "Val. bits/byte",
 }
-
-
-@dataclass(frozen=True)
-class Run:
-    """A loaded ``summary.json``: its folder (metrics files are relative to it) and its content."""
-
-    root: Path
-    summary: dict[str, Any]
-
-    @property
-    def members(self) -> list[dict[str, Any]]:
-        return self.summary["members"]
-
-    @property
-    def label(self) -> str:
-        return "CoM-PT" if self.summary["kind"] == "chain" else "Baseline"
-
-    def member(self, name: str) -> dict[str, Any] | None:
-        key = normalize_name(name)
-        return next((m for m in self.members if normalize_name(m["name"]) == key), None)
-
-
-def load_run(path: str | Path) -> Run:
-    """Load and validate a run's ``summary.json`` (``path`` is the file or the run folder)."""
-    path = Path(path)
-    file = path / SUMMARY_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist; pass a run folder written by `compt chain run`")
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or doc.get("kind") not in ("chain", "individual"):
-        raise ValueError(f'{file}: top-level \'kind\' must be "chain" or "individual"')
-    members = doc.get("members")
-    if not isinstance(members, list) or not members:
-        raise ValueError(f"{file}: 'members' must be a non-empty list")
-    for i, m in enumerate(members):
-        for key, tp in _MEMBER_KEYS.items():
-            if not isinstance(m, dict) or key not in m:
-                raise ValueError(f"{file}: members[{i}] lacks {key!r} (see the schema in compt.report)")
-            if not isinstance(m[key], tp) or isinstance(m[key], bool):
-                raise ValueError(f"{file}: members[{i}].{key} = {m[key]!r} has the wrong type")
-    return Run(root=file.parent, summary=doc)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``; a truncated last line (a run killed mid-write) is skipped."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not a JSON object ({e})") from e
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
-    return records
-
-
-def _interp(x: float, xs: list[float], ys: list[float]) -> float:
-    if x <= xs[0]:
-        return ys[0] * x / xs[0] if xs[0] > 0 else ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            x0, y0, x1, y1 = xs[i - 1], ys[i - 1], xs[i], ys[i]
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
-    return ys[-1]
-
-
-def member_curve(run: Run, member: dict[str, Any], metric: str) -> list[tuple[float, float]]:
-    """``(cumulative pipeline training MACs, metric)`` points of one member, from its metrics.jsonl.
-
-    x is offset by the MACs of the members trained before it, so a chain is one curve along the x
-    axis. Without a metrics file or eval lines, the curve is the member's final point.
-    """
-    offset = member["accumulated_train_macs"] - member["train_macs"]
-    points: list[tuple[float, float]] = []
-    rel = member.get("metrics_file")
-    if rel and (run.root / rel).is_file():
-        records = read_metrics(run.root / rel)
-        known = sorted({(r["step"], r["train_macs"]) for r in records if "step" in r and "train_macs" in r})
-        steps, macs = [s for s, _ in known], [m for _, m in known]
-        for r in records:
-            if not isinstance(r.get(metric), (int, float)):
-                continue
-            if "train_macs" in r:
-                x = r["train_macs"]
-            elif steps and "step" in r:
-                x = _interp(r["step"], steps, macs)
-            else:
-                continue
-            points.append((offset + x, float(r[metric])))
-    if not points and isinstance(member["metrics"].get(metric), (int, float)):
-        points = [(member["accumulated_train_macs"], float(member["metrics"][metric]))]
-    return sorted(points)
 
 
 # --- Markdown ------------------------------------------------------------------------------------
@@ -211,7 +102,7 @@ def _macs_unit(values: list[float]) -> tuple[float, str]:
 
 
 def _macs(v: float, scale: float) -> str:
-    return f"{v / scale:#.3g}"
+    return f"{v / scale:#.3g}".rstrip(".")  # 3 significant digits, kept (1.50), no bare point (113)
 
 
 def _num(v: float | None, digits: int = 2) -> str:
@@ -241,12 +132,31 @@ def _metrics_present(runs: list[Run]) -> list[str]:
     return [k for k in MAIN_METRICS if k in seen]
 
 
+def _rules(run: Run, keys: Sequence[str]) -> dict[str, MetricRule]:
+    """How each metric compares: the run's ``metric_rules`` (its headline's tolerance is the spec's)."""
+    return {k: run.rule(k) for k in keys}
+
+
+def _digits(rule: MetricRule) -> int:
+    return 2 if rule.unit == "%" else 3  # a loss moves in the third decimal
+
+
+def _cell(m: dict[str, Any], key: str, rule: MetricRule) -> str:
+    """A member's metric (± its seed std when pooled), marked when no better than a blind guess."""
+    d = _digits(rule)
+    std = (m.get("metrics_std") or {}).get(key)
+    spread = f" ± {std:.{d}f}" if m.get("num_seeds", 1) > 1 and std is not None else ""
+    marked = " (at chance)" if at_chance(m["metrics"], key, rule.higher_is_better) else ""
+    return _num(m["metrics"].get(key), d) + spread + marked
+
+
 def _table2(run: Run, baseline: Run | None, mains: list[str], scale: float, unit: str, tu) -> list[str]:
     """Table 2 rows: per member its metrics (with the baseline's and the gap), cost and ratios."""
+    rules = _rules(run, mains)
     head = ["Model", "Teacher", "Epochs"]
     for k in mains:
         head += [MAIN_METRICS[k]] + (
-            [f"{MAIN_METRICS[k]} baseline", f"{MAIN_METRICS[k]} Δ"] if baseline else []
+            [f"{MAIN_METRICS[k]} baseline", f"{MAIN_METRICS[k]} gap"] if baseline else []
         )
     head += [
         f"MACs indiv. ({unit})",
@@ -261,15 +171,16 @@ def _table2(run: Run, baseline: Run | None, mains: list[str], scale: float, unit
         b = baseline.member(m["name"]) if baseline else None
         row = [m["name"], m["teacher"] or "—", f"{m['epochs']:.4g}"]
         for k in mains:
-            row.append(_cell(m["metrics"], k))
+            row.append(_cell(m, k, rules[k]))
             if baseline:
-                d = gap(m, b, k)
-                row += [_cell(b["metrics"], k) if b else "—", "—" if d is None else f"{d:+.2f}"]
+                d = gap(m, b, k, rules[k].higher_is_better)
+                gap_cell = "—" if d is None else f"{d:+.{_digits(rules[k])}f}"
+                row += [_cell(b, k, rules[k]) if b else "—", gap_cell]
         for key in ("train_macs", "accumulated_train_macs", "wall_s", "accumulated_wall_s"):
             cell = _time(m[key], tu) if key.endswith("wall_s") else _macs(m[key], scale)
             row.append(cell + _ratio(b[key] if b else None, m[key]))
         if baseline and mains:
-            row.append(verdict(m, b, mains, comparable(run.summary, baseline.summary)))
+            row.append(verdict(m, b, mains, comparable(run.summary, baseline.summary), rules))
         out.append("| " + " | ".join(row) + " |")
     return out
 
@@ -281,9 +192,24 @@ def _chance(runs: list[Run], key: str) -> float | None:
     )
 
 
-def _cell(metrics: dict[str, Any], key: str) -> str:
-    """A metric, marked when it is no better than a blind guess (compt.caveats)."""
-    return _num(metrics.get(key)) + (" (at chance)" if at_chance(metrics, key) else "")
+def _shortfalls(run: Run, baseline: Run, mains: list[str]) -> list[str]:
+    """``tiny-M: Val. loss 0.024 nats worse (tolerance 0.01 nats)`` for each metric not lossless."""
+    rules = _rules(run, mains)
+    out = []
+    for m in run.members:
+        b = baseline.member(m["name"])
+        for k in mains:
+            d, rule = gap(m, b, k, rules[k].higher_is_better), rules[k]
+            if d is None or b is None or d <= rule.tolerance.allowed(b["metrics"][k]):
+                continue
+            if all(at_chance(x["metrics"], k, rule.higher_is_better) for x in (m, b)):
+                continue  # left out of the verdict (compt.lossless.verdict)
+            unit = {"%": " points", "": ""}.get(rule.unit, f" {rule.unit}")
+            out.append(
+                f"{m['name']}: {MAIN_METRICS[k]} {d:.{_digits(rule)}f}{unit} worse "
+                f"(tolerance {rule.tolerance.describe(rule.unit)})"
+            )
+    return out
 
 
 def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, unit: str, tu) -> list[str]:
@@ -314,16 +240,20 @@ def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, u
         line += f" Training only the largest member alone costs {_macs(largest['train_macs'], scale)}."
     out += ["", line]
     if mains:
-        same = comparable(run.summary, baseline.summary)
-        verdicts = {m["name"]: verdict(m, baseline.member(m["name"]), mains, same) for m in run.members}
+        same, rules = comparable(run.summary, baseline.summary), _rules(run, mains)
+        verdicts = {
+            m["name"]: verdict(m, baseline.member(m["name"]), mains, same, rules) for m in run.members
+        }
         unknown = [name for name, v in verdicts.items() if v.startswith("n/a")]
         if unknown:
             out.append(
                 f"Lossless for every member: not established ({', '.join(unknown)}: see the warnings)."
             )
+        elif all(v.startswith("yes") for v in verdicts.values()):
+            out.append("Lossless for every member: yes.")
         else:
-            ok = all(v.startswith("yes") for v in verdicts.values())
-            out.append(f"Lossless for every member: {'yes' if ok else 'no'}.")
+            worse = _shortfalls(run, baseline, mains) or ["a member lacks a metric its baseline has"]
+            out.append(f"Lossless for every member: no ({'; '.join(worse)}).")
     return out
 
 
@@ -346,16 +276,55 @@ def _per_task_section(run: Run, baseline: Run | None) -> list[str]:
         "| Metric | " + " | ".join(names) + " | Chance |",
         "|" + "---|" * (len(names) + 2),
     ]
+    rules = _rules(run, sorted(keys))
     for k in sorted(keys, key=_natural):
-        cells = []
+        cells, d = [], _digits(rules[k])
         for m in run.members:
             b = baseline.member(m["name"]) if baseline else None
             base = b["metrics"].get(k) if b else None
-            cells.append(_cell(m["metrics"], k) + (f" ({_num(base)})" if base is not None else ""))
-        out.append(f"| `{k}` | " + " | ".join(cells) + f" | {_num(_chance(runs, k))} |")
+            cells.append(_cell(m, k, rules[k]) + (f" ({_num(base, d)})" if base is not None else ""))
+        out.append(f"| `{k}` | " + " | ".join(cells) + f" | {_num(_chance(runs, k), d)} |")
     if baseline:
         out.append("\nBaseline values in parentheses.")
     return out
+
+
+def _intro(run: Run, baseline: Run | None, mains: list[str]) -> str:
+    """Which runs, units, the gap's sign, the lossless tolerances, chance levels and seeds, in words."""
+    runs = [run] + ([baseline] if baseline else [])
+    rules = _rules(run, mains)
+    units = [f"{MAIN_METRICS[k]} in {rules[k].unit}" for k in mains if rules[k].unit]
+    where = lambda r: ", ".join(f"`{s.root}`" for s in r.seed_runs)  # noqa: E731
+    text = f"Run: {where(run)}" + (f"; baseline: {where(baseline)}." if baseline else ".")
+    text += f" Metrics: {', '.join(units)}." if units else ""
+    if baseline:
+        tolerances = ", ".join(
+            f"{MAIN_METRICS[k]} {rules[k].tolerance.describe(rules[k].unit)}" for k in mains
+        )
+        text += (
+            f" Gap: how much worse than the baseline, in the metric's units (positive: worse; an accuracy "
+            f"lower, a loss higher); ratios are baseline / {run.label} cost. Lossless: the gap at most the "
+            f"tolerance on every metric (paper §4: 0.5 points)" + (f": {tolerances}." if tolerances else ".")
+        )
+    else:
+        text += " No baseline given: no gaps or ratios."
+    seeded = [r for r in runs if r.seeds]
+    if seeded:
+        text += " " + " ".join(
+            f"{r.label}: the mean ± standard deviation over {len(r.seeds)} seeds." for r in seeded
+        )
+    chance = [
+        f"{MAIN_METRICS[k]} {_num(c, _digits(rules[k]))}"
+        for k in mains
+        if (c := _chance(runs, k)) is not None
+    ]
+    if chance:
+        text += (
+            f" Chance level (a blind guess): {', '.join(chance)}; a value less than "
+            f"max({CHANCE_MARGIN_POINTS:g}, {CHANCE_MARGIN_FRACTION:g} × chance) points above it (a loss: "
+            f"less than {100 * CHANCE_MARGIN_LOSS_FRACTION:g} % below it) is marked 'at chance'."
+        )
+    return text
 
 
 def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str] = ()) -> str:
@@ -368,21 +337,7 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
     )
     tu = _time_unit([m["accumulated_wall_s"] for r in runs for m in r.members])
     title = f"{run.summary.get('family', '?')} family — {run.label}" + (" vs baseline" if baseline else "")
-    if baseline:
-        intro = (
-            f"Run: `{run.root}`; baseline: `{baseline.root}`. Metrics in %, Δ in points; ratios are "
-            f"baseline / {run.label} cost. Lossless: Δ ≥ −{LOSSLESS_POINTS} on every metric (paper §4)."
-        )
-    else:
-        intro = f"Run: `{run.root}`. Metrics in %. No baseline given: no gaps or ratios."
-    chance = [f"{MAIN_METRICS[k]} {_num(_chance(runs, k))}" for k in mains if _chance(runs, k) is not None]
-    if chance:
-        intro += (
-            f" Chance level (a blind guess): {', '.join(chance)}; a value less than "
-            f"max({CHANCE_MARGIN_POINTS:g}, {CHANCE_MARGIN_FRACTION:g} × chance) points above it is marked "
-            "'at chance'."
-        )
-    out = [f"# {title}", "", intro, ""]
+    out = [f"# {title}", "", _intro(run, baseline, mains), ""]
     out += [f"> **Warning:** {w}" for w in report_warnings(run, baseline)]
     out += ["", "## Table 2", ""] + _table2(run, baseline, mains, scale, unit, tu)
     if baseline:
@@ -395,35 +350,22 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
 
 
 def report_warnings(run: Run, baseline: Run | None = None) -> list[str]:
-    """Why gaps or verdicts of this report may mean nothing, each cause named (compt.lossless)."""
-    return comparison_warnings(run, baseline, _metrics_present([run] + ([baseline] if baseline else [])))
+    """Why gaps or verdicts of this report may mean nothing, each cause named (compt.lossless), and
+    why a seed spread may not be one."""
+    mains = _metrics_present([run] + ([baseline] if baseline else []))
+    out = comparison_warnings(run, baseline, mains, _rules(run, mains))
+    return out + seed_warnings(run) + (seed_warnings(baseline) if baseline else [])
 
 
 def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path) -> list[str]:
     """Fig. 1 (metric vs cumulative MACs), Fig. 8 (epochs per link), Fig. 5 (acceleration ratios)."""
-    from compt.report.figures import BarPanel, Curve, plot_bar_panels, plot_curves
+    from compt.report.curves import write_curves
+    from compt.report.figures import BarPanel, plot_bar_panels
 
-    runs = [r for r in (run, baseline) if r is not None]
     names = [m["name"] for m in run.members]
     written = []
-    if metric is not None:
-        curves = [
-            Curve(f"{r.label} {m['name']}", member_curve(r, m, metric), i, r is baseline, m["name"])
-            for r in runs
-            for i, m in enumerate(r.members)
-        ]
-        # Each run's members' final points joined: the family's metric/cost frontier of Fig. 1.
-        for r, color in zip(runs, (7, 8), strict=False):
-            ends = [pts[-1] for m in r.members if (pts := member_curve(r, m, metric))]
-            curves.append(Curve(f"{r.label} (family)", ends, color, r is baseline))
-        label = f"{MAIN_METRICS.get(metric, metric)} (%)"
-        plot_curves(
-            curves,
-            out / "metric_vs_macs.png",
-            xlabel="cumulative training MACs",
-            ylabel=label,
-            title=f"{metric} vs training cost",
-        )
+    label = lambda key: MAIN_METRICS.get(key, key)  # noqa: E731
+    if metric is not None and write_curves(run, baseline, metric, out / "metric_vs_macs.png", label):
         written.append("metric_vs_macs.png")
     series = [(run.label, [m["epochs"] for m in run.members])]
     if baseline:
@@ -463,30 +405,29 @@ def _write_figures(run: Run, baseline: Run | None, metric: str | None, out: Path
     return written
 
 
-def resolve_runs(run: str | Path, baseline: str | Path | None = None) -> tuple[Path, Path | None]:
-    """The summary files to render: ``run`` may also be a ``compt chain run`` output tree holding
-    ``chain/summary.json`` (then ``individual/summary.json`` is the default baseline)."""
-    run = Path(run)
-    if run.is_dir() and not (run / SUMMARY_NAME).is_file() and (run / "chain" / SUMMARY_NAME).is_file():
-        if baseline is None and (run / "individual" / SUMMARY_NAME).is_file():
-            baseline = run / "individual"
-        run = run / "chain"
-    return run, (Path(baseline) if baseline is not None else None)
+_RunLike = str | Path | Run
+
+
+def _as_run(run: _RunLike | Sequence[_RunLike]) -> Run:
+    if isinstance(run, (str, Path, Run)):
+        return run if isinstance(run, Run) else load_run(run)
+    return pool_seeds([_as_run(r) for r in run])
 
 
 def write_report(
-    run: str | Path | Run,
-    baseline: str | Path | Run | None = None,
+    run: _RunLike | Sequence[_RunLike],
+    baseline: _RunLike | Sequence[_RunLike] | None = None,
     out_dir: str | Path | None = None,
     metric: str | None = None,
 ) -> Path:
     """Write ``report.md`` and its PNG figures into ``out_dir`` (default ``<run>/report``); return report.md.
 
     ``metric`` is the y axis of Fig. 1 (default: the summary's ``metric``, else the first of
-    ``MAIN_METRICS`` that the run has). ``run``/``baseline`` are run folders, summary files or :class:`Run`.
+    ``MAIN_METRICS`` that the run has). ``run``/``baseline`` are run folders, summary files or :class:`Run`,
+    or a list of them: seeds of one experiment, pooled (:func:`compt.report.runs.pool_seeds`).
     """
-    run = run if isinstance(run, Run) else load_run(run)
-    baseline = baseline if isinstance(baseline, Run) or baseline is None else load_run(baseline)
+    run = _as_run(run)
+    baseline = None if baseline is None else _as_run(baseline)
     out = Path(out_dir) if out_dir is not None else run.root / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ from compt.paradigms.clip.layout import LAYOUT
 
 __all__ = ["ClipParadigm"]
 
+# What eval.options may set (compt.paradigms.clip.evaluate.build_evaluator's keywords the chain leaves).
+_EVAL_OPTIONS = ("num_images", "val_images", "val_batch_size", "batch_size", "embedded")
 _METRIC_HINT = (
     "use mean_zeroshot_top1, mean_retrieval_r1, val_loss, zeroshot/<task>/top1, "
     "retrieval/<set>/{i2t,t2i}_r{1,5,10} or val/<set>/loss"
@@ -39,6 +41,7 @@ class ClipParadigm(Paradigm):
     data_config = DataConfig
     layout = LAYOUT
     task_loss_is_global = True  # Eq. 2-3 over the gathered global batch (compt.paradigms.clip.loss)
+    sample_fields = ("num_captions",)
 
     def build(self, model_cfg: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
         from open_clip.model import CLIP
@@ -54,14 +57,14 @@ class ClipParadigm(Paradigm):
 
         return isinstance(model, CLIP)
 
-    def student(self, model: nn.Module, projection: nn.Module) -> nn.Module:
+    def student(self, model: nn.Module, projection: nn.Module, target: str = "feature") -> nn.Module:
         return task.StudentForward(model, projection)
 
     def task_loss(self, out: dict[str, Any], local_batch_size: int) -> torch.Tensor:
         return task.task_loss(out, local_batch_size)
 
     def teacher_features(
-        self, teacher: nn.Module, batch: tuple[torch.Tensor, ...]
+        self, teacher: nn.Module, batch: tuple[torch.Tensor, ...], target: str = "feature"
     ) -> dict[str, torch.Tensor]:
         return task.teacher_features(teacher, *batch)
 
@@ -89,6 +92,13 @@ class ClipParadigm(Paradigm):
         from compt.paradigms.clip.progressive import ClipProgressive
 
         return ClipProgressive()  # stateless: one per call is fine
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        from open_clip.transformer import ResidualAttentionBlock
+        from timm.models.swin_transformer import SwinTransformerBlock
+
+        # The residual blocks of both towers (open_clip's ViT and text transformers, timm's Swin).
+        return [m for m in model.modules() if isinstance(m, (ResidualAttentionBlock, SwinTransformerBlock))]
 
     def default_eps(self, member: ClipMember) -> float:
         # The official code (OpenCLIP's defaults): 1e-6 for ViT towers, 1e-8 otherwise; Table C
@@ -175,6 +185,22 @@ class ClipParadigm(Paradigm):
         )
 
     def check_eval(self, member: ClipMember, *, imagefolders: tuple[str, ...] = (), **options: Any) -> None:
+        import difflib
+
+        for key, value in options.items():  # eval.options: build_evaluator's keywords
+            if key not in _EVAL_OPTIONS:
+                close = difflib.get_close_matches(key, _EVAL_OPTIONS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"eval.options: unknown option {key!r}; {hint}"
+                    f"CLIP's evaluator takes {', '.join(_EVAL_OPTIONS)}"
+                )
+            least = 0 if key == "val_images" else 1  # val_images 0: no validation set
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            if key == "embedded" and not isinstance(value, bool):
+                raise ValueError(f"eval.options.embedded must be true or false, got {value!r}")
+            if key != "embedded" and not (whole and value >= least):
+                raise ValueError(f"eval.options.{key} must be a whole number >= {least}, got {value!r}")
         # The sets are read after training; a folder that is not there would fail only then.
         for folder in map(Path, imagefolders):
             if not folder.is_dir():
@@ -192,19 +218,50 @@ class ClipParadigm(Paradigm):
         if metric not in ("mean_zeroshot_top1", "mean_retrieval_r1", "val_loss") and not metric.startswith(
             ("zeroshot/", "retrieval/", "val/")
         ):
-            raise ValueError(
-                f"eval.metric {metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}"
-            )
+            raise ValueError(f"{metric!r} is not a metric compt computes for CLIP; {_METRIC_HINT}")
 
     def higher_is_better(self, metric: str) -> bool:
         from compt.paradigms.clip.evaluate import higher_is_better
 
         return higher_is_better(metric)
 
-    def export(self, checkpoint: str | Path, out_dir: str | Path) -> Path:
+    def metric_unit(self, metric: str) -> str:
+        return "%" if self.higher_is_better(metric) else "nats"  # evaluate's module docstring
+
+    def evaluate_checkpoint(
+        self,
+        path: str | Path,
+        *,
+        imagefolders: tuple[str, ...] = (),
+        embedded: bool = True,
+        seed: int = 0,
+        num_images: int | None = None,
+        batch_size: int = 256,
+        device: str = "cpu",
+        **unknown: Any,
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        from compt.paradigms.clip.evaluate import evaluate_checkpoint
+
+        if unknown:
+            raise ValueError(f"{path} is a CLIP model: {', '.join(sorted(unknown))} does not apply to it")
+        metrics, info = evaluate_checkpoint(
+            path,
+            imagefolders=imagefolders,
+            embedded=embedded,
+            seed=seed,
+            num_images=num_images,
+            batch_size=batch_size,
+            device=device,
+        )
+        return metrics, info | {"setting": f"{info['image_size']} px, context {info['context_length']}"}
+
+    def export(self, checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
         from compt.paradigms.clip.export import export_member
 
-        return export_member(checkpoint, out_dir)
+        return export_member(checkpoint, out_dir, force=force)
+
+    def how_to_load(self, export_dir: str | Path) -> str:
+        return f"open_clip: 'local-dir:{export_dir}'"
 
     def is_export_dir(self, path: str | Path) -> bool:
         from compt.paradigms.clip.export import is_export_dir

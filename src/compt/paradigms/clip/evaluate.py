@@ -24,7 +24,8 @@ Keys of the returned dict::
 
 The chance level is what a model that learned nothing scores: for top-1, the majority class's share
 of the images (100/K on a balanced task: a constant guess does that well); for recall@k, the
-expected recall of a random ranking. A report marks results near it (issue 11 item 6), where a
+expected recall of a random ranking; for the validation loss, ln(batch size) (embeddings that say
+nothing score every pair alike). A report marks results near it (issue 11 item 6), where a
 "lossless" comparison would say nothing.
 
 The model is evaluated in eval mode, without gradients, in batches, on the device its parameters
@@ -53,7 +54,6 @@ __all__ = [
     "retrieval_recall",
     "validation_loss",
     "higher_is_better",
-    "shortfall",
     "build_evaluator",
     "evaluate_checkpoint",
     "eval_device",
@@ -97,14 +97,6 @@ def higher_is_better(metric: str) -> bool:
     better; accuracies and recalls higher-is-better. Every lossless verdict needs this (issue 12).
     """
     return not metric.rsplit("/", 1)[-1].endswith("loss")
-
-
-def shortfall(metric: str, reference: float, value: float) -> float:
-    """How much worse ``value`` is than ``reference`` on ``metric``, in its units (negative: better).
-
-    The gap of a lossless verdict: ``reference - value`` for an accuracy, ``value - reference`` for a loss.
-    """
-    return reference - value if higher_is_better(metric) else value - reference
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -327,15 +319,26 @@ def evaluate_model(
             if r1:
                 values["mean_retrieval_r1"] = sum(r1) / len(r1)
         metrics.update({CHANCE_PREFIX + k: v for k, v in chance.items()})
-        losses = []
+        losses, chance_losses = [], []
         for vset in val_sets:
             losses.append(validation_loss(net, vset, tokenizer, batch_size))
+            chance_losses.append(math.log(vset.batch_size))
             metrics[f"val/{vset.name}/loss"] = losses[-1]
+            metrics[f"{CHANCE_PREFIX}val/{vset.name}/loss"] = chance_losses[-1]
         if losses:
             metrics["val_loss"] = sum(losses) / len(losses)
+            metrics[CHANCE_PREFIX + "val_loss"] = sum(chance_losses) / len(chance_losses)
     finally:
         net.train(was_training)
     return metrics
+
+
+def _needed(metrics: Sequence[str] | None) -> tuple[bool, bool, bool]:
+    """Which kinds of set ``metrics`` (None: all) come from: zero-shot, retrieval, validation."""
+    if metrics is None:
+        return True, True, True
+    kinds = [("mean_zeroshot_top1", "zeroshot/"), ("mean_retrieval_r1", "retrieval/"), ("val_loss", "val/")]
+    return tuple(any(k == mean or k.startswith(prefix) for k in metrics) for mean, prefix in kinds)
 
 
 def _eval_sets(
@@ -347,28 +350,40 @@ def _eval_sets(
     spec: Any = None,
     val_images: int = 0,
     val_batch_size: int = 256,
+    metrics: Sequence[str] | None = None,
 ):
-    from compt.paradigms.clip.data.evalsets import embedded_eval_sets, embedded_val_set, imagefolder_task
+    from compt.paradigms.clip.data.evalsets import (
+        DEFAULT_TASKS,
+        embedded_eval_sets,
+        embedded_val_set,
+        imagefolder_task,
+    )
 
+    zeroshot, retrieval, validation = _needed(metrics)
     tasks, rsets, vsets = [], [], []
-    if embedded:
+    if embedded and (zeroshot or retrieval):
         sizes = {} if num_images is None else {"num_images": num_images, "num_retrieval": num_images}
-        tasks, rsets = embedded_eval_sets(image_size, seed=seed, spec=spec, **sizes)
-        if val_images:
-            vsets = [
-                embedded_val_set(
-                    image_size, seed, num_images=val_images, batch_size=val_batch_size, spec=spec
-                )
-            ]
+        if not retrieval:
+            sizes["num_retrieval"] = 0
+        tasks, rsets = embedded_eval_sets(
+            image_size, seed=seed, spec=spec, tasks=DEFAULT_TASKS if zeroshot else (), **sizes
+        )
+    if embedded and validation and val_images:
+        vsets = [
+            embedded_val_set(image_size, seed, num_images=val_images, batch_size=val_batch_size, spec=spec)
+        ]
     names = {t.name for t in tasks} | {r.name for r in rsets}
-    for folder in imagefolders:
+    for folder in imagefolders if zeroshot else ():
         name = Path(folder).resolve().name
         if name in names:  # two folders called "val": key the second by its parent too
             name = f"{Path(folder).resolve().parent.name}_{name}"
         names.add(name)
         tasks.append(imagefolder_task(folder, image_size, name=name))
-    if not tasks and not rsets:
-        raise ValueError("evaluate: nothing to evaluate; keep the embedded sets or pass --imagefolder DIR")
+    if not tasks and not rsets and not vsets:
+        what = f" for {', '.join(metrics)}" if metrics is not None else ""
+        raise ValueError(
+            f"evaluate: nothing to evaluate{what}; keep the embedded sets or pass --imagefolder DIR"
+        )
     return tasks, rsets, vsets
 
 
@@ -384,6 +399,7 @@ def build_evaluator(
     spec: Any = None,
     val_images: int = 2048,
     val_batch_size: int = 256,
+    metrics: Sequence[str] | None = None,
 ) -> Callable[[torch.nn.Module, int], dict[str, float]]:
     """An ``evaluate(model, step) -> metrics`` callback for ``compt.engine.train.train_member``.
 
@@ -393,6 +409,8 @@ def build_evaluator(
     ``spec`` (a ``SyntheticSpec``) renders the embedded sets with the vocabulary the run trained on.
     With the embedded sets, ``val_images`` held-out images (0: none) give ``val_loss`` in contrastive
     batches of ``val_batch_size`` (issue 12: 2,048 images, batch 256, M = 4).
+    ``metrics`` (None: everything) limits the evaluation to the kinds of set those keys come from
+    (zero-shot, retrieval, validation): the cheap evaluations during training (issue 12).
     In a distributed run call it on rank 0 only.
     """
     from compt.paradigms.clip.data import tokenizer as make_tokenizer
@@ -402,7 +420,15 @@ def build_evaluator(
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
         if not cache:
             cache["sets"] = _eval_sets(
-                image_size, imagefolders, embedded, seed, num_images, spec, val_images, val_batch_size
+                image_size,
+                imagefolders,
+                embedded,
+                seed,
+                num_images,
+                spec,
+                val_images,
+                val_batch_size,
+                metrics,
             )
             cache["tok"] = make_tokenizer(context_length)
         tasks, rsets, vsets = cache["sets"]

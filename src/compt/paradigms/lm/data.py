@@ -68,6 +68,8 @@ log = logging.getLogger("compt.data")
 
 SOURCES = ("stdlib", "text", "tokens")
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+# The fields that change the token streams (a new seed or eval_windows reuses them).
+_TOKEN_FIELDS = ("source", "path", "tokenizer", "vocab_size", "val_fraction", "max_skips")
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -83,6 +85,9 @@ class LMDataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (by document key)
     token_dtype: str = "uint16"  # id type of a tokens source's .bin files: "uint16" or "uint32"
     max_skips: int = 100  # unreadable files / bad JSONL lines tolerated before preparation fails
+    seed: int = 0  # the window order of epoch e is a permutation seeded by (seed, e)
+    eval_windows: int = 256  # validation windows of seq_len tokens per evaluation, spread over the split
+    cache_dir: str | None = None  # tokenizer.json + token files; None: <out_dir>/data of the run or chain
 
     def __post_init__(self):
         checks = [
@@ -93,6 +98,7 @@ class LMDataConfig:
             ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
             ("token_dtype", self.token_dtype in TOKEN_DTYPES, "must be uint16 or uint32"),
             ("max_skips", self.max_skips >= 0, "must be >= 0"),
+            ("eval_windows", self.eval_windows >= 1, "must be >= 1"),
         ]
         if self.source == "tokens":
             checks.append(
@@ -285,7 +291,7 @@ def prepare_data(cfg: LMDataConfig, cache_dir: str | Path) -> LMData:
     cache.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(cfg, cache, train_texts)
     meta = {
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if k in _TOKEN_FIELDS},
         "documents": digest.hexdigest(),
         "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest(),
     }
@@ -326,10 +332,11 @@ class TokenWindows:
 
 
 class TokenLoader(Loader):
-    """Per-rank batches ``[global_batch_size / world_size, seq_len + 1]`` of one epoch's windows.
+    """Per-rank batches ``(tokens [global_batch_size / world_size, seq_len + 1],)`` of one epoch's windows.
 
     ``len()`` is the steps of a full epoch (the last partial batch dropped); iteration yields the
-    steps ``start_step .. len - 1``. Windows cannot be bad, so nothing is ever skipped here.
+    steps ``start_step .. len - 1``, each a 1-tuple as every compt loader yields a tuple of tensors.
+    Windows cannot be bad, so nothing is ever skipped here. ``pin_memory``: pinned batches (CUDA).
     """
 
     def __init__(
@@ -363,10 +370,11 @@ class TokenLoader(Loader):
         self.offset = rank * self.local
         self.global_batch_size = global_batch_size
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor]]:
         for step in range(self.start_step, self.steps):
             lo = step * self.global_batch_size + self.offset
-            yield torch.stack([self.windows.load(i) for i in self.order[lo : lo + self.local].tolist()])
+            batch = torch.stack([self.windows.load(i) for i in self.order[lo : lo + self.local].tolist()])
+            yield (batch.pin_memory() if self.pin_memory else batch,)
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, num_windows: int) -> torch.Tensor:

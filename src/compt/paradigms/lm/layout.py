@@ -24,9 +24,10 @@ depth strategy applies to a ``transformers.LlamaForCausalLM`` unchanged. What is
   ``model.embed_tokens.weight`` (a ``save_pretrained`` checkpoint drops ``lm_head``).
 
 ``describe`` reads a member's sizes from its ``model_cfg`` and checks its state dict against them,
-``check_growable`` names every reason a pair cannot grow, ``plan`` gives the rules and the depth map
-(the signature of :func:`compt.grow.layout.plan`), ``net2net_notes`` says where Net2Net widening is not
-exactly function-preserving. The engine's generic grower applies them as ``compt.grow._grow`` does.
+``check_growable`` names every reason a pair cannot grow, ``plan`` gives the rules and the depth map,
+``net2net_notes`` says where Net2Net widening is not exactly function-preserving. :data:`LAYOUT` (an
+:class:`LMLayout`) is the paradigm's :class:`~compt.grow.layout.GrowLayout`, so that
+:func:`compt.grow.grow` and ``compt.grow.grow_state_dict(..., paradigm="lm")`` apply them.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from typing import Any
 import torch
 
 from compt.config import ConfigError
-from compt.grow.layout import FIXED, Axis, GrowError, Rule, Space
-from compt.paradigms.lm.models import check_model_cfg
+from compt.grow.layout import FIXED, Axis, GrowError, GrowPlan, Rule, Space
+from compt.paradigms.lm.models import MODEL_CFG_KEYS, check_model_cfg
 
-__all__ = ["STACK", "LlamaSpec", "describe", "check_growable", "plan", "net2net_notes"]
+__all__ = ["STACK", "LlamaSpec", "describe", "check_growable", "plan", "net2net_notes", "LMLayout", "LAYOUT"]
 
 STACK = "decoder"  # the depth map's name, as "visual" / "text" are CLIP's
 _PREFIX = "model.layers"
@@ -210,3 +211,51 @@ def net2net_notes(t: LlamaSpec, s: LlamaSpec) -> list[str]:
             "would need them split for the lm_head, so the logits scale by the width ratio"
         )
     return notes
+
+
+# --- the LM paradigm's GrowLayout ----------------------------------------------------------------
+
+
+class LMLayout:
+    """The :class:`~compt.grow.layout.GrowLayout` of ``LlamaForCausalLM`` members.
+
+    The hints are the member's ``model_cfg`` itself: head counts, head_dim and the tie are not in a
+    state dict's shapes. Llama has no learned positions, so ``interpolate_pos`` has nothing to do.
+    """
+
+    def hints_from_cfg(self, cfg: Mapping[str, Any], who: str) -> dict[str, Any]:
+        try:
+            check_model_cfg(cfg, where=f"the {who}'s model_cfg")
+        except ConfigError as e:
+            raise GrowError(str(e)) from None
+        return dict(cfg)
+
+    def hints_from_model(self, model: torch.nn.Module, who: str) -> dict[str, Any]:
+        from transformers import LlamaForCausalLM
+
+        if not isinstance(model, LlamaForCausalLM):
+            raise GrowError(f"the {who} is a {type(model).__name__}; the LM layout grows LlamaForCausalLM")
+        config = model.config
+        # rope_theta lives in rope_parameters in transformers 5 and does not change any shape.
+        return {k: getattr(config, k) for k in MODEL_CFG_KEYS if k != "rope_theta" and hasattr(config, k)}
+
+    def plan(
+        self,
+        teacher_sd: Mapping[str, torch.Tensor],
+        teacher_hints: Mapping[str, Any],
+        student_sd: Mapping[str, torch.Tensor],
+        student_hints: Mapping[str, Any],
+        *,
+        depth: DepthFn,
+        width: str,
+        interpolate_pos: bool,
+    ) -> GrowPlan:
+        t = describe(teacher_sd, teacher_hints, "teacher")
+        s = describe(student_sd, student_hints, "student")
+        check_growable(t, s)
+        rules, depth_maps = plan(t, s, depth)
+        notes = net2net_notes(t, s) if width == "net2net" else []
+        return GrowPlan(rules=rules, depth_maps=depth_maps, teacher_sd=teacher_sd, notes=notes)
+
+
+LAYOUT = LMLayout()

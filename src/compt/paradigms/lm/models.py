@@ -25,12 +25,14 @@ import difflib
 import math
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from compt.config import ConfigError
+
+if TYPE_CHECKING:  # imported where a model is built: listing families must not import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "MODEL_CFG_KEYS",
@@ -147,6 +149,8 @@ def _is_number(value: Any, tp: type) -> bool:
 
 def hf_config(cfg: Mapping[str, Any]) -> LlamaConfig:
     """The ``transformers.LlamaConfig`` of a validated ``model_cfg`` (no KV cache: members train)."""
+    from transformers import LlamaConfig
+
     check_model_cfg(cfg)
     kwargs = dict(cfg)
     # transformers 5 keeps RoPE settings in one dict (research/lm-paradigm.md)
@@ -156,6 +160,8 @@ def hf_config(cfg: Mapping[str, Any]) -> LlamaConfig:
 
 def build_model(cfg: Mapping[str, Any], device: torch.device | str | None = None) -> LlamaForCausalLM:
     """A freshly initialized member (``device='meta'``: shapes only, no memory), from torch's RNG."""
+    from transformers import LlamaForCausalLM
+
     config = hf_config(cfg)
     with torch.device(device if device is not None else "cpu"):
         return LlamaForCausalLM(config)

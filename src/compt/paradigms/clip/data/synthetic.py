@@ -82,6 +82,11 @@ class SyntheticSpec:
     num_sub_captions: int = 15  # sub-captions per image besides the primary (App. A: 15)
     colour_jitter: float = 0.07  # std of per-object RGB jitter, in [0, 1] units
     pixel_noise: float = 0.025  # std of per-pixel noise over the whole image
+    # Object size vs patch size (issue 12): `grid` k > 0 centres every object in its own cell of a
+    # k x k grid -- k = image_size / patch_size puts each object inside one ViT patch, where its
+    # shape is learned fast (docs/data.md) -- and `object_scale` multiplies every size's radius.
+    grid: int = 0  # 0: free placement anywhere in the image
+    object_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_subset("shapes", self.shapes, KNOWN_SHAPES)
@@ -100,6 +105,16 @@ class SyntheticSpec:
             raise ValueError(f"synthetic.num_sub_captions must be in 8..20, got {self.num_sub_captions}")
         if self.colour_jitter < 0 or self.pixel_noise < 0:
             raise ValueError("synthetic.colour_jitter and pixel_noise must be >= 0")
+        if not 0 < self.object_scale <= 2:
+            raise ValueError(f"synthetic.object_scale must be in (0, 2], got {self.object_scale}")
+        if self.grid:
+            largest = 1.1 * self.object_scale * max(SIZE_RADIUS[s] for s in self.sizes)  # with jitter
+            if not 2 <= self.grid <= 8 or self.grid**2 < self.max_count or largest > 0.5 / self.grid:
+                raise ValueError(
+                    f"synthetic.grid={self.grid}: needs 2..8 cells a side, at least max_count="
+                    f"{self.max_count} cells, and objects that fit a cell (largest radius {largest:.3f} "
+                    f"> {0.5 / self.grid:.3f}); lower object_scale or drop the large sizes"
+                )
 
 
 @dataclass
@@ -133,8 +148,19 @@ class Scene:
 # --- scene sampling ------------------------------------------------------------------------------
 
 
-def _place(rng: np.random.Generator, radius: float, placed: list[tuple[float, float, float]]):
-    """A centre for a disc of ``radius`` not overlapping ``placed`` (x, y, r) discs, or None."""
+def _place(rng: np.random.Generator, radius: float, placed: list[tuple[float, float, float]], grid: int = 0):
+    """A centre for a disc of ``radius`` not overlapping ``placed`` (x, y, r) discs, or None.
+
+    With ``grid`` k, the centre of a free cell of the k x k grid: the disc fits inside it (the tips of
+    a triangle or star, at 1.15 radii, may reach a pixel beyond).
+    """
+    if grid:
+        taken = {(round(px * grid - 0.5), round(py * grid - 0.5)) for px, py, _ in placed}
+        free = [(i, j) for j in range(grid) for i in range(grid) if (i, j) not in taken]
+        if not free:
+            return None
+        i, j = free[int(rng.integers(len(free)))]
+        return (i + 0.5) / grid, (j + 0.5) / grid
     lo, hi = radius + 0.02, 1.0 - radius - 0.02
     for _ in range(30):
         x, y = rng.uniform(lo, hi, size=2)
@@ -158,7 +184,7 @@ def _new_obj(rng: np.random.Generator, spec: SyntheticSpec, shape=None, colour=N
         colour=colour,
         size=size,
         texture=texture,
-        radius=SIZE_RADIUS[size] * rng.uniform(0.9, 1.1),
+        radius=SIZE_RADIUS[size] * spec.object_scale * rng.uniform(0.9, 1.1),
         angle=float(rng.uniform(-0.35, 0.35)),
         rgb=tuple(float(v) for v in rgb),
     )
@@ -189,22 +215,22 @@ def sample_scene(
         n = count or (1 if kind == "single" else int(rng.integers(2, spec.max_count + 1)))
         objs = [_new_obj(rng, spec, *fixed[0]) if fixed else _new_obj(rng, spec)]
         objs[0].positions = [None] * n  # type: ignore[list-item]
-    _layout(rng, kind, objs)
+    _layout(rng, kind, objs, spec.grid)
     bg = _pick(rng, spec.backgrounds)
     pattern = _pick(rng, spec.patterns)
     return Scene(kind=kind, objects=objs, background=bg, pattern=pattern)
 
 
-def _layout(rng: np.random.Generator, kind: str, objs: list[Obj]) -> None:
+def _layout(rng: np.random.Generator, kind: str, objs: list[Obj], grid: int = 0) -> None:
     """Place every copy without overlap; a pair is placed so its relation (left/above) is clear."""
-    for _attempt in range(20):
+    for _attempt in range(20 if not grid else 100):
         placed: list[tuple[float, float, float]] = []
         ok = True
         for obj in objs:
             n = 1 if kind == "pair" else len(obj.positions)
             obj.positions = []
             for _ in range(n):
-                xy = _place(rng, obj.radius, placed)
+                xy = _place(rng, obj.radius, placed, grid)
                 if xy is None:
                     ok = False
                     break
@@ -216,8 +242,9 @@ def _layout(rng: np.random.Generator, kind: str, objs: list[Obj]) -> None:
             ok = max(dx, dy) > 1.4 * min(dx, dy)  # one axis clearly dominates
         if ok:
             return
-        for obj in objs:  # crowded: shrink and retry
-            obj.radius *= 0.9
+        if not grid:  # crowded: shrink and retry (grid cells never crowd; only the relation failed)
+            for obj in objs:
+                obj.radius *= 0.9
     raise RuntimeError("could not lay out a synthetic scene")  # unreachable for max_count <= 6
 
 

@@ -111,7 +111,8 @@ class _Batches:
     """The micro-batches of each step from the run's data position (a function of seed, epoch, step)."""
 
     def __init__(self, train: ZeroShotTask, cfg: FinetuneConfig, state: TrainState):
-        self.train, self.cfg, self.state, self.skips = train, cfg, state, 0
+        self.train, self.cfg, self.state = train, cfg, state
+        self.skips = self.repairs = 0  # in-memory images: nothing to skip or repair (log_step's fields)
         self.steps_per_epoch = len(train.labels) // cfg.global_batch_size
         if self.steps_per_epoch == 0:
             raise DataError(
@@ -155,6 +156,7 @@ class _Run:
     distiller: None = None  # no teacher: the engine's step adds no distillation
     masks: None = None  # no growth masks
     progressive: None = None  # no AutoProg-One stages (AutoProg-Zero's are `stages`)
+    sharded: bool = False  # a fine-tune is replicated (DDP), never FSDP2-sharded
     teacher_macs_per_step: int = 0
     zero_shot_top1: float | None = None  # the test top-1 of the head before the first step
     stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
@@ -168,6 +170,10 @@ class _Run:
     @property
     def local_batch_size(self) -> int:
         return self.cfg.global_batch_size // self.cfg.accum_steps
+
+    def eval_model(self) -> ImageClassifier:
+        """The model the engine's periodic evaluation reads: the replicated classifier itself."""
+        return self.model
 
     def autocast(self):
         if self.amp_dtype is None:
