@@ -220,6 +220,47 @@ def test_a_grown_moments_link_makes_its_teacher_keep_moments(tmp_path):
     assert not member_train_config(load_spec(_write(tmp_path)), 0, individual=False).keep_moments
 
 
+def test_a_chain_with_a_progressive_link_trains_it_in_stages(finished, tmp_path):
+    from compt.engine.progressive import Progression, ProgressiveConfig
+    from compt.engine.progressive_cost import progressive_macs
+    from compt.families import get_member
+
+    spec = load_spec(_write(tmp_path, epochs=[2, 2], link={"progressive": {"schedule": "manual"}}))
+    assert member_train_config(spec, 1, individual=True).progressive is None  # the twin trains as usual
+    first = Path(finished[0].out_dir) / "chain" / "debug-S"  # the same first member: reused, not retrained
+    shutil.copytree(first, Path(spec.out_dir) / "chain" / "debug-S")
+    chain = run_chain(spec)
+    root = Path(spec.out_dir) / "chain"
+    events = [json.loads(line) for line in (root / "debug-L" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"]) for e in events if e["kind"] == "progressive"] == [("grow", 2)]
+    prog = Progression(
+        ProgressiveConfig(schedule="manual"), get_member("debug-L"), 8, teacher=get_member("debug-S")
+    )
+    expected = progressive_macs(prog, batch_size=16, teacher=get_member("debug-S")).total_macs
+    assert chain["members"][1]["train_macs"] == expected and chain["members"][1]["steps"] == 8
+    assert (
+        open_clip.create_model("local-dir:" + str(root / "debug-L" / "export")) is not None
+    )  # the full member
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"link": {"progressive": {"search_eval_batches": 2}}},
+            r"member debug-L: train.progressive: a search phase takes at least",
+        ),
+        (
+            {"link": {"progressive": {"schedule": "manual"}}, "until_lossless": {"enabled": True}},
+            "until_lossless stops a link early, but a progressive link",
+        ),
+    ],
+)
+def test_progressive_specs_that_cannot_run_fail_at_load(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(_write(tmp_path, **changes))
+
+
 def test_cli_show_and_unknown_key_message(tmp_path, capsys):
     assert cli_main(["chain", "show", str(_write(tmp_path))]) == 0
     out = capsys.readouterr().out

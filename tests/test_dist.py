@@ -164,3 +164,27 @@ def test_a_torchrun_job_on_a_folder_in_use_stops_on_every_rank(tmp_path):
     assert proc.returncode != 0
     assert output.count(f"is in use by another run: pid {holder.pid}") == 2, output[-4000:]  # both ranks
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_two_gloo_ranks_grow_and_search_like_one_process(tmp_path):
+    """AutoProg-One (issue 15): the same candidate and choice on every rank, the supernet's skipped blocks
+    under DDP (find_unused_parameters during the searches only), re-wrapped at every growth."""
+    args = ["--member", "debug-L", "--data", "synthetic", "--set", "data.num_samples=64", "--steps", "40",
+            "--batch-size", "8", "--log-every", "1", "--device", "cpu", "--save-every", "0", "--seed", "1",
+            "--progressive", "search", "--set", "progressive.search_eval_batches=2"]  # fmt: skip
+    assert cli_main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    _torchrun(["-m", "compt", "train", *args, "--out", str(tmp_path / "two")], cwd=tmp_path)
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    events = [
+        [(r["event"], r["step"], r.get("choice")) for r in run if r["kind"] == "progressive"]
+        for run in (one, two)
+    ]
+    assert events[0] == events[1] and [e[0] for e in events[0]].count("choose") == 3
+    losses = [[r["loss"] for r in run if r["kind"] == "train"] for run in (one, two)]
+    assert len(losses[0]) == 40 and losses[1] == pytest.approx(losses[0], abs=1e-5, rel=1e-5)
+    final_one = torch.load(tmp_path / "one" / "final.pt", weights_only=False)
+    final_two = torch.load(tmp_path / "two" / "final.pt", weights_only=False)
+    assert final_one["train_macs"] == final_two["train_macs"]
+    for key, value in final_one["model"].items():
+        torch.testing.assert_close(final_two["model"][key], value, atol=1e-4, rtol=1e-4, msg=key)

@@ -9,8 +9,10 @@ import torch
 
 from compt.cli import main
 from compt.cost import member_cost
+from compt.engine.progressive import Progression, ProgressiveConfig
+from compt.engine.progressive_cost import progressive_macs
 from compt.engine.train import TrainConfig, train_member
-from compt.families import get_family
+from compt.families import get_family, get_member
 from compt.paradigms.clip.data import DataConfig
 from compt.plan import plan_chain
 
@@ -84,6 +86,23 @@ def test_fractional_epochs_cost_exactly_what_the_engine_counts(tmp_path):
     assert (teacher.steps, link.steps) == (4, 3)
     assert [r.chain_macs for r in plan.rows] == [teacher.train_macs, link.train_macs]
     assert [r.epochs for r in plan.rows] == [1, 0.75]
+
+
+def test_a_progressive_member_costs_its_stages_and_a_searched_one_is_an_estimate():
+    manual, searched = ProgressiveConfig(schedule="manual"), ProgressiveConfig()
+    kw = dict(sample={"num_captions": 4}, batch_size=16)
+    plain = plan_chain(["debug-S", "debug-L"], 640, 1, [1, 1], **kw)  # 40 steps each
+    grown = plan_chain(["debug-S", "debug-L"], 640, 1, [1, 1], progressive=[None, manual], **kw)
+    teacher = get_member("debug-S")
+    prog = Progression(manual, get_member("debug-L"), 40, teacher=teacher)
+    assert grown.rows[1].chain_macs == progressive_macs(prog, batch_size=16, teacher=teacher).total_macs
+    assert grown.rows[0] == plain.rows[0] and grown.rows[1].baseline_macs == plain.rows[1].baseline_macs
+    assert grown.rows[1].chain_macs < plain.rows[1].chain_macs and not grown.estimate
+    found = plan_chain(["debug-S", "debug-L"], 640, 1, [1, 1], progressive=[searched, searched], **kw)
+    assert found.estimate and [r.progressive for r in found.rows] == ["search", "search"]
+    assert found.rows[1].chain_macs > grown.rows[1].chain_macs  # the same ramp, plus its search phases
+    with pytest.raises(ValueError, match="debug-L: a search phase takes at least"):
+        plan_chain(["debug-S", "debug-L"], 160, 1, [1, 1], progressive=[None, searched], **kw)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -195,3 +214,26 @@ def test_cli_plans_a_chain_spec_as_it_trains(capsys, tmp_path):
     assert [r["epochs"] for r in json.loads(from_spec)["members"]] == [3, 1, 0.75]
     code, _, err = _run(capsys, str(spec), "--epochs", "3,1,1")
     assert code == 2 and "--epochs: with SPEC these come from the spec" in err
+
+
+def test_cli_plans_progressive_members_labelled_as_an_estimate(capsys, tmp_path):
+    vit = ["--family", "vit", "--members", "ViT-T/16,ViT-S/16,ViT-B/16,ViT-L/16", "--epochs", "128,24,18,15"]
+    code, out, _ = _run(capsys, *vit, "--progressive", "first")
+    rows = [line for line in out.splitlines() if line.startswith("ViT-")]
+    assert code == 0 and rows[0].split("x) ")[1].startswith("AP*")  # only the first member trains with it
+    assert not any("AP" in row for row in rows[1:])
+    assert "acceleration" in out and "(an estimate: see AP* above)" in out and "ESTIMATE" in out
+    code, plain, _ = _run(capsys, *vit, "--json")
+    code, first, _ = _run(capsys, *vit, "--progressive", "first", "--json")
+    plain, first = json.loads(plain), json.loads(first)
+    assert first["estimate"] and first["acceleration"] > plain["acceleration"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "family: tiny\nmembers: [tiny-XS, tiny-S]\nout_dir: " + str(tmp_path / "run") + "\n"
+        "data: {kind: synthetic, num_samples: 12800}\nbaseline_epochs: 3\nepochs: [3, 1]\n"
+        "train: {global_batch_size: 128}\nlink: {progressive: {schedule: manual}}\n"
+    )
+    code, out, _ = _run(capsys, str(spec), "--json")
+    assert code == 0 and [r["progressive"] for r in json.loads(out)["members"]] == [None, "manual"]
+    code, _, err = _run(capsys, str(spec), "--progressive", "all")
+    assert code == 2 and "--progressive: with SPEC these come from the spec" in err

@@ -22,14 +22,13 @@ from compt.engine.progressive import (
     Shape,
     growth_space,
     make_divisible,
-    progressive_macs,
-    search_eval_macs,
     stage_bounds,
     stage_member,
     stage_of,
-    step_macs,
 )
+from compt.engine.progressive_cost import assume_linear_ramp, progressive_macs, search_eval_macs, step_macs
 from compt.engine.progressive_search import choose_candidate, fit_power_law, sample_candidate, supernet_keep
+from compt.engine.progressive_train import carry_adamw_state, ema_decay
 from compt.families import get_member
 from compt.paradigms.clip.data import DataConfig, build_loader
 from compt.paradigms.clip.families import ClipMember, vit_member
@@ -38,8 +37,6 @@ from compt.paradigms.clip.progressive import (
     active_layers,
     build_stage,
     candidate_loss,
-    carry_adamw_state,
-    ema_decay,
     encode_image,
     extract_subnet,
     grow_stage,
@@ -92,6 +89,18 @@ def test_growth_space_follows_the_official_rounding():
     space = growth_space(MEMBER, 4)
     assert space.depths == ((2, 2), (3, 3), (3, 3), (4, 4)) and space.image_sizes == (8, 12, 12, 16)
     assert space.full == Shape(4, 4, 16)
+
+
+def test_a_links_stages_never_go_shallower_than_its_teacher():
+    # ViT-S -> ViT-B keeps all 12 blocks (resolution only); ViT-B -> ViT-L grows its vision tower from 12.
+    assert growth_space(get_member("ViT-B/16"), 4, get_member("ViT-S/16")).depths == ((12, 12),) * 4
+    space = growth_space(get_member("ViT-L/16"), 4, get_member("ViT-B/16"))
+    assert space.depths == ((12, 12), (16, 12), (20, 12), (24, 12)) and space.image_sizes == (
+        112,
+        144,
+        192,
+        224,
+    )
 
 
 def test_swin_members_are_refused_by_name():
@@ -356,6 +365,16 @@ def test_cost_of_a_progressive_run_is_the_sum_of_its_stages():
     small_teacher = ClipMember("t@8", "test", {**teacher.open_clip_config()})
     small_teacher.model_cfg["vision_cfg"]["image_size"] = 8
     assert linked == 8 * member_cost(small_teacher).forward_macs
+
+
+def test_a_plan_assumes_each_search_chooses_the_linear_ramp():
+    vit_b = get_member("ViT-B/16")
+    searched = assume_linear_ramp(Progression(ProgressiveConfig(), vit_b, 100_000))
+    manual = Progression(ProgressiveConfig(schedule="manual"), vit_b, 100_000)
+    assert [searched.train_shape(k) for k in range(4)] == [manual.train_shape(k) for k in range(4)]
+    assert searched.train_shape(0) == Shape(6, 6, 112) and searched.results[0].choice == Shape(6, 6, 112)
+    cost, ramp = progressive_macs(searched, batch_size=1024), progressive_macs(manual, batch_size=1024)
+    assert cost.total_macs > ramp.total_macs and cost.search_eval_macs[0] > 0  # its searches are counted
 
 
 # --- end to end, without the engine ------------------------------------------------------------------

@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from compt.config import ConfigError, from_dict, load_yaml, to_dict
+from compt.cost import run_steps
 from compt.engine import dist
 from compt.engine.checkpoint import check_writable, load_checkpoint
+from compt.engine.config import check_schedule
 from compt.engine.lock import hold
 from compt.engine.resume import run_changes
 from compt.engine.train import TrainConfig, TrainResult, check_runtime, train_member
@@ -205,6 +207,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> ChainSpec
             except ValueError as e:
                 raise ConfigError(f"{path}, member {member.name}: {e}") from None
             configs.append(cfg)
+    if spec.until_lossless.enabled and any(c.progressive is not None and c.teacher for c in configs):
+        # It would stop a link mid-schedule, before AutoProg's last stage has grown the full member.
+        raise ConfigError(
+            f"{path}: until_lossless stops a link early, but a progressive link (link.progressive or "
+            "train.progressive) reaches its full member only in its last stage; disable one of them"
+        )
     try:
         _check_data(spec, members, configs)
         for member in members:
@@ -228,6 +236,12 @@ def _check_data(spec: ChainSpec, members: list[Member], configs: list[TrainConfi
                 f"{cfg.global_batch_size}: no optimizer step could run; use more data (data.num_samples) "
                 "or a smaller train.global_batch_size"
             )
+        if size is not None and cfg.progressive is not None:  # its stages and searches fit its steps
+            steps_per_epoch = size // cfg.global_batch_size
+            try:
+                check_schedule(cfg, cfg.steps or run_steps(cfg.epochs, steps_per_epoch), steps_per_epoch)
+            except ValueError as e:
+                raise ConfigError(f"member {cfg.member}: {e}") from None
 
 
 def check_until_lossless(spec: ChainSpec) -> None:

@@ -4,6 +4,9 @@
 chain, scaled to a target acceleration); :func:`plan_chain` gives, per member, the training MACs of
 its individual (baseline) run and of its chain link, and the acceleration ratios of Table 2. Costs
 come from :func:`compt.cost.member_cost`, built on the meta device, so planning ViT-L takes seconds.
+A chain member may train with AutoProg-One (issue 15; :mod:`compt.engine.progressive`): its cost is
+then its stages' (:func:`compt.engine.progressive_cost.progressive_macs`), an estimate for a searched
+schedule, whose searches have not run yet (:func:`~compt.engine.progressive_cost.assume_linear_ramp`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from compt.cost import PAPER_BATCH_SIZE, member_cost, run_macs
+from compt.cost import PAPER_BATCH_SIZE, member_cost, run_macs, run_steps
+from compt.engine.progressive import Progression, ProgressiveConfig
+from compt.engine.progressive_cost import assume_linear_ramp, progressive_macs
 from compt.families import Member, check_ascending, get_member
 
 __all__ = [
@@ -112,6 +117,7 @@ class PlanRow:
     chain_accumulated_macs: int
     individual_acceleration: float
     accumulated_acceleration: float
+    progressive: str | None = None  # its chain run's AutoProg schedule ("search", "manual"), else None
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,11 @@ class ChainPlan:
     def acceleration(self) -> float:
         return self.baseline_total_macs / self.chain_total_macs
 
+    @property
+    def estimate(self) -> bool:
+        """Whether a chain cost assumes a search's outcome (an AutoProg member with a searched schedule)."""
+        return any(r.progressive == "search" for r in self.rows)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the plan settings, one dict per member, and the totals."""
         out = {k: v for k, v in asdict(self).items() if k != "rows"}
@@ -146,6 +157,7 @@ class ChainPlan:
         out["baseline_total_macs"] = self.baseline_total_macs
         out["chain_total_macs"] = self.chain_total_macs
         out["acceleration"] = self.acceleration
+        out["estimate"] = self.estimate
         return out
 
 
@@ -159,6 +171,7 @@ def plan_chain(
     batch_size: int = PAPER_BATCH_SIZE,
     target_ratio: float = DEFAULT_TARGET_RATIO,
     end_fraction: float = DEFAULT_END_FRACTION,
+    progressive: Sequence[ProgressiveConfig | None] | None = None,
 ) -> ChainPlan:
     """Cost of training ``members`` (smallest first) individually vs as a chain (Table 2 columns).
 
@@ -166,7 +179,9 @@ def plan_chain(
     terms (CLIP: ``{"num_captions": 4}``, the default). Epochs may be fractions: each run has
     :func:`compt.cost.run_steps` optimizer steps, as the engine trains them. Without ``epochs``,
     they come from :func:`allocate_epochs`.
-    Member i > 0 is a chain link whose teacher is member i - 1.
+    Member i > 0 is a chain link whose teacher is member i - 1. ``progressive`` (one entry per member,
+    ``None`` for a plain run) trains a chain member with AutoProg-One; the baseline columns stay
+    individual training without it.
     """
     members = [get_member(m) for m in members]
     if not members:
@@ -193,12 +208,18 @@ def plan_chain(
         )
     for m, e in zip(members, epochs, strict=False):
         _check_positive_number(e, f"epochs of {m.name}")
+    progressive = list(progressive) if progressive is not None else [None] * len(members)
+    if len(progressive) != len(members):
+        raise ValueError(f"got {len(progressive)} progressive entries for {len(members)} members")
     costs = [member_cost(m, **(sample or {})) for m in members]
     rows, base_acc, chain_acc = [], 0, 0
     for i, (c, e) in enumerate(zip(costs, epochs, strict=False)):
         teacher = costs[i - 1] if i > 0 else None
         base = run_macs(c, samples=samples, epochs=baseline_epochs, batch_size=batch_size)
         chain = run_macs(c, samples=samples, epochs=e, batch_size=batch_size, teacher=teacher)
+        if progressive[i] is not None:
+            steps = run_steps(e, samples // batch_size)
+            chain = _progressive_macs(members, i, progressive[i], steps, batch_size, sample)
         base_acc, chain_acc = base_acc + base, chain_acc + chain
         rows.append(
             PlanRow(
@@ -214,6 +235,7 @@ def plan_chain(
                 chain_accumulated_macs=chain_acc,
                 individual_acceleration=base / chain,
                 accumulated_acceleration=base_acc / chain_acc,
+                progressive=progressive[i].schedule if progressive[i] is not None else None,
             )
         )
     return ChainPlan(
@@ -226,3 +248,20 @@ def plan_chain(
         target_ratio=target_ratio if allocated else None,
         end_fraction=end_fraction if allocated else None,
     )
+
+
+def _progressive_macs(
+    members: Sequence[Member],
+    index: int,
+    cfg: ProgressiveConfig,
+    steps: int,
+    batch_size: int,
+    sample: Mapping[str, Any] | None,
+) -> int:
+    """Training MACs of chain member ``index`` trained with AutoProg-One (searches assumed, see module)."""
+    member, teacher = members[index], members[index - 1] if index > 0 else None
+    try:
+        prog = assume_linear_ramp(Progression(cfg, member, steps, teacher=teacher))
+    except ValueError as e:
+        raise ValueError(f"{member.name}: {e}") from None
+    return progressive_macs(prog, batch_size=batch_size, sample=sample, teacher=teacher).total_macs

@@ -4,6 +4,8 @@
         --samples 2753427 --baseline-epochs 128 --epochs 128,24,18,15 --captions 4
     compt plan --family tiny --json
     compt plan configs/demo.yaml                 # a chain spec: its family, members, epochs, data, batch
+    compt plan --family vit --members ViT-T/16,ViT-S/16,ViT-B/16,ViT-L/16 --epochs 128,24,18,15 \
+        --progressive all                        # AutoProg-One on every chain member (an estimate)
     compt plan --family llama --samples 4882812 --baseline-epochs 1 --seq-len 2048   # 10B tokens
 
 Models are built on the meta device, so planning ViT-L takes seconds and no memory.
@@ -15,6 +17,7 @@ import argparse
 import json
 
 from compt.cost import PAPER_BATCH_SIZE
+from compt.engine.progressive import ProgressiveConfig
 from compt.families import Member, get_family, get_member
 from compt.plan import DEFAULT_END_FRACTION, DEFAULT_TARGET_RATIO, ChainPlan, plan_chain
 
@@ -74,6 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_END_FRACTION,
         help=f"last member's epochs / second member's when allocating (default {DEFAULT_END_FRACTION})",
     )
+    p.add_argument(
+        "--progressive",
+        choices=list(_PROGRESSIVE),
+        help="chain members trained with AutoProg-One's searched schedule (default none; a spec says "
+        "it per member in train/link.progressive): first, links or all",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -131,6 +140,14 @@ _SPEC_FLAGS = {
     "captions": None,  # none given: the paradigm's sample (CLIP: 4 captions)
     "seq_len": None,
     "batch_size": PAPER_BATCH_SIZE,
+    "progressive": "none",
+}
+# --progressive: which chain members train with AutoProg-One (member index -> bool).
+_PROGRESSIVE = {
+    "none": lambda i: False,
+    "first": lambda i: i == 0,
+    "links": lambda i: i > 0,
+    "all": lambda i: True,
 }
 
 
@@ -151,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             target_ratio=args.target_ratio,
             end_fraction=args.end_fraction,
+            progressive=[
+                ProgressiveConfig() if _PROGRESSIVE[args.progressive](i) else None
+                for i in range(len(members))
+            ],  # fmt: skip
         )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -192,6 +213,7 @@ def _plan_spec(args: argparse.Namespace) -> tuple[list[Member], ChainPlan]:
         batch_size=batches.pop(),
         target_ratio=spec.target_ratio or args.target_ratio,
         end_fraction=args.end_fraction,
+        progressive=[c.progressive for c in configs],
     )
     return members, plan
 
@@ -225,6 +247,7 @@ def format_plan(plan: ChainPlan, sample: str) -> str:
         f"chain indiv. ({ru})",
         f"chain accum. ({ru})",
     ]
+    marks = {"search": " AP*", "manual": " AP"}  # AutoProg members
     table = [header]
     for r in rows:
         table.append(
@@ -237,7 +260,7 @@ def format_plan(plan: ChainPlan, sample: str) -> str:
                 f"{r.epochs:g}",
                 f"{r.baseline_macs / rs:.2f}",
                 f"{r.baseline_accumulated_macs / rs:.2f}",
-                f"{r.chain_macs / rs:.2f} ({r.individual_acceleration:.2f}x)",
+                f"{r.chain_macs / rs:.2f} ({r.individual_acceleration:.2f}x){marks.get(r.progressive, '')}",
                 f"{r.chain_accumulated_macs / rs:.2f} ({r.accumulated_acceleration:.2f}x)",
             ]
         )
@@ -259,8 +282,20 @@ def format_plan(plan: ChainPlan, sample: str) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
+    estimate = " (an estimate: see AP* above)" if plan.estimate else ""
     lines.append(
         f"total: baseline {plan.baseline_total_macs / rs:.2f} {ru} MACs, "
-        f"chain {plan.chain_total_macs / rs:.2f} {ru} MACs, acceleration {plan.acceleration:.2f}x"
+        f"chain {plan.chain_total_macs / rs:.2f} {ru} MACs, acceleration {plan.acceleration:.2f}x{estimate}"
     )
+    if any(r.progressive for r in rows):
+        lines.append(
+            "AP: the chain run trains with AutoProg-One (its stages' MACs, search phases and scoring "
+            "included); the baseline columns are individual training without it."
+        )
+    if plan.estimate:
+        lines.append(
+            "AP*: an ESTIMATE, since a searched schedule is known only once it ran: each search is assumed "
+            "to choose the linear ramp (depth and resolution growing one growth-space step per stage). "
+            "The run's own train_macs are exact."
+        )
     return "\n".join(lines)

@@ -8,6 +8,8 @@
     torchrun --standalone --nproc_per_node 8 -m compt train --member ViT-B/16 --data cc3m.tsv \\
         --epochs 128 --set data.workers=8
 
+``--progressive search`` (or ``manual``) trains the member with AutoProg-One, growing it in depth
+and input resolution (``--set progressive.mogrow=false``, ``--set progressive.num_stages=3``, ...).
 ``--data`` is, for CLIP, a registered kind (``synthetic``), a CSV/TSV table, or webdataset shards
 (``'shards/{00000..00331}.tar'``); for an LM, ``stdlib`` (the embedded corpus), a folder of
 .txt/.jsonl files or a folder of ``train.bin``/``val.bin`` token files. Every TrainConfig field can
@@ -113,6 +115,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", help="growth strategy in depth (default duplicate, App. D.1)")
     p.add_argument("--alpha", help="IFD weight: a number (default 500, App. B.1) or 'auto'")
     p.add_argument("--alpha-ratio", type=float, help="target L_IFD/L_task for --alpha auto (default 0.1)")
+    p.add_argument(
+        "--progressive",
+        choices=["search", "manual"],
+        help="AutoProg-One: grow the member in depth and input resolution while it trains, its schedule "
+        "searched or the manual one (docs/train.md; more options: --set progressive.KEY=VALUE)",
+    )
     p.add_argument("--distill", help="what a link distills: feature (default, Eq. 1) | logit (LM: KL)")
     p.add_argument("--parallel", choices=["ddp", "fsdp2"], help="several processes: ddp (default) | fsdp2")
     p.add_argument("--config", help="YAML file with TrainConfig fields (data: as a mapping)")
@@ -165,6 +173,8 @@ def build_config(args: argparse.Namespace):
         paradigm = get_member(str(raw["member"]), raw.get("family")).paradigm
         raw["data"] = {**(raw.get("data") or {}), **paradigm.data_flag(args.data)}
     raw.setdefault("data", {})
+    if args.progressive:  # on top of a YAML file's progressive: mapping, under --set's keys
+        raw["progressive"] = {**(raw.get("progressive") or {}), "schedule": args.progressive}
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} must look like key=value (dotted keys for nested fields)")

@@ -18,11 +18,20 @@ import torch
 from compt.config import from_dict
 from compt.distill import DEFAULT_ALPHA, DEFAULT_RATIO, DEFAULT_REF_DIM, list_alpha_schedules
 from compt.engine import dist
-from compt.families import get_member
+from compt.engine.progressive import Progression, ProgressiveConfig, growth_space
+from compt.families import Member, get_member
 from compt.grow import list_depth_strategies, list_width_strategies
 from compt.paradigms import Paradigm
 
-__all__ = ["TrainConfig", "PRECISIONS", "PARALLEL", "OPTIMIZER_INITS", "check_runtime", "precision_of"]
+__all__ = [
+    "TrainConfig",
+    "PRECISIONS",
+    "PARALLEL",
+    "OPTIMIZER_INITS",
+    "check_runtime",
+    "check_schedule",
+    "precision_of",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp2")  # several processes: replicas (DDP) or shards (FSDP2, compt.engine.fsdp)
@@ -78,10 +87,13 @@ class TrainConfig:
     lr_decay_fraction: float = 1.0  # the cosine reaches min_lr after this fraction of the post-warmup run
     device: str = "auto"  # auto (this rank's GPU if any, else CPU) | cpu | cuda | cuda:K
     parallel: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp2" (fully_shard per block)
+    # AutoProg-One (issue 15): grow the member while it trains, in depth and input resolution; None: off
+    progressive: ProgressiveConfig | None = None
 
     def __post_init__(self) -> None:
         # An unknown member fails here, naming the nearest one; its paradigm reads the data config.
-        paradigm = get_member(self.member, self.family).paradigm
+        member = get_member(self.member, self.family)
+        paradigm = member.paradigm
         data_config = paradigm.data_config
         if isinstance(self.data, dict):
             object.__setattr__(self, "data", from_dict(data_config, self.data, where="train.data"))
@@ -163,6 +175,35 @@ class TrainConfig:
         if not isinstance(self.alpha, str):
             object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if isinstance(self.progressive, dict):
+            progressive = from_dict(ProgressiveConfig, self.progressive, where="train.progressive")
+            object.__setattr__(self, "progressive", progressive)
+        if self.progressive is not None:
+            self._check_progressive(member)
+
+    def _check_progressive(self, member: Member) -> None:
+        """AutoProg-One on this member: refused by name now, not at step 0 (a chain loads every member)."""
+        if member.paradigm.progressive_ops() is None:
+            raise ValueError(
+                f"train.progressive: the {member.paradigm.name} paradigm of {member.name} has no progressive "
+                "training; remove train.progressive"
+            )
+        if self.parallel == "fsdp2":
+            raise ValueError(
+                "train.progressive cannot run under parallel=fsdp2: AutoProg replaces the model at every "
+                "growth and the FSDP2 wrapping does not follow it yet; use parallel=ddp"
+            )
+        if self.width == "msg":
+            raise ValueError(
+                "train.progressive cannot grow a link with width=msg: MSG's growth masks parametrize one "
+                "model, and AutoProg replaces the model at every growth; use width=insert"
+            )
+        try:
+            growth_space(member, self.progressive.num_stages)  # a non-ViT member, by name
+            if self.steps is not None:  # else the data size decides; build_run checks it before step 0
+                Progression(self.progressive, member, self.steps)
+        except ValueError as e:
+            raise ValueError(f"train.progressive: {e}") from None
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -180,6 +221,26 @@ def check_runtime(cfg: TrainConfig) -> None:
     not after a member trained (issue 11); ``train_member`` finds the same errors at setup.
     """
     precision_of(cfg, dist.resolve_device(cfg.device, dist.launch_local_rank()))
+
+
+def check_schedule(cfg: TrainConfig, total_steps: int, batches_per_epoch: int) -> None:
+    """Raise ``ValueError`` when ``cfg``'s AutoProg schedule (``train.progressive``) does not fit a run of
+    ``total_steps`` steps whose epoch holds ``batches_per_epoch`` micro-batches (its search's scoring
+    batches come from an epoch of another seed). A run's setup and :func:`compt.chain.load_spec` call it,
+    the latter for every member before the first trains."""
+    prog = cfg.progressive
+    if prog is None:
+        return
+    if prog.schedule == "search" and prog.search_eval_batches > batches_per_epoch:
+        raise ValueError(
+            f"train.progressive.search_eval_batches={prog.search_eval_batches}: one epoch of "
+            f"data.kind={cfg.data.kind} holds only {batches_per_epoch} batches of "
+            f"{cfg.global_batch_size // cfg.accum_steps}; lower it or use more data"
+        )
+    try:
+        Progression(prog, get_member(cfg.member, cfg.family), total_steps)
+    except ValueError as e:  # too few steps for its stages and searches
+        raise ValueError(f"train.progressive: {e}") from None
 
 
 def precision_of(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:

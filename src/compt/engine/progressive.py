@@ -6,8 +6,9 @@ shallower network on lower-resolution input; the last stage is the full member a
 growth space per stage index ``i`` is ``linspace(0.5, 1, K)[i]`` of each tower's depth and of the image
 size, rounded to whole layers and to the patch grid (prog/progressive.py:20-22). Which point of the space
 a stage trains comes from a fixed manual schedule or from a one-shot search at each growth
-(:mod:`compt.engine.progressive_search`); the model operations (growth from the EMA, sub-nets, running a
-ViT at another resolution) are in :mod:`compt.paradigms.clip.progressive`.
+(:mod:`compt.engine.progressive_search`); its cost is :mod:`compt.engine.progressive_cost`, what the
+training loop does at its points :mod:`compt.engine.progressive_train`, and the model operations (growth
+from the EMA, sub-nets, running a ViT at another resolution) :mod:`compt.paradigms.clip.progressive`.
 
 :class:`Progression` answers, for any step, what that step trains, and says where the loop must grow
 the model or score a search; it is a pure function of the config, the step and the choices made so far,
@@ -44,11 +45,8 @@ __all__ = [
     "stage_bounds",
     "stage_of",
     "stage_member",
+    "at_resolution",
     "Progression",
-    "step_macs",
-    "ProgressiveCost",
-    "progressive_macs",
-    "search_eval_macs",
 ]
 
 SCHEDULES = ("search", "manual")
@@ -175,14 +173,23 @@ class GrowthSpace:
         return self.shape(-1, -1)
 
 
-def growth_space(member: Member, num_stages: int) -> GrowthSpace:
-    """The official growth space for ``member``: depth and resolution in ``linspace(0.5, 1, K)``."""
+def growth_space(member: Member, num_stages: int, teacher: Member | None = None) -> GrowthSpace:
+    """The official growth space for ``member``: depth and resolution in ``linspace(0.5, 1, K)``.
+
+    A chain link's stages never go shallower than its ``teacher``: the stage-0 model is grown from
+    the teacher (inverse weight initialization, §3.1.1), and a shallower one would drop teacher layers.
+    """
     _check_vit(member)
     fractions = np.linspace(0.5, 1.0, num_stages) if num_stages > 1 else np.ones(1)
     v, t = member.vision_cfg["layers"], member.text_cfg["layers"]
+    floor_v = min(v, teacher.vision_cfg["layers"]) if teacher is not None else 1
+    floor_t = min(t, teacher.text_cfg["layers"]) if teacher is not None else 1
     patch = member.vision_cfg["patch_size"]
     return GrowthSpace(
-        depths=tuple((make_divisible(f * v, 1), make_divisible(f * t, 1)) for f in fractions),
+        depths=tuple(
+            (max(floor_v, make_divisible(f * v, 1)), max(floor_t, make_divisible(f * t, 1)))
+            for f in fractions
+        ),  # fmt: skip
         image_sizes=tuple(
             min(member.image_size, make_divisible(f * member.image_size, patch)) for f in fractions
         ),
@@ -208,7 +215,7 @@ def stage_member(member: Member, shape: Shape) -> Member:
     return type(member)(name=name, family=member.family, model_cfg=cfg)
 
 
-def _at_resolution(member: Member, shape: Shape) -> Member:
+def at_resolution(member: Member, shape: Shape) -> Member:
     """The stage model as a member built for ``shape.image_size`` (what its forward costs, App. C.2)."""
     m = stage_member(member, shape)
     cfg = m.open_clip_config()
@@ -251,9 +258,17 @@ class Progression:
     ``s``'s boundary work as an uninterrupted one would.
     """
 
-    def __init__(self, cfg: ProgressiveConfig, member: Member, total_steps: int, *, seed: int = 0):
+    def __init__(
+        self,
+        cfg: ProgressiveConfig,
+        member: Member,
+        total_steps: int,
+        *,
+        seed: int = 0,
+        teacher: Member | None = None,
+    ):
         self.cfg, self.member, self.seed = cfg, member, seed
-        self.space = growth_space(member, cfg.num_stages)
+        self.space = growth_space(member, cfg.num_stages, teacher)  # a link: never below its teacher
         self.bounds = stage_bounds(total_steps, cfg.num_stages)
         self.results: dict[int, SearchResult] = {}  # search stage -> its outcome (choice included)
         self._times: dict[int, dict[Shape, list[float]]] = {}  # wall-clock search: step times per candidate
@@ -362,7 +377,7 @@ class Progression:
         (the first step of each candidate, with its warm-up, left out when it has more)."""
         if self.cfg.search_cost == "macs":
             return {
-                c: float(member_cost(_at_resolution(self.member, c)).train_macs)
+                c: float(member_cost(at_resolution(self.member, c)).train_macs)
                 for c in self.candidates(stage)
             }
         times = self._times.get(stage, {})
@@ -426,69 +441,3 @@ class Progression:
 
 def _unique(values) -> list:
     return list(dict.fromkeys(values))
-
-
-# --- cost (App. C.2, per stage) ----------------------------------------------------------------------
-
-
-def step_macs(
-    member: Member, plan: StepPlan, *, batch_size: int, num_captions: int = 4, teacher: Member | None = None
-) -> int:
-    """Training MACs of one optimizer step of ``plan`` (App. C.2), summed over ranks.
-
-    Forward and backward run the blocks of ``plan.shape`` at its resolution; a chain link's teacher
-    forward sees the same downsampled images. AdamW updates the parameters that got gradients (3 MACs
-    each; a sub-net's skipped blocks get none) and the MoGrow EMA every parameter of the module
-    (1 MAC each: one lerp).
-    """
-    at_res = member_cost(_at_resolution(member, plan.shape), num_captions)
-    trained = member_cost(stage_member(member, plan.shape), num_captions).update_macs
-    module = member_cost(stage_member(member, plan.model), num_captions).update_macs // 3
-    per_sample = at_res.train_macs
-    if teacher is not None:
-        shape = Shape(teacher.vision_cfg["layers"], teacher.text_cfg["layers"], plan.shape.image_size)
-        per_sample += member_cost(_at_resolution(teacher, shape), num_captions).forward_macs
-    return batch_size * per_sample + trained + module
-
-
-@dataclass(frozen=True)
-class ProgressiveCost:
-    """Training MACs of a progressive run, per stage (search steps included) and for the search's scoring."""
-
-    stage_macs: tuple[int, ...]  # per stage: its training steps, search steps included
-    search_eval_macs: tuple[int, ...]  # per stage: the no-grad loss of every candidate (0 without a search)
-    shapes: tuple[Shape, ...]  # what each stage trained after its search
-
-    @property
-    def total_macs(self) -> int:
-        return sum(self.stage_macs) + sum(self.search_eval_macs)
-
-
-def progressive_macs(
-    prog: Progression, *, batch_size: int, num_captions: int = 4, teacher: Member | None = None
-) -> ProgressiveCost:
-    """The training MACs of ``prog``'s run: the sum over its stages of :func:`step_macs` at each step's
-    shape, plus each search's scoring (``search_eval_batches`` forward passes per candidate). Every search
-    must have been scored (a manual schedule needs none)."""
-    stage_macs = [0] * prog.cfg.num_stages
-    for steps, plan in prog.segments():
-        stage_macs[plan.stage] += steps * step_macs(
-            prog.member, plan, batch_size=batch_size, num_captions=num_captions, teacher=teacher
-        )
-    evals = [
-        search_eval_macs(prog, k, batch_size=batch_size, num_captions=num_captions)
-        for k in range(prog.cfg.num_stages)
-    ]
-    shapes = tuple(prog.train_shape(k) for k in range(prog.cfg.num_stages))
-    return ProgressiveCost(tuple(stage_macs), tuple(evals), shapes)
-
-
-def search_eval_macs(prog: Progression, stage: int, *, batch_size: int, num_captions: int = 4) -> int:
-    """MACs of scoring ``stage``'s search: ``search_eval_batches`` no-grad forward passes of every
-    candidate at its resolution (0 for a stage without a search)."""
-    if not prog.is_search_stage(stage):
-        return 0
-    fwd = sum(
-        member_cost(_at_resolution(prog.member, c), num_captions).forward_macs for c in prog.candidates(stage)
-    )
-    return prog.cfg.search_eval_batches * batch_size * fwd

@@ -6,7 +6,9 @@ every compt checkpoint has (``model``, ``model_cfg``, ``member``):
 
 - ``optimizer`` (AdamW moments), ``scheduler`` (the cosine schedule; the lr is a function of the
   step), ``scaler`` (fp16 only), ``distill`` (projection T and the auto-alpha averages; the alpha
-  schedule is a function of the step), ``grow_mask`` (MSG's growth masks while they ramp, else None);
+  schedule is a function of the step), ``grow_mask`` (MSG's growth masks while they ramp, else None),
+  ``progressive`` (an AutoProg-One run's search outcomes and MoGrow EMA, else None; its ``model`` and
+  ``model_cfg`` are the stage's, of the depth the step trains);
 - ``rng``: the Python/NumPy/torch/CUDA generator states of *every* rank;
 - ``step``, ``epoch``, ``step_in_epoch``: the data position (a paradigm's batches are a function
   of seed, epoch and index, so the loader restarts mid-epoch exactly);
@@ -82,6 +84,7 @@ SAME_RUN_FIELDS = (
     "depth",
     "alpha_ref_dim",  # the meaning of alpha (issue 13): an old run must not silently resume 16x lighter
     "optimizer_init",
+    "progressive",  # AutoProg-One's stages decide what the checkpoint's model is (issue 15)
     "distill",
 )
 # TrainConfig fields added by issue 13, and the value a checkpoint written before them implies.
@@ -93,6 +96,7 @@ LEGACY_VALUES = {
     "optimizer_init": "fresh",
     "keep_moments": False,
     "lr_decay_fraction": 1.0,
+    "progressive": None,  # issue 15
     "distill": "feature",  # issue 14: what a link distills (the only target before)
 }
 # Fields that may change between an interruption and its resume without a warning.
@@ -324,9 +328,11 @@ def gather_states(run: Any) -> dict[str, dict[str, torch.Tensor]]:
 def model_payload(run: Any, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
     """The part of a checkpoint that final.pt shares: model (from :func:`gather_states`), config, costs."""
     st = run.state
+    # Mid-run, an AutoProg run's model is its stage's (shallower); at the end it is the member itself.
+    model_member = run.progressive.stage.member if run.progressive is not None else run.member
     return {
         "model": states["model"] if run.sharded else plain_state_dict(run.model),  # masks: plain names
-        "model_cfg": run.member.model_config(),
+        "model_cfg": model_member.model_config(),
         "member": run.member.name,
         "paradigm": run.member.paradigm_name,
         "steps": st.step,
@@ -338,6 +344,8 @@ def model_payload(run: Any, states: dict[str, dict[str, torch.Tensor]]) -> dict[
         "config": to_dict(run.cfg),
         "teacher": run.teacher_info,
         "macs_per_step": run.macs_per_step,
+        # AutoProg-One: the schedule trained so far (a step checkpoint adds the EMA, save_run)
+        "progressive": {"progression": run.progressive.progression.state_dict()} if run.progressive else None,
         **run.paradigm.checkpoint_extras(run.cfg.data),  # e.g. an LM's tokenizer: the file stands alone
     }
 
@@ -365,6 +373,7 @@ def save_run(run: Any, path: Path) -> Path:
             },
             "world_size": run.info.world_size,
             "grow_mask": run.masks.state_dict() if run.masks is not None else None,
+            "progressive": run.progressive.state_dict() if run.progressive is not None else None,
         }
         save_checkpoint(path, payload)
         prune_checkpoints(run.out_dir, run.cfg.keep_last)
@@ -372,9 +381,13 @@ def save_run(run: Any, path: Path) -> Path:
     return path
 
 
-def restore_run(run: Any, path: Path) -> None:
-    """Load everything a checkpoint holds, so the run continues as if never interrupted."""
-    payload = load_checkpoint(path)
+def restore_run(run: Any, path: Path, payload: dict[str, Any] | None = None) -> None:
+    """Load everything a checkpoint holds, so the run continues as if never interrupted.
+
+    ``payload``: the checkpoint's, when the caller loaded it already (an AutoProg run builds its model
+    from it: the stage's depth and the search outcomes, compt.engine.progressive_train).
+    """
+    payload = load_checkpoint(path) if payload is None else payload
     check_same_run(to_dict(run.cfg), payload.get("config", {}), path)
     if run.sharded:  # every rank read the full file: each takes its shards
         fsdp.load_states(

@@ -24,9 +24,10 @@ from compt.config import to_dict
 from compt.cost import member_cost, run_steps
 from compt.distill import Distiller, load_teacher, make_projection
 from compt.engine import dist, fsdp
-from compt.engine.checkpoint import checkpoint_digest, latest_checkpoint
-from compt.engine.config import TrainConfig, precision_of
+from compt.engine.checkpoint import checkpoint_digest, latest_checkpoint, load_checkpoint
+from compt.engine.config import TrainConfig, check_schedule, precision_of
 from compt.engine.optim import PAPER_WARMUP_STEPS, CosineSchedule, build_optimizer, load_moments
+from compt.engine.progressive_train import ProgressiveTraining
 from compt.engine.resume import DataStream, restore_run, seed_all
 from compt.engine.runlog import RunLog
 from compt.families import Member, get_member
@@ -83,6 +84,7 @@ class Run:
     teacher_info: dict[str, Any] | None
     teacher_macs_per_step: int = 0  # the teacher forward's share of macs_per_step (none if L_IFD is off)
     masks: GrowthMask | None = None  # MSG's growth masks while they ramp (width "msg"), else None
+    progressive: ProgressiveTraining | None = None  # AutoProg-One's stages (train.progressive), else None
     stop_signal: int = 0  # SIGTERM/SIGINT received (compt.engine.interrupt); 0: none
     clock: float = field(default_factory=time.perf_counter)
     first_bad_step: torch.Tensor | None = None  # on device; -1 while every loss so far was finite
@@ -113,6 +115,16 @@ class Run:
         now = time.perf_counter()
         self.state.wall_s += now - self.clock
         self.clock = now
+
+    def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """A fresh AdamW over ``model`` and the projection T, with the run's settings (Table C)."""
+        return build_optimizer([model, self.projection], **_adamw_settings(self.cfg, self.member, self.info))
+
+    def wrap(self, find_unused: bool = False) -> None:
+        """(Re)build the student forward around the current (unsharded) model: compiled, DDP-wrapped under
+        torchrun (``find_unused``: some parameters get no gradient this step, e.g. an AutoProg sub-net's)."""
+        student = self.paradigm.student(self.model, self.projection, self.cfg.distill)
+        self.forward = _wrap(student, self.cfg, self.info, find_unused)
 
 
 def _warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
@@ -149,10 +161,11 @@ def _build_link(
     grow_now: bool,
     device: torch.device,
     total_steps: int,
+    loaded: tuple[nn.Module, dict[str, Any], Member],
 ) -> _Link:
-    """Teacher, projection T and cost of a chain link; at step 0 grows the student (and, if asked, its
-    AdamW moments) from the teacher."""
-    teacher, payload, t_member = load_teacher(cfg.teacher, member)
+    """Teacher, projection T and cost of a chain link (``loaded``: :func:`compt.distill.load_teacher`'s);
+    at step 0 grows the student (and, if asked, its AdamW moments) from the teacher."""
+    teacher, payload, t_member = loaded
     paradigm = member.paradigm
     paradigm.check_teacher(payload, cfg.data, str(cfg.teacher))  # e.g. the same tokenizer
     digest = checkpoint_digest(cfg.teacher)  # a teacher retrained later makes this link stale
@@ -205,13 +218,21 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     data = DataStream(cfg, member, info, state)
     total_steps = cfg.steps or run_steps(cfg.epochs, data.steps_per_epoch)  # as compt plan counts them
     resume_from = latest_checkpoint(cfg.out_dir)
+    payload = load_checkpoint(resume_from) if resume_from is not None else None
     seed_all(cfg.seed)  # the same initial student (and growth) on every rank
-    model = member.create()
-    sharded = cfg.parallel == "fsdp2" and info.world_size > 1
+    model = member.create() if cfg.progressive is None else None
+    sharded = cfg.parallel == "fsdp2" and info.world_size > 1  # never with AutoProg: TrainConfig refuses
+    loaded = load_teacher(cfg.teacher, member) if cfg.teacher is not None else None
+    progressive = _progressive(cfg, member, info, data, total_steps, loaded and loaded[2])
+    if progressive is not None:  # its stage models are seeded on their own (a fork of the RNG)
+        model = progressive.start() if payload is None else progressive.resume(payload["progressive"],
+                                                                               payload["step"])  # fmt: skip
     link = None
-    if cfg.teacher is not None:  # FSDP2: the one full copy grows on rank 0, the shards load it below
+    if loaded is not None:  # FSDP2: the one full copy grows on rank 0, the shards load it below
         grow_now = resume_from is None and (info.is_main or not sharded)
-        link = _build_link(cfg, member, model, grow_now, device, total_steps)
+        link = _build_link(cfg, member, model, grow_now, device, total_steps, loaded)
+    if progressive is not None and resume_from is None:
+        progressive.reset_ema()  # MoGrow's average starts at the initial (for a link: grown) weights
     projection = link.projection if link else nn.Identity()
     model.to(device).train()
     projection.to(device)
@@ -222,9 +243,7 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
         fsdp.shard(student, paradigm.shard_units(model), device, amp_dtype)
         if resume_from is None:  # rank 0's (grown) student on every rank; a resume loads the checkpoint
             fsdp.broadcast_from_rank0(student, full)
-    eps = cfg.eps or paradigm.default_eps(member)
-    params = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=device)
-    optimizer = build_optimizer([model, projection], **params)
+    optimizer = build_optimizer([model, projection], **_adamw_settings(cfg, member, info))
     if link and link.moments:  # staged training: the teacher's moments, grown with its weights
         load_moments(optimizer, model, link.moments)
     warmup = _warmup_steps(cfg, total_steps)
@@ -238,14 +257,18 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
                distiller=link and link.distiller, optimizer=optimizer, schedule=schedule, scaler=scaler,
                amp_dtype=amp_dtype, data=data, log=None, total_steps=total_steps, state=state,
                macs_per_step=macs_per_step, teacher_info=link and link.info,
-               teacher_macs_per_step=teacher_macs_per_step, masks=link and link.masks)  # fmt: skip
+               teacher_macs_per_step=teacher_macs_per_step, masks=link and link.masks,
+               progressive=progressive)  # fmt: skip
     if resume_from is not None:
-        restore_run(run, resume_from)  # the growth masks too, if the checkpoint was taken mid-ramp
+        restore_run(run, resume_from, payload)  # the growth masks too, if the checkpoint was taken mid-ramp
     else:
         seed_all(cfg.seed + info.rank)  # per-rank streams for anything random during training
     if run.masks is not None:  # after the optimizer and the restore: both see the plain parameters
         run.masks.install(model)
-    run.forward = _wrap(student, cfg, info, sharded)
+    if sharded:
+        run.forward = student  # FSDP2 is its own wrapper (TrainConfig refuses compile with it)
+    else:
+        run.wrap()  # an AutoProg search re-wraps it before its first step (compt.engine.progressive_train)
     run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     run.log = RunLog(cfg.out_dir, enabled=info.is_main, member=member.name, total_steps=total_steps,
                      steps_per_epoch=data.steps_per_epoch, batch_size=cfg.global_batch_size,
@@ -253,6 +276,28 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo) -> Run:
     _announce(run, resume_from)
     run.clock = time.perf_counter()
     return run
+
+
+def _adamw_settings(cfg: TrainConfig, member: Member, info: dist.DistInfo) -> dict[str, Any]:
+    eps = cfg.eps or member.paradigm.default_eps(member)
+    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=eps, device=info.device)
+
+
+def _progressive(
+    cfg: TrainConfig,
+    member: Member,
+    info: dist.DistInfo,
+    data: DataStream,
+    total_steps: int,
+    teacher: Member | None,
+) -> ProgressiveTraining | None:
+    """AutoProg-One's stages for this run (``train.progressive``), checked against its steps and data."""
+    if cfg.progressive is None:
+        return None
+    check_schedule(cfg, total_steps, data.steps_per_epoch * cfg.accum_steps)
+    return ProgressiveTraining(cfg.progressive, member, total_steps, seed=cfg.seed, device=info.device,
+                               batch_size=cfg.global_batch_size, micro_batch_size=data.micro_batch,
+                               sample=member.paradigm.cost_sample(cfg.data), teacher=teacher)  # fmt: skip
 
 
 def _announce(run: Run, resume_from: Path | None) -> None:
@@ -264,6 +309,8 @@ def _announce(run: Run, resume_from: Path | None) -> None:
     start |= {"parallel": cfg.parallel if run.info.world_size > 1 else None}
     start |= {"total_steps": run.total_steps, "steps_per_epoch": run.data.steps_per_epoch}
     start |= {"warmup_steps": run.schedule.warmup_steps, "macs_per_step": run.macs_per_step}
+    if run.progressive is not None:
+        start["progressive"] = run.progressive.describe()
     run.log.write(start | {"resumed_from": resume_from and str(resume_from), "config": to_dict(cfg)})
     if resume_from is not None:
         _LOG.info("%s: resumed from %s at step %d/%d (epoch %d)", name, resume_from, st.step, run.total_steps,
@@ -276,13 +323,13 @@ def _announce(run: Run, resume_from: Path | None) -> None:
               run.info.device.type, run.info.world_size, teacher)  # fmt: skip
 
 
-def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo, sharded: bool) -> nn.Module:
-    """torch.compile and DDP around the student's forward (the teacher is never wrapped); an FSDP2
-    student is already sharded."""
+def _wrap(forward: nn.Module, cfg: TrainConfig, info: dist.DistInfo, find_unused: bool = False) -> nn.Module:
+    """torch.compile and DDP around the student's forward (the teacher is never wrapped)."""
     if cfg.compile:
         forward = torch.compile(forward)
-    if info.world_size > 1 and not sharded:
+    if info.world_size > 1:
         cuda = info.device.type == "cuda"
         forward = DistributedDataParallel(forward, device_ids=[info.device.index] if cuda else None,
-                                          broadcast_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
+                                          broadcast_buffers=False, gradient_as_bucket_view=True,
+                                          find_unused_parameters=find_unused)  # fmt: skip
     return forward

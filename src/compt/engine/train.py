@@ -4,7 +4,9 @@ A baseline member is a chain link with ``teacher=None``: one loop, not two. A li
 from the teacher (:func:`compt.grow.grow`, inverse weight initialization) and adds the inverse
 feature distillation loss (:mod:`compt.distill`) to the task loss. What a batch, the task loss and
 the distilled features are is the member's paradigm's (:mod:`compt.paradigms`; for CLIP the
-multi-caption contrastive loss of Eq. 2-3); this module knows no paradigm.
+multi-caption contrastive loss of Eq. 2-3); this module knows no paradigm. With ``train.progressive`` the
+member grows while it trains (AutoProg-One: stages of lower depth and resolution, MoGrow, a schedule
+search), the loop calling :mod:`compt.engine.progressive_train` before and inside each step.
 
 Launch (docs/train.md)::
 
@@ -86,12 +88,15 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
     # reaches only the rank's own features (compt.engine.dist.gather_with_local_grad); DDP *averages*
     # gradients over ranks, so it is scaled by the world size to make that average the true gradient.
     task_scale = world if run.paradigm.task_loss_is_global else 1
+    prog, step = run.progressive, run.state.step  # AutoProg-One's stages (None: full size throughout)
     stats: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = tuple(x.to(device, non_blocking=True) for x in batch)
+        if prog is not None:  # this stage's input resolution, for the student and a link's teacher alike
+            batch = prog.resize(batch, step)
         # DDP all-reduces (FSDP2 reduce-scatters) gradients only on the last micro-batch of the step.
         sync = _no_sync(run) if world > 1 and i < n - 1 else nullcontext()
-        with sync:
+        with sync, prog.sub_net(run.model, step) if prog is not None else nullcontext():
             with run.autocast():
                 out = run.forward(*batch)
                 task = run.paradigm.task_loss(out, run.local_batch_size)
@@ -133,6 +138,8 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, ...]]) -> dict[
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     stats.update(run.paradigm.after_step(run.model))  # e.g. CLIP's temperature clamp
+    if prog is not None:
+        prog.after_step(run)  # MoGrow's EMA follows the weights
     stats["loss"] = stats["loss_task"] + stats.get("loss_ifd", 0.0)
     stats["lr"] = torch.tensor(lr)
     # Remember the first step whose loss was not finite, without a host sync (read at log/save time).
@@ -159,9 +166,12 @@ def advance(run: Run) -> None:
     """Count the step just taken: data position, samples and training MACs (App. C.2)."""
     st = run.state
     teacher_ran = run.distiller is not None and run.distiller.factor(st.step) > 0
+    if run.progressive is not None:  # the step's stage: its depth, resolution and sub-net (AutoProg-One)
+        st.train_macs += run.progressive.step_macs(st.step, teacher_ran)
+    else:
+        st.train_macs += run.macs_per_step - (0 if teacher_ran else run.teacher_macs_per_step)
     st.step += 1
     st.samples_seen += run.cfg.global_batch_size
-    st.train_macs += run.macs_per_step - (0 if teacher_ran else run.teacher_macs_per_step)
     st.step_in_epoch += 1
     if st.step_in_epoch >= run.data.steps_per_epoch:
         st.epoch, st.step_in_epoch = st.epoch + 1, 0
@@ -259,7 +269,10 @@ def _loop(run: Run, evaluate, should_stop, periodic_evaluate) -> TrainResult:
             msg += "rerun the same command to resume"
             _LOG.warning(msg)
             raise TrainingInterrupted(msg, path, stop)
-        stats = train_step(run, run.data.next())
+        micro_batches = run.data.next()
+        if run.progressive is not None:  # AutoProg-One: a growth, or a search's end, before this step
+            run.progressive.before_step(run)
+        stats = train_step(run, micro_batches)
         advance(run)
         run.log.heartbeat(st.step, st.wall_s + time.perf_counter() - run.clock)
 

@@ -19,6 +19,7 @@ in one sub-package per paradigm behind one :class:`Paradigm` object:
 | ``higher_is_better``, ``lossless_tolerance``, ``metric_unit`` | comparing a metric | % up, nats down |
 | ``export``, ``is_export_dir`` | export | open_clip ``local-dir:`` folder |
 | ``shard_units`` | what FSDP2 shards as one unit (``train.parallel=fsdp2``) | the residual blocks |
+| ``progressive_ops`` | AutoProg-One's stage models, growth, sub-nets | ViT depth and image resolution |
 
 The built-in paradigms are ``clip`` (:mod:`compt.paradigms.clip`) and ``lm``
 (:mod:`compt.paradigms.lm`, Llama-style language models).
@@ -48,6 +49,7 @@ from compt.lossless import LOSSLESS_NATS, LOSSLESS_POINTS, MetricRule, Tolerance
 
 if TYPE_CHECKING:
     from compt.cost import MemberCost
+    from compt.engine.progressive_train import ProgressiveOps
     from compt.families import Member
     from compt.grow.layout import GrowLayout
 
@@ -152,6 +154,11 @@ class Paradigm(abc.ABC):
     def default_eps(self, member: Member) -> float:
         """AdamW's eps when the run does not set one."""
         return 1e-8
+
+    def progressive_ops(self) -> ProgressiveOps | None:
+        """AutoProg-One's model operations on this paradigm's members (``train.progressive``); ``None``:
+        the paradigm has no progressive training."""
+        return None
 
     def checkpoint_extras(self, data_cfg: Any) -> dict[str, Any]:
         """What a checkpoint carries besides the model so that it stands alone (e.g. a tokenizer)."""

@@ -88,6 +88,11 @@ class ClipParadigm(Paradigm):
                     "they must match"
                 )
 
+    def progressive_ops(self):
+        from compt.paradigms.clip.progressive import ClipProgressive
+
+        return ClipProgressive()  # stateless: one per call is fine
+
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         from open_clip.transformer import ResidualAttentionBlock
         from timm.models.swin_transformer import SwinTransformerBlock

@@ -6,15 +6,17 @@ open_clip CLIPs, grown into each other by MoGrow, run at lower resolutions and a
   compt.grow (widths unchanged, depth by adjacent duplication, 4 -> 8 = 0,0,1,1,2,2,3,3) from the EMA
   of the weights (MoGrow; official main_prog.py:1382), and the EMA itself is grown from the previous EMA.
 - AdamW's moments are carried across a growth with the layers they belong to
-  (:func:`carry_adamw_state`); the official code resets them (main_prog.py:1428).
+  (:func:`compt.engine.progressive_train.carry_adamw_state`); the official code resets them
+  (main_prog.py:1428).
 - Lower resolution: each batch is downsampled on its device (:func:`resize_images`) and the ViT runs on
   the smaller patch grid with its full-size positional embedding interpolated, bicubic, at every forward
   (:func:`encode_image`; official models/volo.py:580-596). Evaluation stays at full resolution.
 - A search's sub-net runs only some blocks of the supernet (:func:`active_layers`), the others act as
   identity; after the search the chosen sub-net is taken out of the supernet (:func:`extract_subnet`).
 
-What here is open_clip-specific (the tower paths, the positional embedding) is marked; the rest only
-needs a state dict and a growth layout.
+:class:`ClipProgressive` is what the engine calls (:class:`compt.engine.progressive_train.ProgressiveOps`,
+through :meth:`compt.paradigms.clip.ClipParadigm.progressive_ops`). What here is open_clip-specific
+(the tower paths, the positional embedding) is marked; the rest only needs a state dict and a layout.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,22 +34,21 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.func import functional_call
 
-from compt.engine.progressive import OFFICIAL_EMA_HALF_LIFE, Shape, stage_member
+from compt.engine.progressive import Shape, stage_member
+from compt.engine.progressive_train import ProgressiveOps, StageModel
 from compt.families import Member
-from compt.grow import GrowReport, grow
+from compt.grow import grow
 
 __all__ = [
     "resize_images",
     "resample_pos_embed",
     "encode_image",
     "active_layers",
-    "ema_decay",
-    "StageModel",
     "build_stage",
     "grow_stage",
     "extract_subnet",
-    "carry_adamw_state",
     "candidate_loss",
+    "ClipProgressive",
 ]
 
 # open_clip: where each tower keeps its blocks (the names compt.grow's depth maps use).
@@ -80,13 +81,14 @@ def encode_image(model: CLIP, images: torch.Tensor, normalize: bool = False) -> 
     with that parameter interpolated to the input's grid, the model itself unchanged.
     """
     visual = model.visual
+    # The model's own size, or not open_clip's ViT (e.g. a timm Swin, which runs at its own size only).
+    if not hasattr(visual, "grid_size") or tuple(images.shape[-2:]) == tuple(visual.image_size):
+        return model.encode_image(images, normalize=normalize)
     patch, (h, w) = visual.patch_size[0], images.shape[-2:]
     if h != w or h % patch:
         raise ValueError(
             f"encode_image needs square images a multiple of the {patch}-pixel patch, got {h}x{w}"
         )
-    if (h // patch, w // patch) == tuple(visual.grid_size):
-        return model.encode_image(images, normalize=normalize)
     pos = resample_pos_embed(visual.positional_embedding, h // patch)
     features = functional_call(visual, {"positional_embedding": pos}, (images,))
     return F.normalize(features, dim=-1) if normalize else features
@@ -119,29 +121,6 @@ def active_layers(model: CLIP, keep: Mapping[str, Iterable[int]] | None) -> Iter
 
 
 # --- stage models ----------------------------------------------------------------------------------------
-
-
-def ema_decay(stage_steps: int, half_life: float = OFFICIAL_EMA_HALF_LIFE) -> float:
-    """MoGrow's EMA decay for stages of ``stage_steps`` steps: ``0.5 ** (1 / (half_life * stage_steps))``.
-
-    The half-life is a fraction of a stage (at least one step), so a short run averages over the same
-    share of each stage as the official 100-epoch run does with 0.9996 (``half_life=0.0554``, see
-    OFFICIAL_EMA_HALF_LIFE). The EMA is timm's ``ModelEmaV3``; its ``state_dict`` is all a resume needs.
-    """
-    if stage_steps < 1 or not half_life > 0:
-        raise ValueError(f"ema_decay needs stage_steps >= 1 and half_life > 0 ({stage_steps}, {half_life})")
-    return 0.5 ** (1.0 / max(1.0, half_life * stage_steps))
-
-
-@dataclass
-class StageModel:
-    """One stage's model, its EMA, and where each of its parameters came from."""
-
-    model: CLIP
-    ema: ModelEmaV3
-    member: Member  # the stage member (the full member's widths, the stage's depth)
-    source: dict[str, str]  # parameter name -> the previous stage's parameter it was made from
-    report: GrowReport | None = None  # compt.grow's account of a growth
 
 
 def _create(member: Member, device: torch.device, seed: int) -> CLIP:
@@ -203,37 +182,6 @@ def _block_source(key: str, keep: Mapping[str, list[int]]) -> str:
     return key
 
 
-# --- the optimizer across a growth -----------------------------------------------------------------------
-
-
-def carry_adamw_state(
-    old: torch.optim.Optimizer,
-    old_params: Mapping[str, torch.Tensor],
-    new: torch.optim.Optimizer,
-    new_params: Mapping[str, torch.Tensor],
-    source: Mapping[str, str],
-) -> int:
-    """Give each parameter of ``new`` the AdamW state (``step``, moments) of the parameter it was made
-    from (``source``: new name -> old name; unmapped names are the same parameter), so a duplicated
-    layer starts with its original's moments; returns how many parameters got a state.
-
-    An improvement on the official code, which builds a fresh optimizer at every growth; a parameter
-    without a carried state starts fresh, as all do with ``optimizer_growth="reset"``.
-    """
-    carried = 0
-    for name, p in new_params.items():
-        src = old_params.get(source.get(name, name))
-        state = old.state.get(src) if src is not None else None
-        if not state:
-            continue
-        if tuple(src.shape) != tuple(p.shape):
-            raise ValueError(f"cannot carry AdamW state of {source.get(name, name)} {tuple(src.shape)} to "
-                             f"{name} {tuple(p.shape)}: stages grow depth only")  # fmt: skip
-        new.state[p] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
-        carried += 1
-    return carried
-
-
 @torch.no_grad()
 def candidate_loss(
     model: CLIP,
@@ -249,3 +197,41 @@ def candidate_loss(
     if not losses:
         raise ValueError("candidate_loss needs at least one batch")
     return float(torch.stack([loss.float() for loss in losses]).mean())
+
+
+# --- what the engine calls -------------------------------------------------------------------------------
+
+# The scoring batches of a search come from this data seed offset: for the embedded set other scenes of
+# the training distribution (scene i is a function of (seed, i)); for a table, a fixed draw of its rows.
+SCORING_SEED_OFFSET = 7919
+
+
+class ClipProgressive(ProgressiveOps):
+    """AutoProg-One's model operations on open_clip ViT CLIPs (module docstring)."""
+
+    def build_stage(self, member, depth, *, decay, seed, device):
+        return build_stage(member, depth, decay=decay, seed=seed, device=device)
+
+    def grow_stage(self, prev, member, depth, *, decay, mogrow, seed):
+        return grow_stage(prev, member, depth, decay=decay, mogrow=mogrow, seed=seed)
+
+    def extract_subnet(self, prev, member, keep, *, decay, seed):
+        return extract_subnet(prev, member, keep, decay=decay, seed=seed)
+
+    def resize(self, batch, image_size):
+        images, *rest = batch
+        return (resize_images(images, image_size), *rest)
+
+    def active_layers(self, model, keep):
+        return active_layers(model, keep)
+
+    def candidate_loss(self, model, keep, image_size, batches, local_batch_size):
+        from compt.paradigms.clip import task
+
+        def loss(m: CLIP, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+            return task.task_loss(task.StudentForward(m, nn.Identity())(images, texts), local_batch_size)
+
+        return candidate_loss(model, keep, image_size, batches, loss)
+
+    def scoring_data(self, data_cfg):
+        return replace(data_cfg, seed=data_cfg.seed + SCORING_SEED_OFFSET, workers=0)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compt.paradigms.clip.loss import multi_caption_clip_loss
+from compt.paradigms.clip.progressive import encode_image
 
 __all__ = ["StudentForward", "task_loss", "teacher_features", "teacher_task_loss", "clamp_temperature"]
 
@@ -30,7 +31,9 @@ LOGIT_SCALE_MAX = math.log(100)  # CLIP clamps the learnable temperature at 1/10
 
 def _encode(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, m, length = texts.shape  # M captions per image are encoded as one [B*M, L] batch
-    image = model.encode_image(images)
+    # At the model's own image size this is model.encode_image; smaller images (an AutoProg stage, for
+    # the student and a link's teacher alike) run with the positional embedding interpolated.
+    image = encode_image(model, images)
     text = model.encode_text(texts.reshape(b * m, length)).reshape(b, m, -1)
     return image, text
 

@@ -155,6 +155,7 @@ class _Run:
     paradigm: _ClassificationTask = field(default_factory=_ClassificationTask)
     distiller: None = None  # no teacher: the engine's step adds no distillation
     masks: None = None  # no growth masks
+    progressive: None = None  # no AutoProg-One stages (AutoProg-Zero's are `stages`)
     sharded: bool = False  # a fine-tune is replicated (DDP), never FSDP2-sharded
     teacher_macs_per_step: int = 0
     zero_shot_top1: float | None = None  # the test top-1 of the head before the first step
