@@ -545,10 +545,13 @@ def test_ctrl_c_in_a_short_command_is_one_line_and_130(capsys):
     # have cached them, and a plan from the cache ends before the Ctrl-C arrives.
     _sample_cost.cache_clear()
     _member_params.cache_clear()
+    # Python's own Ctrl-C handler, as in a terminal (a shell starts background jobs with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert cli_main(["plan", "--family", "vit", "--captions", "7"]) == 130
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err.strip() == "compt: interrupted by Ctrl-C"
