@@ -7,7 +7,7 @@ Single process::
 
 On GPUs, every rank runs the same command::
 
-    torchrun --nproc_per_node 8 -m compt chain run configs/vit-cc3m.yaml
+    torchrun --nproc_per_node 8 -m compt chain run my-vit-chain.yaml   # a spec of your own (docs/train.md)
 """
 
 from __future__ import annotations
