@@ -16,13 +16,14 @@ under its own time budget (its processes are killed when it is spent; the budget
    dense bf16 peak);
 4. ``open_clip``: ``open_clip_train.main`` on the same model, table, batch, precision and steps;
 5. ``link``: a ViT-S/16 -> ViT-B/16 chain-link step against the individual step, next to its MAC bound;
-6. ``ddp``: a torchrun smoke run of two steps on min(2, GPUs) ranks (NCCL when there are 2).
+6. ``ddp`` / ``fsdp2``: torchrun smoke runs of two steps on min(2, GPUs) ranks (NCCL when there are 2),
+   replicated and sharded (``--parallel fsdp2`` shards only across 2 or more ranks).
 
 ``open_clip_compile`` (OpenCLIP with ``--torchcompile``) runs only when named in ``--only``: it does
-not fit the 8 minutes with the rest. Adding a stage (FSDP2's smoke run, once the engine has it) is
-one more :class:`Stage` in ``STAGES``. Without CUDA the script says so, renders every command and
-checks it against the parser of the program it launches, builds every member on the meta device,
-writes the JSON with every stage ``planned`` and exits 0 (tests/test_gpu_check.py runs this in CI).
+not fit the 8 minutes with the rest. Adding a stage is one more :class:`Stage` in ``STAGES``.
+Without CUDA the script says so, renders every command and checks it against the parser of the
+program it launches, builds every member on the meta device, writes the JSON with every stage
+``planned`` and exits 0 (tests/test_gpu_check.py runs this in CI).
 """
 
 from __future__ import annotations
@@ -191,20 +192,25 @@ def read_link(plan: Plan) -> dict[str, Any]:
     return {**read_train(plan, "link"), "mac_bound": bound}
 
 
-def read_ddp(plan: Plan) -> dict[str, Any]:
-    result = read_train(plan, "ddp")
+def read_smoke(plan: Plan, parallel: str) -> dict[str, Any]:
+    result = read_train(plan, parallel)
     if len(result["losses"]) != 2 or not all(x is not None for x in result["losses"]):
         raise ValueError(f"expected 2 finite logged losses, got {result['losses']}")
-    # World size 1 is a plain process in compt (no process group, as OpenCLIP): NCCL needs 2 GPUs.
-    return {**result, "nccl": result["world_size"] > 1}
+    # World size 1 is a plain process in compt (no process group, as OpenCLIP): NCCL needs 2 GPUs, and
+    # FSDP2 shards only across 2 or more (on one GPU the fsdp2 run is the plain one).
+    return {
+        **result,
+        "nccl": result["world_size"] > 1,
+        "sharded": parallel == "fsdp2" and result["world_size"] > 1,
+    }
 
 
-def _ddp(plan: Plan) -> list[Command]:
+def _smoke(plan: Plan, parallel: str) -> list[Command]:
     n = max(1, min(2, plan.device_count))
     run = f"--nproc_per_node {n} -m compt train --member debug-L --data synthetic --set data.num_samples=256"
-    run += f" --steps 2 --batch-size {8 * n} --log-every 1 --save-every 0 --device cuda"
+    run += f" --steps 2 --batch-size {8 * n} --log-every 1 --save-every 0 --device cuda --parallel {parallel}"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", *run.split()]
-    return [Command([*argv, "--out", str(plan.work / "ddp")], cwd=plan.work, kind="torchrun")]
+    return [Command([*argv, "--out", str(plan.work / parallel)], cwd=plan.work, kind="torchrun")]
 
 
 def _tests(plan: Plan) -> list[Command]:
@@ -228,7 +234,7 @@ def _loader(plan: Plan) -> list[Command]:
 
 # In order: the cheap and telling first, the compilation (most likely to overrun) last.
 STAGES = [
-    Stage("gpu_tests", "pytest -m gpu: the CUDA-only assertions", 95, _tests, read_tests, ("pytest",)),
+    Stage("gpu_tests", "pytest -m gpu: the CUDA-only assertions", 90, _tests, read_tests, ("pytest",)),
     Stage(
         "loader",
         "the data loader alone, pinned, to the GPU",
@@ -254,18 +260,33 @@ STAGES = [
     Stage(
         "link",
         "ViT-S/16 -> ViT-B/16 link step (vs train_eager)",
-        75,
+        70,
         lambda p: [
             p.train("teacher", p.teacher, steps=1),
             p.train("link", p.member, ["--teacher", str(p.work / "teacher" / "final.pt")]),
         ],
         read_link,
     ),
-    Stage("ddp", "torchrun smoke run, 2 steps (NCCL on >= 2 GPUs)", 35, _ddp, read_ddp, ("nccl",)),
+    Stage(
+        "ddp",
+        "torchrun smoke run, 2 steps (NCCL on >= 2 GPUs)",
+        25,
+        lambda p: _smoke(p, "ddp"),
+        lambda p: read_smoke(p, "ddp"),
+        ("nccl",),
+    ),
+    Stage(
+        "fsdp2",
+        "torchrun smoke run with --parallel fsdp2, 2 steps (sharded on >= 2 GPUs)",
+        25,
+        lambda p: _smoke(p, "fsdp2"),
+        lambda p: read_smoke(p, "fsdp2"),
+        ("nccl",),
+    ),
     Stage(
         "train_compile",
         "ViT-B/16 224px bf16, torch.compile",
-        130,
+        125,
         lambda p: [p.train("compile", p.member, ["--compile"])],
         lambda p: read_train(p, "compile"),
     ),
@@ -321,6 +342,7 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "loader_keeps_up": (loader >= 1.1 * fastest) if loader and fastest else None,
         "gpu_tests": {k: get("gpu_tests", k) for k in ("passed", "failures", "errors", "skipped")},
         "ddp": {"world_size": get("ddp", "world_size"), "nccl": get("ddp", "nccl")},
+        "fsdp2": {"world_size": get("fsdp2", "world_size"), "sharded": get("fsdp2", "sharded")},
     }
 
 

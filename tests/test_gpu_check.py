@@ -54,6 +54,8 @@ def test_dry_run_checks_every_stage_and_exits_0(dry_run):
     assert "open_clip_train.main" in report["stages"]["open_clip"]["commands"][0]
     assert "--compile" in report["stages"]["train_compile"]["commands"][0]
     assert report["stages"]["link"]["commands"][1].count("--teacher") == 1
+    assert "--parallel fsdp2" in report["stages"]["fsdp2"]["commands"][0]
+    assert "--parallel ddp" in report["stages"]["ddp"]["commands"][0]
     log = (out / "gpu_check.log").read_text()
     assert "no CUDA device" in log and "[train_compile] planned" in log
 
@@ -61,7 +63,14 @@ def test_dry_run_checks_every_stage_and_exits_0(dry_run):
 @dry_only
 def test_dry_run_writes_the_result_schema(dry_run):
     summary = _report(dry_run[1])["summary"]
-    assert set(summary) >= {"samples_per_s", "mfu", "compt_vs_open_clip", "link_overhead", "loader_keeps_up"}
+    assert set(summary) >= {
+        "samples_per_s",
+        "mfu",
+        "compt_vs_open_clip",
+        "link_overhead",
+        "loader_keeps_up",
+        "fsdp2",
+    }
     assert summary["compt_vs_open_clip"]["goal"] == 1.3
     assert all(v is None for v in summary["samples_per_s"].values())  # nothing was trained
 
