@@ -453,9 +453,10 @@ def test_a_loss_is_judged_lower_is_better_in_nats(tmp_path, rules):
     assert (s["Val. loss"], s["Val. loss baseline"], s["Val. loss gap"]) == ("4.132", "4.127", "+0.005")
     assert m["Val. loss gap"] == "+0.024" and s["Lossless"] == "yes" and m["Lossless"] == "no"
     assert "Lossless for every member: no (tiny-M: Val. loss 0.024 nats worse (tolerance 0.01 nats))." in md
-    # The same verdict and the saving in one sentence at the top: 1+2+3 vs 1+2+3 units here (issue 12).
+    # The verdict on the headline metric and the saving in one sentence at the top (issue 12); the
+    # twins here cost what the chain costs.
     assert md.splitlines()[2] == (
-        "**CoM-PT: lossless for every member: no (tiny-M: Val. loss 0.024 nats worse "
+        "**CoM-PT: lossless for every member on Val. loss: no (tiny-M: Val. loss 0.024 nats worse "
         "(tolerance 0.01 nats)), at 1.00× fewer training MACs than its baseline.**"
     )
     assert "Val. loss in nats" in md and "Val. loss 0.01 nats" in md and "Val. loss 5.545" in md

@@ -245,31 +245,37 @@ def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, u
     return out
 
 
-def _lossless_clause(run: Run, baseline: Run, mains: list[str]) -> str | None:
-    """``Lossless for every member: yes`` / ``no (why)`` / ``not established (...)``; None without metrics."""
+def _lossless_clause(run: Run, baseline: Run, mains: list[str], on: str = "") -> str | None:
+    """``Lossless for every member<on>: yes`` / ``no (why)`` / ``not established (...)``; None without
+    metrics."""
     if not mains:
         return None
+    head = f"Lossless for every member{on}"
     same, rules = comparable(run.summary, baseline.summary), _rules(run, mains)
     verdicts = {m["name"]: verdict(m, baseline.member(m["name"]), mains, same, rules) for m in run.members}
     unknown = [name for name, v in verdicts.items() if v.startswith("n/a")]
     if unknown:
-        return f"Lossless for every member: not established ({', '.join(unknown)}: see the warnings)"
+        return f"{head}: not established ({', '.join(unknown)}: see the warnings)"
     if all(v.startswith("yes") for v in verdicts.values()):
-        return "Lossless for every member: yes"
+        return f"{head}: yes"
     worse = _shortfalls(run, baseline, mains) or ["a member lacks a metric its baseline has"]
-    return f"Lossless for every member: no ({'; '.join(worse)})"
+    return f"{head}: no ({'; '.join(worse)})"
 
 
 def verdict_sentence(run: Run, baseline: Run | None) -> str | None:
-    """One sentence: was ``run`` lossless against ``baseline``, and at what saving in training MACs
-    (issue 12: the demo's report says both at once); None without a baseline."""
+    """One sentence: was ``run`` lossless against ``baseline`` on its headline metric (``eval.metric``;
+    every Table 2 metric when it has none), and at what saving in training MACs (issue 12: the demo's
+    report says both at once); None without a baseline."""
     if baseline is None or not run.members:
         return None
-    mains = _metrics_present([run, baseline])
+    mains, on = _metrics_present([run, baseline]), ""
+    headline = run.summary.get("metric")
+    if headline in mains:
+        mains, on = [headline], f" on {MAIN_METRICS[headline]}"
     ours = run.members[-1]["accumulated_train_macs"]
     theirs = max(x["accumulated_train_macs"] for x in baseline.members)
     saving = f"{theirs / ours:.2f}× fewer training MACs than its baseline" if ours else "no MACs counted"
-    lossless = _lossless_clause(run, baseline, mains) or "Lossless: no metric to judge"
+    lossless = _lossless_clause(run, baseline, mains, on) or "Lossless: no metric to judge"
     return f"{run.label}: {lossless[0].lower()}{lossless[1:]}, at {saving}."
 
 
