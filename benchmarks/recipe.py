@@ -23,7 +23,8 @@ The protocol:
 
 Results: ``<out>/results.json`` (every run, the choice, every table) and ``<out>/README.md``. Rerunning
 the same command skips finished runs. The last line printed is
-``recipe: best=<arms> acceleration=<x>x worst_gap=<points> lossless=<yes|no>``.
+``recipe: best=<arms> acceleration=<x>x worst_gap=<gap> lossless=<yes|no>`` (the gap in the
+metric's units, positive when the chain is worse).
 """
 
 from __future__ import annotations
@@ -117,20 +118,22 @@ def write_readme(results: dict[str, Any], folder: Path) -> Path:
         "| arm | group | options | mean gap to baseline (val, higher is better) |",
         "|---|---|---|---|",
     ]
+    score_digits = 2 if bench.get("higher_is_better", True) else 4  # points, or nats for a loss
     for arm, score in choice["val_scores"].items():
-        lines.append(f"| {arm} | {ARMS[arm][0]} | `{json.dumps(ARMS[arm][1])}` | {score:+.2f} |")
+        lines.append(f"| {arm} | {ARMS[arm][0]} | `{json.dumps(ARMS[arm][1])}` | {score:+.{score_digits}f} |")
     lines += ["", f"Group winners: {choice['group_winners']}; best: `{choice['best_options']}`", ""]
     lines += ["## Every arm (test split)", ""]
     head = "| arm | member | baseline | chain | gap | tol. | lossless | MACs x indiv. | MACs x accum. |"
     lines += [head + " wall x accum. |"]
     lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    d = 1 if bench.get("higher_is_better", True) else 3  # points, or nats for a loss
     for arm, table in results["tables"].items():
         for m, r in table["members"].items():
             if r.get("first_member"):
                 continue
             lines.append(
-                f"| {arm} | {m} | {r['baseline']:.1f} ± {r['baseline_std']:.1f} | {r['chain']:.1f} ± "
-                f"{r['chain_std']:.1f} | {r['gap']:.2f} | {r['tolerance']:.2f} | "
+                f"| {arm} | {m} | {r['baseline']:.{d}f} ± {r['baseline_std']:.{d}f} | {r['chain']:.{d}f} ± "
+                f"{r['chain_std']:.{d}f} | {r['gap']:.{d + 1}f} | {r['tolerance']:.{d + 1}f} | "
                 f"{'yes' if r['lossless'] else 'no'} | {r['macs_x_individual']:.2f} | "
                 f"{r['macs_x_accumulated']:.2f} | {r['wall_x_accumulated']:.2f} |"
             )
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     best = results["choice"]["best_arm"]
     s = results["tables"][best]["summary"]
     print(
-        f"recipe: best={best} acceleration={s['accumulated_macs_x']:.2f}x worst_gap={s['worst_gap']:.2f} "
+        f"recipe: best={best} acceleration={s['accumulated_macs_x']:.2f}x "
+        f"worst_gap={s['worst_gap']:.{2 if bench.higher_is_better else 3}f} "
         f"lossless={'yes' if s['lossless'] else 'no'}"
     )
     return 0

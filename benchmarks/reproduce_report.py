@@ -119,7 +119,8 @@ def _task_table(results: dict[str, Any]) -> list[str]:
     base, chance = results["baselines"], results.get("chance", {})
     first = next(iter(base.values()))["tasks"]
     keys = [k for k in first if k.startswith("zeroshot/") or k.startswith("mean_") or k.endswith("_r10")]
-    keys += [k for k in first if k.startswith("val")]
+    keys += [k for k in first if k == "val_loss"]  # val/synthetic/loss is the same number
+    keys = [k for k in keys if not k.startswith("chance/")]  # chance levels: the table's last row
     lines = [
         "| member | " + " | ".join(k.removeprefix("zeroshot/").removesuffix("/top1") for k in keys) + " |",
         "|" + "---|" * (len(keys) + 1),

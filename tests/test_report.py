@@ -257,7 +257,10 @@ def test_cli_report(runs, tmp_path, capsys):
     chain, base = runs
     assert cli_main(["report", str(chain), str(base), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "report.md").is_file()
-    assert str(tmp_path / "o" / "report.md") in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(tmp_path / "o" / "report.md") in out
+    # One sentence says lossless or not and the saving: (1 + 4 + 9) / (1 + 1.5 + 2) = 3.11x (issue 12).
+    assert "CoM-PT: lossless for every member: yes, at 3.11× fewer training MACs than its baseline." in out
     assert cli_main(["report", str(chain), "--metric", "no/such/metric"]) == 2
     assert "no/such/metric" in capsys.readouterr().err
 
@@ -450,6 +453,12 @@ def test_a_loss_is_judged_lower_is_better_in_nats(tmp_path, rules):
     assert (s["Val. loss"], s["Val. loss baseline"], s["Val. loss gap"]) == ("4.132", "4.127", "+0.005")
     assert m["Val. loss gap"] == "+0.024" and s["Lossless"] == "yes" and m["Lossless"] == "no"
     assert "Lossless for every member: no (tiny-M: Val. loss 0.024 nats worse (tolerance 0.01 nats))." in md
+    # The verdict on the headline metric and the saving in one sentence at the top (issue 12); the
+    # twins here cost what the chain costs.
+    assert md.splitlines()[2] == (
+        "**CoM-PT: lossless for every member on Val. loss: no (tiny-M: Val. loss 0.024 nats worse "
+        "(tolerance 0.01 nats)), at 1.00× fewer training MACs than its baseline.**"
+    )
     assert "Val. loss in nats" in md and "Val. loss 0.01 nats" in md and "Val. loss 5.545" in md
     better = _loss_run(tmp_path / "d", "chain", [4.149, 4.100, 4.090], rules)
     rows = _table_rows(render_markdown(load_run(better), load_run(base)))

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from compt.report import collect_runs, report_warnings, write_report
+    from compt.report import collect_runs, report_warnings, verdict_sentence, write_report
 
     run, base = collect_runs(args.runs, args.baseline)
     single = len(args.runs) == 1 and Path(args.runs[0]).is_dir()
@@ -52,5 +52,8 @@ def run(args: argparse.Namespace) -> int:
     for warning in report_warnings(run, base):  # also at the top of report.md
         print(f"compt report: warning: {warning}", file=sys.stderr)
     report = write_report(run, base, out, metric=args.metric)
+    sentence = verdict_sentence(run, base)
+    if sentence:  # the one line a user of `make demo` reads (issue 12)
+        print(sentence)
     print(f"report: {report} (figures: {', '.join(sorted(p.name for p in report.parent.glob('*.png')))})")
     return 0

@@ -4,7 +4,13 @@
 
 from compt.report.curves import SeedCurve, member_curve, seed_curves
 from compt.report.runs import Run, collect_runs, load_run, pool_seeds, read_metrics
-from compt.report.tables import MAIN_METRICS, render_markdown, report_warnings, write_report
+from compt.report.tables import (
+    MAIN_METRICS,
+    render_markdown,
+    report_warnings,
+    verdict_sentence,
+    write_report,
+)
 
 __all__ = [
     "Run",
@@ -18,5 +24,6 @@ __all__ = [
     "render_markdown",
     "write_report",
     "report_warnings",
+    "verdict_sentence",
     "MAIN_METRICS",
 ]

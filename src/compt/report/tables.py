@@ -239,22 +239,44 @@ def _baseline_section(run: Run, baseline: Run, mains: list[str], scale: float, u
     if largest:  # the paper's point: the whole chain costs less than the largest member alone
         line += f" Training only the largest member alone costs {_macs(largest['train_macs'], scale)}."
     out += ["", line]
-    if mains:
-        same, rules = comparable(run.summary, baseline.summary), _rules(run, mains)
-        verdicts = {
-            m["name"]: verdict(m, baseline.member(m["name"]), mains, same, rules) for m in run.members
-        }
-        unknown = [name for name, v in verdicts.items() if v.startswith("n/a")]
-        if unknown:
-            out.append(
-                f"Lossless for every member: not established ({', '.join(unknown)}: see the warnings)."
-            )
-        elif all(v.startswith("yes") for v in verdicts.values()):
-            out.append("Lossless for every member: yes.")
-        else:
-            worse = _shortfalls(run, baseline, mains) or ["a member lacks a metric its baseline has"]
-            out.append(f"Lossless for every member: no ({'; '.join(worse)}).")
+    lossless = _lossless_clause(run, baseline, mains)
+    if lossless:
+        out.append(f"{lossless}.")
     return out
+
+
+def _lossless_clause(run: Run, baseline: Run, mains: list[str], on: str = "") -> str | None:
+    """``Lossless for every member<on>: yes`` / ``no (why)`` / ``not established (...)``; None without
+    metrics."""
+    if not mains:
+        return None
+    head = f"Lossless for every member{on}"
+    same, rules = comparable(run.summary, baseline.summary), _rules(run, mains)
+    verdicts = {m["name"]: verdict(m, baseline.member(m["name"]), mains, same, rules) for m in run.members}
+    unknown = [name for name, v in verdicts.items() if v.startswith("n/a")]
+    if unknown:
+        return f"{head}: not established ({', '.join(unknown)}: see the warnings)"
+    if all(v.startswith("yes") for v in verdicts.values()):
+        return f"{head}: yes"
+    worse = _shortfalls(run, baseline, mains) or ["a member lacks a metric its baseline has"]
+    return f"{head}: no ({'; '.join(worse)})"
+
+
+def verdict_sentence(run: Run, baseline: Run | None) -> str | None:
+    """One sentence: was ``run`` lossless against ``baseline`` on its headline metric (``eval.metric``;
+    every Table 2 metric when it has none), and at what saving in training MACs (issue 12: the demo's
+    report says both at once); None without a baseline."""
+    if baseline is None or not run.members:
+        return None
+    mains, on = _metrics_present([run, baseline]), ""
+    headline = run.summary.get("metric")
+    if headline in mains:
+        mains, on = [headline], f" on {MAIN_METRICS[headline]}"
+    ours = run.members[-1]["accumulated_train_macs"]
+    theirs = max(x["accumulated_train_macs"] for x in baseline.members)
+    saving = f"{theirs / ours:.2f}× fewer training MACs than its baseline" if ours else "no MACs counted"
+    lossless = _lossless_clause(run, baseline, mains, on) or "Lossless: no metric to judge"
+    return f"{run.label}: {lossless[0].lower()}{lossless[1:]}, at {saving}."
 
 
 def _per_task_section(run: Run, baseline: Run | None) -> list[str]:
@@ -337,7 +359,10 @@ def render_markdown(run: Run, baseline: Run | None = None, figures: Sequence[str
     )
     tu = _time_unit([m["accumulated_wall_s"] for r in runs for m in r.members])
     title = f"{run.summary.get('family', '?')} family — {run.label}" + (" vs baseline" if baseline else "")
-    out = [f"# {title}", "", _intro(run, baseline, mains), ""]
+    out = [f"# {title}", ""]
+    sentence = verdict_sentence(run, baseline)
+    out += [f"**{sentence}**", ""] if sentence else []
+    out += [_intro(run, baseline, mains), ""]
     out += [f"> **Warning:** {w}" for w in report_warnings(run, baseline)]
     out += ["", "## Table 2", ""] + _table2(run, baseline, mains, scale, unit, tu)
     if baseline:

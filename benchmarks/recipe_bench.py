@@ -1,0 +1,81 @@
+"""The issue-12 benchmark as a ``benchmarks/recipe.py`` bench: the chain recipes of issue 13 measured on it.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/recipe.py --bench benchmarks/recipe_bench.py:recipe_bench \\
+        --out benchmarks/results/recipe-bench
+    .venv/bin/python benchmarks/recipe.py --bench benchmarks/recipe_bench.py:recipe_bench \\
+        --out /tmp/recipe-bench --set seeds='[0]' arms='["paper","alpha0","net2net"]'
+
+Everything a run trains on is :class:`reproduce_lib.Protocol`'s (family, members, data, batch, lr,
+reference schedule, link fraction), so a recipe arm is scored against the same baselines
+``benchmarks/reproduce.py`` reports (docs/reproduce.md). The two splits are the embedded held-out
+scenes of two evaluation seeds: ``val`` is seed 0, on which the protocol's settings were chosen,
+``test`` is the protocol's ``eval_seed`` (1), which reproduce.py reports and nothing was chosen on.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from recipe_lib import Bench  # noqa: E402
+from reproduce_lib import DATA_KIND, METRIC, Protocol  # noqa: E402
+
+_PROTO = Protocol()
+
+
+@dataclass(frozen=True)
+class IssueTwelveBench(Bench):
+    """The bench family on the patch-centred embedded set, scored by the held-out ``val_loss``."""
+
+    name: str = "bench"
+    family: str = _PROTO.family
+    members: tuple[str, ...] = _PROTO.members
+    baseline_steps: int = _PROTO.reference
+    seeds: tuple[int, ...] = _PROTO.seeds
+    link_fraction: float = 0.25
+    metric: str = METRIC
+    higher_is_better: bool = False
+    tolerance: float = _PROTO.loss_tolerance  # nats (docs/reproduce.md)
+    protocol: Protocol = _PROTO
+    split_seeds: dict[str, int] = field(default_factory=lambda: {"val": 0, "test": _PROTO.eval_seed})
+
+    def train_fields(self) -> dict[str, Any]:
+        """The protocol's data (cached embedded scenes, its spec and size), batch and peak lr."""
+        from compt.config import to_dict
+        from compt.paradigms.clip.data import DataConfig
+
+        p = self.protocol
+        data = DataConfig(kind=DATA_KIND, num_samples=p.num_samples, seed=0, synthetic=p.spec)
+        return {"data": to_dict(data), "global_batch_size": p.batch, "lr": p.lr}
+
+    def evaluate(self, checkpoint: Path, member: str, split: str) -> dict[str, float]:
+        """``val_loss``, zero-shot and retrieval of ``checkpoint`` on ``split``'s held-out scenes."""
+        from compt.engine.checkpoint import model_from_checkpoint
+        from compt.paradigms.clip.data import tokenizer
+        from compt.paradigms.clip.data.evalsets import embedded_eval_sets, embedded_val_set
+        from compt.paradigms.clip.evaluate import evaluate_model
+
+        p, seed = self.protocol, self.split_seeds[split]
+        model, _ = model_from_checkpoint(checkpoint)
+        size, ctx = model.visual.image_size[0], model.context_length
+        tasks, rsets = embedded_eval_sets(
+            size,
+            seed=seed,
+            num_images=p.eval_images,
+            num_retrieval=p.eval_retrieval,
+            tasks=p.eval_tasks,
+            spec=p.spec,
+        )
+        vsets = [embedded_val_set(size, seed, num_images=p.val_images, batch_size=p.val_batch, spec=p.spec)]
+        return evaluate_model(model.eval(), tasks, rsets, tokenizer(ctx), val_sets=vsets)
+
+
+def recipe_bench() -> IssueTwelveBench:
+    """The factory ``--bench benchmarks/recipe_bench.py:recipe_bench`` calls."""
+    return IssueTwelveBench()

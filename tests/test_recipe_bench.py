@@ -1,0 +1,69 @@
+"""The issue-12 benchmark as a recipe bench (benchmarks/recipe_bench.py): a few seconds on a shrunk protocol.
+
+The adapter must train what benchmarks/reproduce.py trains, score ``val_loss`` lower-is-better and keep
+the validation split (where recipes are chosen) apart from the test split (what is reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import recipe  # noqa: E402
+from reproduce_lib import Protocol, replace_proto  # noqa: E402
+
+SMALL = dict(batch=8, num_samples=64, eval_images=8, eval_retrieval=8, val_images=16, val_batch=8)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    full = recipe.load_bench(f"{BENCH / 'recipe_bench.py'}:recipe_bench")  # the --bench FILE:FACTORY path
+    return full, dataclasses.replace(
+        full,
+        members=("bench-XS", "bench-S"),
+        baseline_steps=4,
+        seeds=(0,),
+        link_fraction=0.5,
+        arms=("paper", "alpha0"),
+        combine=False,
+        protocol=replace_proto(Protocol(), **SMALL),
+    )
+
+
+def test_it_trains_what_reproduce_trains_and_splits_by_eval_seed(bench):
+    full, _ = bench
+    proto = Protocol()
+    assert (full.family, full.members, full.baseline_steps) == (proto.family, proto.members, proto.reference)
+    fields = full.train_fields()
+    assert (fields["global_batch_size"], fields["lr"]) == (proto.batch, proto.lr)
+    assert fields["data"]["num_samples"] == proto.num_samples and fields["data"]["synthetic"]["grid"] == 4
+    # test = the seed reproduce.py reports; val = the other one, where settings are chosen
+    assert full.split_seeds["test"] == proto.eval_seed != full.split_seeds["val"]
+    assert full.metric == "val_loss" and not full.higher_is_better
+
+
+def test_recipe_runs_on_it_and_chooses_lower_loss_on_validation(bench, tmp_path):
+    _, small = bench
+    res = recipe.run(small, tmp_path, workers=1, log=lambda *a: None)
+    runs = res["runs"]
+    link, base = runs["paper_f0.5_bench-S_s0"], runs["base_bench-S_4_s0"]
+    for split in ("val", "test"):
+        assert 0 < link["metrics"][split]["val_loss"] < 10 and "zeroshot/shape/top1" in link["metrics"][split]
+    assert link["metrics"]["val"]["val_loss"] != link["metrics"]["test"]["val_loss"]  # other scenes
+    # the score a recipe is chosen by is positive when the chain's loss is below its baseline's
+    want = base["metrics"]["val"]["val_loss"] - link["metrics"]["val"]["val_loss"]
+    assert res["choice"]["val_scores"]["paper"] == pytest.approx(want)
+    row = res["tables"]["paper"]["members"]["bench-S"]
+    test_gap = link["metrics"]["test"]["val_loss"] - base["metrics"]["test"]["val_loss"]
+    assert row["gap"] == pytest.approx(test_gap)  # positive when the chain is worse
+    assert row["lossless"] == (row["gap"] <= row["tolerance"])
+    assert row["tolerance"] >= Protocol().loss_tolerance
+    res["command"] = "test"
+    text = recipe.write_readme(res, tmp_path).read_text()
+    assert f"{row['chain']:.3f}" in text  # nats to 3 decimals, not a percentage's 1
