@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "apply_overrides", "to_dict", "parse_value", "yaml_load"]
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "load_yaml",
+    "apply_overrides",
+    "to_dict",
+    "parse_value",
+    "override_mapping",
+    "yaml_load",
+]
 
 T = TypeVar("T")
 
@@ -155,7 +164,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
             f"{path}: expected a mapping of {cls.__name__} keys (key: value lines) at the top level, "
             f"got a {type(data).__name__}"
         )
-    data = _apply(data, overrides or [], str(path))
+    data = override_mapping(data, overrides or [], str(path))
     return from_dict(cls, data, where=str(path))
 
 
@@ -167,7 +176,8 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _apply(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
+def override_mapping(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
+    """A copy of the plain mapping ``data`` with ``key.sub=value`` overrides applied (``--set``)."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -190,7 +200,7 @@ def _apply(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, 
 
 def apply_overrides(cfg: T, overrides: list[str], where: str = "override") -> T:
     """A copy of dataclass ``cfg`` with ``key.sub=value`` overrides applied and re-validated."""
-    return from_dict(type(cfg), _apply(to_dict(cfg), overrides, where), where=where)
+    return from_dict(type(cfg), override_mapping(to_dict(cfg), overrides, where), where=where)
 
 
 def to_dict(cfg: Any) -> Any:

@@ -25,9 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from compt.config import ConfigError, from_dict, parse_value
+from compt.config import ConfigError, from_dict, override_mapping, yaml_load
 
 # flag -> FinetuneConfig field, for the flags that map one to one.
 _FLAGS = {
@@ -94,15 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--set {dotted}: {key} is not a mapping")
-    tree[leaf] = value
-
-
 def build_config(args: argparse.Namespace):
     """The FinetuneConfig of the command line: YAML file, then flags, then ``--set`` overrides."""
     from compt.paradigms.clip.finetune.config import FinetuneConfig
@@ -112,7 +101,7 @@ def build_config(args: argparse.Namespace):
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config {path}: no such file")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of FinetuneConfig fields")
     for flag, name in _FLAGS.items():
@@ -121,11 +110,7 @@ def build_config(args: argparse.Namespace):
     for flag in ("schedule", "sid"):
         if getattr(args, flag) is not None:
             raw.setdefault("autoprog_zero", {})[flag] = getattr(args, flag)
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like key=value (dotted keys for nested fields)")
-        key, text = item.split("=", 1)
-        _set(raw, key.strip(), parse_value(text))
+    raw = override_mapping(raw, args.set, where="--set")
     missing = [
         f"--{flag}" for flag, name in (("train", "train_dir"), ("test", "test_dir")) if not raw.get(name)
     ]

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from compt.config import ConfigError, from_dict, parse_value, yaml_load
+from compt.config import ConfigError, from_dict, override_mapping, parse_value, yaml_load
 from compt.engine import dist
 from compt.engine.checkpoint import final_checkpoint
 
@@ -140,15 +140,6 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--set {dotted}: {key} is not a mapping")
-    tree[leaf] = value
-
-
 def build_config(args: argparse.Namespace):
     """The TrainConfig of the command line: YAML file, then flags, then ``--set`` overrides."""
     from compt.engine.train import TrainConfig
@@ -175,11 +166,7 @@ def build_config(args: argparse.Namespace):
     raw.setdefault("data", {})
     if args.progressive:  # on top of a YAML file's progressive: mapping, under --set's keys
         raw["progressive"] = {**(raw.get("progressive") or {}), "schedule": args.progressive}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like key=value (dotted keys for nested fields)")
-        key, text = item.split("=", 1)
-        _set(raw, key.strip(), parse_value(text))
+    raw = override_mapping(raw, args.set, where="--set")
     if not raw.get("member"):
         raise ConfigError("say which member to train: --member NAME (e.g. tiny-S, ViT-B/16)")
     raw.setdefault("out_dir", str(Path("runs") / str(raw["member"]).replace("/", "-")))
