@@ -26,6 +26,7 @@ __all__ = [
     "to_dict",
     "parse_value",
     "override_mapping",
+    "read_mapping",
     "yaml_load",
 ]
 
@@ -145,6 +146,14 @@ def _is_required(f: dataclasses.Field) -> bool:
 
 def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Load ``cls`` from a YAML file, then apply ``key=value`` overrides (dotted keys for nesting)."""
+    data = read_mapping(cls, path)
+    data = override_mapping(data, overrides or [], str(path))
+    return from_dict(cls, data, where=str(path))
+
+
+def read_mapping(cls: type, path: str | Path, allow_empty: bool = False) -> dict[str, Any]:
+    """The top-level mapping of ``cls`` fields in the YAML file ``path`` (``{}`` for an empty file when
+    ``allow_empty``: a command line whose flags supply the rest)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -153,6 +162,8 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
             data = yaml_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None and allow_empty:
+        return {}
     if data is None:
         required = [f.name for f in dataclasses.fields(cls) if f.init and _is_required(f)]
         raise ConfigError(
@@ -164,8 +175,7 @@ def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
             f"{path}: expected a mapping of {cls.__name__} keys (key: value lines) at the top level, "
             f"got a {type(data).__name__}"
         )
-    data = override_mapping(data, overrides or [], str(path))
-    return from_dict(cls, data, where=str(path))
+    return data
 
 
 def parse_value(text: str) -> Any:

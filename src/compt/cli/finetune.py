@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
-from compt.config import ConfigError, from_dict, override_mapping, yaml_load
+from compt.config import ConfigError, from_dict, override_mapping, read_mapping
 
 # flag -> FinetuneConfig field, for the flags that map one to one.
 _FLAGS = {
@@ -96,14 +95,7 @@ def build_config(args: argparse.Namespace):
     """The FinetuneConfig of the command line: YAML file, then flags, then ``--set`` overrides."""
     from compt.paradigms.clip.finetune.config import FinetuneConfig
 
-    raw: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        raw = yaml_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of FinetuneConfig fields")
+    raw = read_mapping(FinetuneConfig, args.config, allow_empty=True) if args.config else {}
     for flag, name in _FLAGS.items():
         if getattr(args, flag) is not None:
             raw[name] = getattr(args, flag)

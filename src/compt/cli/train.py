@@ -25,9 +25,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from compt.config import ConfigError, from_dict, override_mapping, parse_value, yaml_load
+from compt.config import ConfigError, from_dict, override_mapping, parse_value, read_mapping
 from compt.engine import dist
 from compt.engine.checkpoint import final_checkpoint
 
@@ -144,14 +144,7 @@ def build_config(args: argparse.Namespace):
     """The TrainConfig of the command line: YAML file, then flags, then ``--set`` overrides."""
     from compt.engine.train import TrainConfig
 
-    raw: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        raw = yaml_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of TrainConfig fields")
+    raw = read_mapping(TrainConfig, args.config, allow_empty=True) if args.config else {}
     for flag, field in _FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
