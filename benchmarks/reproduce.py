@@ -44,6 +44,7 @@ from reproduce_lib import (  # noqa: E402
     mean_std,
     metric_value,
     replace_proto,
+    restore_runs,
     run_jobs,
 )
 
@@ -353,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         help="where results.json, README.md and PNGs go (default: --out); "
         "e.g. to score finished runs with another --set metric=... without retraining",
     )
+    p.add_argument(
+        "--restore",
+        metavar="RESULTS_JSON",
+        help="first write the runs recorded in a committed results.json into --out/runs (records only, "
+        "no weights), so a new checkout resumes the benchmark without retraining what it finished",
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
     p.add_argument(
         "--set",
@@ -375,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     proto = replace_proto(proto, **changes)
     out = Path(args.out)
     report = Path(args.report_dir) if args.report_dir else out
+    if args.restore:
+        kept, skipped = restore_runs(Path(args.restore), out, proto)
+        print(f"restored {kept} runs from {args.restore} ({skipped} of another setup skipped: retrained)")
     command = "python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/reproduce.py", *(argv or sys.argv[1:])]
     )

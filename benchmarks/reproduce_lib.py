@@ -244,6 +244,11 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
         return _check_reusable(json.loads(done.read_text()), proto, done)
     member = get_member(job.member, proto.family)
     teacher = str(Path(out) / "runs" / job.teacher / "final.pt") if job.teacher else None
+    if teacher and not Path(teacher).is_file():
+        raise FileNotFoundError(
+            f"{job.key}: its teacher {job.teacher} has a result but no weights ({teacher}); a run "
+            "restored from results.json cannot teach: delete its folder to retrain it"
+        )
     data = DataConfig(kind=DATA_KIND, num_samples=proto.num_samples, seed=0, synthetic=proto.spec)
     cfg = TrainConfig(
         member=job.member,
@@ -298,18 +303,65 @@ def run_setup(proto: Protocol) -> dict[str, Any]:
     return json.loads(json.dumps(setup, default=asdict))
 
 
+def lineage(record: dict[str, Any], runs: Path) -> list[str]:
+    """The members a finished run's weights depend on: its own, then its teacher's, and so on up the
+    chain (each teacher's ``result.json`` in ``runs``). A baseline depends on its member only."""
+    names, teacher = [record["job"]["member"]], record["job"].get("teacher", "")
+    while teacher:
+        path = runs / teacher / "result.json"
+        if not path.is_file():
+            break  # the teacher is not finished: its own check comes first (jobs run after their deps)
+        job = json.loads(path.read_text())["job"]
+        names.append(job["member"])
+        teacher = job.get("teacher", "")
+    return names
+
+
 def _check_reusable(record: dict[str, Any], proto: Protocol, path: Path) -> dict[str, Any]:
     if "setup" not in record:  # runs of the previous regime (before issue 12) carry no setup
         raise RuntimeError(f"{path}: a run without its protocol setup; use another --out folder")
-    ours = run_setup(proto)
-    diff = [k for k in SETUP_FIELDS if record["setup"].get(k) != ours[k]]
+    ours, theirs = run_setup(proto), dict(record["setup"])
+    # Of the family, only the members the run depends on: changing the smallest member retrains the
+    # chains grown from it, not the other members' baselines.
+    names = lineage(record, path.parent.parent)
+    ours["family"] = {n: ours["family"].get(n) for n in names}
+    theirs["family"] = {n: (theirs.get("family") or {}).get(n) for n in names}
+    diff = [k for k in SETUP_FIELDS if theirs.get(k) != ours[k]]
     if diff:
         raise RuntimeError(
             f"{path} was trained with another protocol ({', '.join(diff)} differ: "
-            f"{ {k: record['setup'].get(k) for k in diff} } vs { {k: ours[k] for k in diff} }); "
+            f"{ {k: theirs.get(k) for k in diff} } vs { {k: ours[k] for k in diff} }); "
             "use another --out folder, or the same settings"
         )
     return record
+
+
+def restore_runs(results_json: Path, out: Path, proto: Protocol) -> tuple[int, int]:
+    """Write the runs recorded in a committed ``results.json`` back as ``<out>/runs/<key>/result.json``
+    where none is there (the runs' folders are not committed); returns (restored, skipped).
+
+    A record is kept only if ``proto`` could reuse it (:func:`_check_reusable`: same setup, same
+    configs of the members it depends on); the others are skipped and will be retrained. Only the
+    records come back, not the weights: a restored run cannot teach a link still to train.
+    """
+    written = []
+    for key, record in json.loads(Path(results_json).read_text())["runs"].items():
+        done = out / "runs" / key / "result.json"
+        if not done.is_file():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(record, indent=1))
+            written.append(done)
+    skipped = []
+    for done in written:  # checked once all are written: a link's lineage reads its teacher's record
+        try:
+            _check_reusable(json.loads(done.read_text()), proto, done)
+        except RuntimeError:
+            skipped.append(done)
+    for done in skipped:
+        done.unlink()
+        if not any(done.parent.iterdir()):
+            done.parent.rmdir()
+    return len(written) - len(skipped), len(skipped)
 
 
 def run_jobs(

@@ -12,12 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from compt.families import get_family
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import reproduce  # noqa: E402
-from reproduce_lib import METRIC, Protocol, metric_value, replace_proto  # noqa: E402
+from reproduce_lib import METRIC, Protocol, metric_value, replace_proto, restore_runs  # noqa: E402
 
 DEBUG = dict(
     family="debug",
@@ -124,7 +127,6 @@ def test_the_benchmark_family_fits_every_caption_and_the_grid():
     its 8 px patches on 32 px images are the 4 x 4 grid the objects are centred on."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from compt.families import get_family
     from compt.paradigms.clip.data.scene_captions import all_captions
     from compt.paradigms.clip.data.synthetic import sample_scene, scene_rng
 
@@ -158,3 +160,42 @@ def test_rescoring_with_a_derived_metric_reuses_the_runs(results, tmp_path):
     assert last["gap"] == pytest.approx(again["baselines"]["debug-L"]["mean"] - last["chain_mean"])
     with pytest.raises(KeyError, match="neither in the run's metrics"):
         metric_value(run, "bogus")
+
+
+def test_restored_runs_are_reused_and_a_changed_member_retrains_only_what_depends_on_it(results, tmp_path):
+    """A new checkout has results.json but no runs/: --restore brings the records back; after a change
+    of the smallest member, the other member's baselines stay, its chain links are retrained."""
+    res, _, _ = results
+    committed = tmp_path / "results.json"
+    committed.write_text(json.dumps({"runs": res["runs"]}))
+    proto = replace_proto(Protocol(), **DEBUG)
+    out = tmp_path / "new"
+    assert restore_runs(committed, out, proto) == (len(res["runs"]), 0)
+    again = reproduce.run(proto, out, workers=1, log=lambda *a: None)
+    assert again["runs"] == json.loads(json.dumps(res["runs"]))  # nothing retrained
+
+    members = [{"name": m.name, **m.model_cfg} for m in get_family("debug").members]
+    members[0]["text_cfg"] = {**members[0]["text_cfg"], "mlp_ratio": 2.0}  # another debug-S
+    family = tmp_path / "family.yaml"
+    family.write_text(yaml.safe_dump({"name": "debug2", "members": members}))
+    changed = replace_proto(proto, family=str(family))
+    out2 = tmp_path / "changed"
+    kept, skipped = restore_runs(committed, out2, changed)
+    kept_keys = {p.parent.name for p in (out2 / "runs").glob("*/result.json")}
+    assert kept_keys == {k for k in res["runs"] if k.startswith("base_debug-L")}
+    assert (kept, skipped) == (len(kept_keys), len(res["runs"]) - len(kept_keys))
+    rerun = reproduce.run(changed, out2, workers=1, log=lambda *a: None)
+    for key, record in rerun["runs"].items():
+        reused = record == json.loads(json.dumps(res["runs"][key]))
+        assert reused == (key in kept_keys), key  # debug-L baselines reused; debug-S and every link new
+
+
+def test_a_restored_run_cannot_teach_and_says_what_to_do(results, tmp_path):
+    res, _, _ = results
+    baselines = {k: v for k, v in res["runs"].items() if k.startswith("base_")}
+    committed = tmp_path / "results.json"
+    committed.write_text(json.dumps({"runs": baselines}))
+    proto = replace_proto(Protocol(), **DEBUG)
+    restore_runs(committed, tmp_path / "out", proto)
+    with pytest.raises(FileNotFoundError, match=r"has a result but no weights.*delete its folder"):
+        reproduce.run(proto, tmp_path / "out", workers=1, log=lambda *a: None)
