@@ -241,7 +241,7 @@ def run_job(proto: Protocol, job: Job, out: str) -> dict[str, Any]:
     folder = Path(out) / "runs" / job.key
     done = folder / "result.json"
     if done.is_file():
-        return _check_reusable(json.loads(done.read_text()), proto, done)
+        return check_reusable(json.loads(done.read_text()), proto, done)
     member = get_member(job.member, proto.family)
     teacher = str(Path(out) / "runs" / job.teacher / "final.pt") if job.teacher else None
     if teacher and not Path(teacher).is_file():
@@ -317,7 +317,7 @@ def lineage(record: dict[str, Any], runs: Path) -> list[str]:
     return names
 
 
-def _check_reusable(record: dict[str, Any], proto: Protocol, path: Path) -> dict[str, Any]:
+def check_reusable(record: dict[str, Any], proto: Protocol, path: Path) -> dict[str, Any]:
     if "setup" not in record:  # runs of the previous regime (before issue 12) carry no setup
         raise RuntimeError(f"{path}: a run without its protocol setup; use another --out folder")
     ours, theirs = run_setup(proto), dict(record["setup"])
@@ -340,7 +340,7 @@ def restore_runs(results_json: Path, out: Path, proto: Protocol) -> tuple[int, i
     """Write the runs recorded in a committed ``results.json`` back as ``<out>/runs/<key>/result.json``
     where none is there (the runs' folders are not committed); returns (restored, skipped).
 
-    A record is kept only if ``proto`` could reuse it (:func:`_check_reusable`: same setup, same
+    A record is kept only if ``proto`` could reuse it (:func:`check_reusable`: same setup, same
     configs of the members it depends on); the others are skipped and will be retrained. Only the
     records come back, not the weights: a restored run cannot teach a link still to train.
     """
@@ -354,7 +354,7 @@ def restore_runs(results_json: Path, out: Path, proto: Protocol) -> tuple[int, i
     skipped = []
     for done in written:  # checked once all are written: a link's lineage reads its teacher's record
         try:
-            _check_reusable(json.loads(done.read_text()), proto, done)
+            check_reusable(json.loads(done.read_text()), proto, done)
         except RuntimeError:
             skipped.append(done)
     for done in skipped:
