@@ -428,9 +428,11 @@ def test_grown_moments_are_the_grown_models_gradients():
     grown = grow_moments(payload, build(s_cfg, 1), width="net2net", seed=3)
     assert grown.keys() == dict(student.named_parameters()).keys()
     for name, p in student.named_parameters():
-        torch.testing.assert_close(grown[name]["exp_avg"], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 sums in another order: errors of ~3e-6 on gradients of magnitude ~10 (1e-6 of the scale)
+        atol = 1e-6 * max(1.0, float(p.grad.abs().max()))
+        torch.testing.assert_close(grown[name]["exp_avg"], p.grad, rtol=1e-4, atol=atol, msg=name)
         torch.testing.assert_close(
-            grown[name]["exp_avg_sq"].sqrt(), p.grad.abs(), rtol=1e-4, atol=1e-6, msg=name
+            grown[name]["exp_avg_sq"].sqrt(), p.grad.abs(), rtol=1e-4, atol=atol, msg=name
         )
         assert grown[name]["step"] == 7
     ln = moments["visual.ln_post.weight"]
