@@ -17,6 +17,7 @@ scenes of two evaluation seeds: ``val`` is seed 0, on which the protocol's setti
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from recipe_lib import Bench, Job  # noqa: E402
-from reproduce_lib import DATA_KIND, METRIC, Protocol, check_reusable  # noqa: E402
+from reproduce_lib import DATA_KIND, METRIC, Protocol, chain_name, check_reusable  # noqa: E402
 
 _PROTO = Protocol()
 
@@ -80,19 +81,36 @@ class IssueTwelveBench(Bench):
         vsets = [embedded_val_set(size, seed, num_images=p.val_images, batch_size=p.val_batch, spec=p.spec)]
         return evaluate_model(model.eval(), tasks, rsets, tokenizer(ctx), val_sets=vsets)
 
-    def adopt(self, job: Job) -> dict[str, Any] | None:
-        """A baseline ``benchmarks/reproduce.py`` finished under this protocol (checked like a reuse
-        there), scored on the test split by reproduce (its evaluation seed is our test split) and on
-        validation from its weights if they are there. The chain's first member is always trained
-        here: it teaches, and the ``staged`` arm grows its AdamW moments, which reproduce does not keep."""
-        src = Path(self.baseline_dir) / "runs" / job.key / "result.json"
-        if job.member == self.members[0] or not self.baseline_dir or not src.is_file():
+    def adopt(self, job: Job, folder: Path) -> dict[str, Any] | None:
+        """A run ``benchmarks/reproduce.py`` finished under this protocol (checked like a reuse there):
+        a baseline, or a link of the ``paper`` arm, which is reproduce's chain (same seed, teacher,
+        steps and options; CPU training is deterministic, so the two are the same run: on seed 0 the
+        first member and both links agreed to the last bit). Scored on the test split by reproduce
+        (its evaluation seed is our test split) and on validation from its weights. A link is adopted
+        only with its weights (they are copied here: the next link grows from them), a baseline from
+        its record alone. The chain's first member is always trained here: it teaches, and the
+        ``staged`` arm grows its AdamW moments, which reproduce does not keep."""
+        if not self.baseline_dir or job.member == self.members[0]:
+            return None
+        if job.teacher and job.arm != "paper":
+            return None
+        key = job.key
+        if job.teacher:  # reproduce's key of the same link
+            chain = chain_name("chain", self.link_fraction, 500.0, self.members[0])
+            key = f"{chain}_{job.member}_s{job.seed}"
+        src = Path(self.baseline_dir) / "runs" / key / "result.json"
+        weights = src.parent / "final.pt"
+        if not src.is_file() or (job.teacher and not weights.is_file()):
             return None
         assert self.split_seeds["test"] == self.protocol.eval_seed  # reproduce's metrics are our test split
         record = check_reusable(json.loads(src.read_text()), self.protocol, src)
+        if job.teacher and (record["job"]["steps"], record["job"]["alpha"]) != (job.steps, 500.0):
+            raise RuntimeError(f"{src}: not the paper arm's link ({record['job']}); use another baseline_dir")
         metrics = {"test": record["metrics"]}
-        if (src.parent / "final.pt").is_file():
-            metrics["val"] = self.evaluate(src.parent / "final.pt", job.member, "val")
+        if weights.is_file():
+            metrics["val"] = self.evaluate(weights, job.member, "val")
+        if job.teacher:
+            shutil.copyfile(weights, folder / "final.pt")
         keep = ("train_macs", "wall_s", "total_s", "steps")
         kept = {k: record[k] for k in keep}
         return {"job": asdict(job), "metrics": metrics, **kept, "adopted_from": str(src)}

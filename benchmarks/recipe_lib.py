@@ -74,9 +74,9 @@ class Bench:
         """The metrics of ``checkpoint`` (a ``member``) on ``split`` (``val`` or ``test``)."""
         raise NotImplementedError
 
-    def adopt(self, job: Job) -> dict[str, Any] | None:
-        """The finished result of baseline ``job`` trained elsewhere under the same protocol (its
-        ``metrics`` by split, at least ``test``), or None to train it here."""
+    def adopt(self, job: Job, folder: Path) -> dict[str, Any] | None:
+        """The finished result of ``job`` trained elsewhere under the same protocol (its ``metrics``
+        by split, at least ``test``; a link's weights put in ``folder``), or None to train it here."""
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,9 +186,9 @@ def run_job(bench: Bench, job: Job, out: str) -> dict[str, Any]:
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    adopted = None if job.teacher else bench.adopt(job)
+    folder.mkdir(parents=True, exist_ok=True)
+    adopted = bench.adopt(job, folder)
     if adopted is not None:
-        folder.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(adopted, indent=1, default=str))
         return adopted
     fields = bench.train_fields() | dict(job.options)

@@ -34,6 +34,7 @@ def bench():
         arms=("paper", "alpha0"),
         combine=False,
         protocol=replace_proto(Protocol(), **SMALL),
+        baseline_dir="",  # adopt nothing (the adoption test sets it)
     )
 
 
@@ -71,9 +72,10 @@ def test_recipe_runs_on_it_and_chooses_lower_loss_on_validation(bench, tmp_path)
     assert f"{row['chain']:.3f}" in text  # nats to 3 decimals, not a percentage's 1
 
 
-def test_it_adopts_the_baselines_reproduce_finished_and_trains_the_first_member(bench, tmp_path):
-    """The 8000-step baselines are reproduce.py's (2 CPU hours): the recipe harness scores them, it does
-    not retrain them; the first member teaches and keeps its AdamW moments, so it is trained here."""
+def test_it_adopts_the_runs_reproduce_finished_and_trains_the_first_member(bench, tmp_path):
+    """The 8000-step baselines and the paper's chain are reproduce.py's (2-3 CPU hours): the recipe
+    harness scores them, it does not retrain them; the first member teaches and keeps its AdamW
+    moments, so it is trained here."""
     import reproduce
 
     _, small = bench
@@ -92,6 +94,14 @@ def test_it_adopts_the_baselines_reproduce_finished_and_trains_the_first_member(
     assert adopted["train_macs"] == finished["train_macs"]
     assert adopted["metrics"]["val"]["val_loss"] != adopted["metrics"]["test"]["val_loss"]  # from its weights
     assert res["tables"]["paper"]["members"]["bench-S"]["baseline"] == finished["metrics"]["val_loss"]
+    # the paper arm's link is reproduce's chain link, weights included (a next link grows from them) ...
+    link = runs["paper_f0.5_bench-S_s0"]
+    assert link["adopted_from"].endswith("chain-bench-XS_f0p5_a500_bench-S_s0/result.json")
+    assert (tmp_path / "recipe" / "runs" / "paper_f0.5_bench-S_s0" / "final.pt").is_file()
+    assert "adopted_from" not in runs["alpha0_f0.5_bench-S_s0"]  # other arms are trained here
+    # ... and the same run as the harness trains itself: CPU training is deterministic
+    alone = recipe.run(small, tmp_path / "alone", workers=1, log=lambda *a: None)  # adopts nothing
+    assert alone["runs"]["paper_f0.5_bench-S_s0"]["metrics"] == link["metrics"]
     # another protocol's finished baseline is an error, never a silent mix
     other = dataclasses.replace(adopting, protocol=replace_proto(small.protocol, lr=1e-3))
     with pytest.raises(RuntimeError, match=r"another protocol \(lr differ"):
