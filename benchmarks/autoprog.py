@@ -5,6 +5,8 @@ Run from the repository root (``--workers 2``: one training process per core)::
     .venv/bin/python benchmarks/autoprog.py --out benchmarks/results/autoprog        # 3 seeds
     .venv/bin/python benchmarks/autoprog.py --smoke --out /tmp/autoprog-smoke        # 1 seed, 2 members
     .venv/bin/python benchmarks/autoprog.py --out ... --set seeds='[0]' ablation_member='"micro-L"'
+    .venv/bin/python benchmarks/autoprog.py --bench benchmarks/autoprog_bench.py:autoprog_bench \
+        --out benchmarks/results/autoprog-bench                                   # issue 12's benchmark
 
 The protocol (``autoprog_lib``): the micro chain's members trained individually, plain and with
 AutoProg-One's searched schedule; the chain, and the chain with AutoProg-One on its first member and
@@ -31,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from autoprog_lib import ABLATIONS, ARMS, AutoProgBench, jobs, run_job, tables  # noqa: E402
+from recipe import load_bench  # noqa: E402
 from reproduce_lib import run_jobs  # noqa: E402
 
 # A smoke run of every arm: one seed, a 2-member chain, short runs (not a measurement).
@@ -200,13 +203,14 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench", default="micro", help="micro (the micro family) or FILE.py:FACTORY")
     p.add_argument("--out", default="benchmarks/results/autoprog", help="results folder (rerun to resume)")
     p.add_argument("--smoke", action="store_true", help="one seed, 2 members, short runs")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (1 torch thread each)")
     p.add_argument("--timing", action="store_true", help="only the back-to-back CPU timing (timing.json)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="override a bench field")
     args = p.parse_args(argv)
-    bench = AutoProgBench()
+    bench = AutoProgBench() if args.bench == "micro" else load_bench(args.bench)
     changes = dict(SMOKE) if args.smoke else {}
     fields = {f.name for f in dataclasses.fields(bench)}
     for item in args.set:

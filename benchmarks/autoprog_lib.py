@@ -74,7 +74,7 @@ def run_job(bench: AutoProgBench, job: Job, out: str) -> dict[str, Any]:
     """recipe_lib's run (train, then score both splits), plus the schedule a progressive run trained."""
     record = recipe_lib.run_job(bench, job, out)
     folder = Path(out) / "runs" / job.key
-    if "schedule" not in record:
+    if "schedule" not in record and dict(job.options).get("progressive") is not None:
         from compt.engine.checkpoint import load_checkpoint
 
         progressive = load_checkpoint(folder / "final.pt", mmap=True).get("progressive")

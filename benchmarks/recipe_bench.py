@@ -50,6 +50,8 @@ class IssueTwelveBench(Bench):
     # reproduce.py's --out folder: its finished baselines of the same protocol are adopted, not
     # retrained (about 2 CPU hours for the 4 members x 3 seeds of the 8000-step reference).
     baseline_dir: str = str(HERE / "results" / "bench")
+    paper_arm: str = "paper"  # the arm whose links are reproduce's chain
+    train_first: bool = True  # train the first member here (its AdamW moments), or adopt it with its weights
 
     def train_fields(self) -> dict[str, Any]:
         """The protocol's data (cached embedded scenes, its spec and size), batch and peak lr."""
@@ -83,24 +85,24 @@ class IssueTwelveBench(Bench):
 
     def adopt(self, job: Job, folder: Path) -> dict[str, Any] | None:
         """A run ``benchmarks/reproduce.py`` finished under this protocol (checked like a reuse there):
-        a baseline, or a link of the ``paper`` arm, which is reproduce's chain (same seed, teacher,
-        steps and options; CPU training is deterministic, so the two are the same run: on seed 0 the
-        first member and both links agreed to the last bit). Scored on the test split by reproduce
-        (its evaluation seed is our test split) and on validation from its weights. A link is adopted
-        only with its weights (they are copied here: the next link grows from them), a baseline from
-        its record alone. The chain's first member is always trained here: it teaches, and the
-        ``staged`` arm grows its AdamW moments, which reproduce does not keep."""
-        if not self.baseline_dir or job.member == self.members[0]:
-            return None
-        if job.teacher and job.arm != "paper":
+        a baseline, or a link of the paper's recipe (``paper_arm``), which is reproduce's chain (same
+        seed, teacher, steps and options; CPU training is deterministic, so the two are the same run:
+        on seed 0 the first member and both links agreed to the last bit). Scored on the test split by
+        reproduce (its evaluation seed is our test split) and on validation from its weights. A run that
+        teaches (a link, the first member) is adopted only with its weights, copied here; another
+        baseline from its record alone. The first member is trained here unless ``train_first`` is off:
+        the ``staged`` arm grows its AdamW moments, which reproduce does not keep."""
+        first = job.member == self.members[0]
+        other_arm = job.teacher and job.arm != self.paper_arm
+        if not self.baseline_dir or (first and self.train_first) or other_arm:
             return None
         key = job.key
         if job.teacher:  # reproduce's key of the same link
             chain = chain_name("chain", self.link_fraction, 500.0, self.members[0])
             key = f"{chain}_{job.member}_s{job.seed}"
         src = Path(self.baseline_dir) / "runs" / key / "result.json"
-        weights = src.parent / "final.pt"
-        if not src.is_file() or (job.teacher and not weights.is_file()):
+        weights, teaches = src.parent / "final.pt", bool(job.teacher) or first
+        if not src.is_file() or (teaches and not weights.is_file()):
             return None
         assert self.split_seeds["test"] == self.protocol.eval_seed  # reproduce's metrics are our test split
         record = check_reusable(json.loads(src.read_text()), self.protocol, src)
@@ -109,7 +111,7 @@ class IssueTwelveBench(Bench):
         metrics = {"test": record["metrics"]}
         if weights.is_file():
             metrics["val"] = self.evaluate(weights, job.member, "val")
-        if job.teacher:
+        if teaches:
             shutil.copyfile(weights, folder / "final.pt")
         keep = ("train_macs", "wall_s", "total_s", "steps")
         kept = {k: record[k] for k in keep}
