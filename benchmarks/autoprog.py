@@ -65,11 +65,14 @@ def run(bench: AutoProgBench, out: Path, workers: int, log=print) -> dict[str, A
     log(f"{len(todo)} runs; rendering the training scenes first")
     warm(bench)
     runs = run_jobs(bench, todo, str(out), workers, log=log, runner=run_job)
+    # A baseline adopted from a restored record (reproduce.py --restore keeps no weights of runs that
+    # teach nothing) has only reproduce's split, the test split: then no validation table at all.
+    scored = all("val" in r["metrics"] for r in runs.values())
     return {
         "bench": bench.to_dict(),
         "arms": ARMS,
         "tables": tables(bench, runs, "test"),
-        "val_tables": tables(bench, runs, "val"),
+        "val_tables": tables(bench, runs, "val") if scored else None,
         "runs": runs,
         "wall_minutes": (time.perf_counter() - start) / 60,
     }

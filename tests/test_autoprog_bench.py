@@ -28,15 +28,20 @@ def test_it_adopts_reproduces_runs_and_trains_only_autoprog(tmp_path):
         reference_steps=steps, link_fractions=(1.0,),
     )  # fmt: skip
     reproduce.run(proto, tmp_path / "bench", workers=1, log=lambda *a: None)
+    # a restored checkout (reproduce.py --restore) holds the records of runs that teach nothing, no weights
+    (tmp_path / "bench" / "runs" / f"base_bench-S_{steps}_s0" / "final.pt").unlink()
     bench = dataclasses.replace(
         autoprog_bench(), members=members, baseline_steps=steps, seeds=(0,), link_fraction=1.0,
         protocol=proto, baseline_dir=str(tmp_path / "bench"),
     )  # fmt: skip
     res = autoprog.run(bench, tmp_path / "ap", workers=1, log=lambda *a: None)
     runs = res["runs"]
-    for key in (f"base_bench-XS_{steps}_s0", f"base_bench-S_{steps}_s0", "chain_f1_bench-S_s0"):
-        assert "adopted_from" in runs[key], key  # reproduce's, scored on both splits
+    for key in (f"base_bench-XS_{steps}_s0", "chain_f1_bench-S_s0"):
+        assert "adopted_from" in runs[key], key  # reproduce's, scored on both splits from its weights
         assert set(runs[key]["metrics"]) == {"val", "test"}
+    record_only = runs[f"base_bench-S_{steps}_s0"]
+    assert "adopted_from" in record_only and set(record_only["metrics"]) == {"test"}
+    assert res["val_tables"] is None  # not every run has a validation score: no half table
     # the first member is adopted with its weights (it teaches)
     assert (tmp_path / "ap" / "runs" / f"base_bench-XS_{steps}_s0" / "final.pt").is_file()
     ap = runs[f"ap_bench-S_{steps}_s0"]
