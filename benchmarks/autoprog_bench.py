@@ -12,7 +12,9 @@ finished runs, adopted with their weights, not retrained; the AutoProg runs are 
 
 The bench family is one layer deep, so AutoProg-One's growth space on it is the input resolution
 only: linspace(0.5, 1, K) of the full 32 px on the patch-8 grid (16 / 24 / 32 px), every stage's depth
-rounding to the one layer. What this measures is therefore the resolution half of AutoProg.
+rounding to the one layer. What this measures is therefore the resolution half of AutoProg; and since
+compt grows the model (MoGrow, the AdamW hand-over) only at a depth change, the manual-ramp arms with
+MoGrow off or AdamW reset are the same run as the manual ramp here (results in docs/autoprog.md).
 """
 
 from __future__ import annotations
