@@ -1,0 +1,66 @@
+"""The 16000-step reference for bench-XS, S and M on 3 seeds (docs/reproduce.md, issue 12, criteria 1-2).
+
+``reproduce.py`` trains every seed at ``reference_steps`` and seed 0 alone at the other sweep lengths;
+this trains the two seeds it lacks at 16000 steps (seed 0's runs are stage B's) into the same
+``runs/`` folder under the same protocol, then tabulates 8000 vs 16000 for every member and seed.
+bench-L is not retrained: its 16000-step doubling moved it by 0.005 nats. From the repository root::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench/reference16k.py run bench-M,bench-S,bench-XS 1
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench/reference16k.py run bench-M,bench-S,bench-XS 2
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench/reference16k.py table   # -> reference16k.json
+
+(the two ``run`` lines ran side by side, one process each, on the 2 cores.)
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from reproduce_lib import Job, Protocol, baseline_key, run_jobs  # noqa: E402
+
+OUT = Path("benchmarks/results/bench")
+MEMBERS, SEEDS, STEPS = ("bench-XS", "bench-S", "bench-M", "bench-L"), (0, 1, 2), (8000, 16000)
+
+
+def run(members: list[str], seed: int) -> None:
+    jobs = [Job(baseline_key(m, 16000, seed), m, 16000, seed) for m in members]
+    run_jobs(Protocol(), jobs, str(OUT), workers=1)
+
+
+def table() -> dict:
+    """Per member and schedule: each seed's test-split val_loss, mean and std; the doubling and the
+    adjacent gaps in seed std at each member's longest schedule with 3 seeds."""
+    rows: dict = {}
+    for m in MEMBERS:
+        for steps in STEPS:
+            found = {s: OUT / "runs" / baseline_key(m, steps, s) / "result.json" for s in SEEDS}
+            vals = {
+                s: json.loads(p.read_text())["metrics"]["val_loss"] for s, p in found.items() if p.is_file()
+            }
+            v = list(vals.values())
+            rows[f"{m}@{steps}"] = {"seeds": vals, "mean": statistics.fmean(v),
+                                    "std": statistics.stdev(v) if len(v) > 1 else None}  # fmt: skip
+    ref = {m: max(s for s in STEPS if len(rows[f"{m}@{s}"]["seeds"]) == 3) for m in MEMBERS}
+    gaps = {}
+    for small, large in zip(MEMBERS, MEMBERS[1:], strict=False):
+        a, b = rows[f"{small}@{ref[small]}"], rows[f"{large}@{ref[large]}"]
+        gaps[f"{small}->{large}"] = {
+            "gap": a["mean"] - b["mean"],
+            "in_std": (a["mean"] - b["mean"]) / max(a["std"], b["std"]),
+        }
+    return {"rows": rows, "reference": ref, "adjacent_gaps": gaps}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        run(sys.argv[2].split(","), int(sys.argv[3]))
+    else:
+        result = table()
+        (OUT / "reference16k.json").write_text(json.dumps(result, indent=1))
+        for key, r in result["rows"].items():
+            seeds = " / ".join(f"{r['seeds'][s]:.3f}" if s in r["seeds"] else "-" for s in SEEDS)
+            print(f"{key}: {seeds}  mean {r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["std"] else ""))
+        for key, g in result["adjacent_gaps"].items():
+            print(f"{key}: {g['gap']:.3f} nats = {g['in_std']:.1f} seed std")
