@@ -13,12 +13,11 @@ bench-L is not retrained: its 16000-step doubling moved it by 0.005 nats. From t
 """
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from reproduce_lib import Job, Protocol, baseline_key, run_jobs  # noqa: E402
+from reproduce_lib import Job, Protocol, baseline_key, mean_std, run_jobs  # noqa: E402
 
 OUT = Path("benchmarks/results/bench")
 MEMBERS, SEEDS, STEPS = ("bench-XS", "bench-S", "bench-M", "bench-L"), (0, 1, 2), (8000, 16000)
@@ -39,9 +38,8 @@ def table() -> dict:
             vals = {
                 s: json.loads(p.read_text())["metrics"]["val_loss"] for s, p in found.items() if p.is_file()
             }
-            v = list(vals.values())
-            rows[f"{m}@{steps}"] = {"seeds": vals, "mean": statistics.fmean(v),
-                                    "std": statistics.stdev(v) if len(v) > 1 else None}  # fmt: skip
+            mean, std = mean_std(list(vals.values()))  # std 0 for one seed
+            rows[f"{m}@{steps}"] = {"seeds": vals, "mean": mean, "std": std}
     ref = {m: max(s for s in STEPS if len(rows[f"{m}@{s}"]["seeds"]) == 3) for m in MEMBERS}
     gaps = {}
     for small, large in zip(MEMBERS, MEMBERS[1:], strict=False):
@@ -61,6 +59,7 @@ if __name__ == "__main__":
         (OUT / "reference16k.json").write_text(json.dumps(result, indent=1))
         for key, r in result["rows"].items():
             seeds = " / ".join(f"{r['seeds'][s]:.3f}" if s in r["seeds"] else "-" for s in SEEDS)
-            print(f"{key}: {seeds}  mean {r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["std"] else ""))
+            spread = f" ± {r['std']:.3f}" if len(r["seeds"]) > 1 else ""
+            print(f"{key}: {seeds}  mean {r['mean']:.3f}{spread}")
         for key, g in result["adjacent_gaps"].items():
             print(f"{key}: {g['gap']:.3f} nats = {g['in_std']:.1f} seed std")
