@@ -97,16 +97,22 @@ class IssueTwelveBench(Bench):
         other_arm = job.teacher and job.arm != self.paper_arm
         if not self.baseline_dir or (first and self.train_first) or other_arm:
             return None
-        key = job.key
-        if job.teacher:  # reproduce's key of the same link
-            chain = chain_name("chain", self.link_fraction, ReproduceJob.alpha, self.members[0])
+        chain = chain_name("chain", self.link_fraction, ReproduceJob.alpha, self.members[0])
+        key, teacher = job.key, ""
+        if job.teacher:  # reproduce's keys of the same link and of its teacher
             key = f"{chain}_{job.member}_s{job.seed}"
+            previous = self.members[self.members.index(job.member) - 1]
+            teacher = job.teacher if previous == self.members[0] else f"{chain}_{previous}_s{job.seed}"
         src = Path(self.baseline_dir) / "runs" / key / "result.json"
         weights, teaches = src.parent / "final.pt", bool(job.teacher) or first
         if not src.is_file() or (teaches and not weights.is_file()):
             return None
         assert self.split_seeds["test"] == self.protocol.eval_seed  # reproduce's metrics are our test split
         record = check_reusable(json.loads(src.read_text()), self.protocol, src)
+        # reproduce's links are at a fraction of its own reference: a bench of other baseline steps
+        # has other links (other steps, grown from another first member), which it trains itself
+        if (record["job"]["steps"], record["job"]["teacher"]) != (job.steps, teacher):
+            return None
         metrics = {"test": record["metrics"]}
         if weights.is_file():
             metrics["val"] = self.evaluate(weights, job.member, "val")

@@ -185,7 +185,18 @@ def run_job(bench: Bench, job: Job, out: str) -> dict[str, Any]:
     folder = Path(out) / "runs" / job.key
     done = folder / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        # run keys name the arm, link fraction, member and seed, not the steps: a finished run of
+        # another baseline schedule in the same --out must not stand in for this one
+        finished = {k: record["job"][k] for k in ("steps", "teacher", "deps", "options")}
+        wanted = json.loads(json.dumps({k: getattr(job, k) for k in finished}, default=str))
+        if finished != wanted:
+            differ = ", ".join(k for k in finished if finished[k] != wanted[k])
+            raise RuntimeError(
+                f"{done}: a finished run of another job ({differ} differ): use another --out "
+                "for another baseline schedule or arm definition, or delete the folder to retrain it"
+            )
+        return record
     folder.mkdir(parents=True, exist_ok=True)
     adopted = bench.adopt(job, folder)
     if adopted is not None:

@@ -106,3 +106,27 @@ def test_it_adopts_the_runs_reproduce_finished_and_trains_the_first_member(bench
     other = dataclasses.replace(adopting, protocol=replace_proto(small.protocol, lr=1e-3))
     with pytest.raises(RuntimeError, match=r"another protocol \(lr differ"):
         recipe.run(other, tmp_path / "recipe2", workers=1, log=lambda *a: None)
+
+
+def test_a_link_of_another_schedule_is_neither_adopted_nor_reused(bench, tmp_path):
+    """A bench whose baselines are longer than reproduce's reference (e.g. 16000 steps against its 8000)
+    must train its own links: reproduce's chain grew from another first member for other steps. And a
+    finished link of one schedule in ``--out`` is an error for another, never a silent reuse (the run
+    keys name the link fraction, not the steps)."""
+    import reproduce
+
+    _, small = bench
+    proto = replace_proto(
+        small.protocol, members=small.members, three=(), seeds=(0,), baseline_steps=(4, 8),
+        reference_steps=4, link_fractions=(0.5,),
+    )  # fmt: skip
+    reproduce.run(proto, tmp_path / "bench", workers=1, log=lambda *a: None)
+    longer = dataclasses.replace(small, baseline_steps=8, baseline_dir=str(tmp_path / "bench"))
+    runs = recipe.run(longer, tmp_path / "recipe", workers=1, log=lambda *a: None)["runs"]
+    assert runs["base_bench-S_8_s0"]["adopted_from"].endswith("base_bench-S_8_s0/result.json")
+    link = runs["paper_f0.5_bench-S_s0"]
+    assert "adopted_from" not in link and link["steps"] == 4  # trained here, from the 8-step first member
+    assert link["job"]["teacher"] == "base_bench-XS_8_s0"
+    shorter = dataclasses.replace(longer, baseline_steps=4)
+    with pytest.raises(RuntimeError, match=r"paper_f0.5_bench-S_s0.*another job \(steps, teacher, deps"):
+        recipe.run(shorter, tmp_path / "recipe", workers=1, log=lambda *a: None)
