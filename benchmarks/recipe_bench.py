@@ -87,8 +87,9 @@ class IssueTwelveBench(Bench):
     def adopt(self, job: Job, folder: Path) -> dict[str, Any] | None:
         """A run ``benchmarks/reproduce.py`` finished under this protocol (checked like a reuse there):
         a baseline, or a link of the paper's recipe (``paper_arm``), which is reproduce's chain (same
-        seed, teacher, steps and options; CPU training is deterministic, so the two are the same run:
-        on seed 0 the first member and both links agreed to the last bit). Scored on the test split by
+        seed, teacher, steps and options; CPU training on one machine is deterministic, so the two
+        are the same run: on seed 0 the first member and both links agreed to the last bit; on
+        another CPU they differ, docs/reproduce.md). Scored on the test split by
         reproduce (its evaluation seed is our test split) and on validation from its weights. A run that
         teaches (a link, the first member) is adopted only with its weights, copied here; another
         baseline from its record alone. The first member is trained here unless ``train_first`` is off:
