@@ -6,7 +6,13 @@ From the repository root (FAMILY: a family YAML, default the benchmark's)::
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench/probes/probe.py 4000 \
         '[["bench-XS", 2e-3], ["bench-XS", 5e-3], ["bench-XS", 1e-2]]' /tmp/probe-lr
 
-Results (3 Dec 2026): ``probes.json``. Families probed besides the benchmark's: ``family_xs_one_head.yaml``
+The ``lr-h2/`` entries (a higher lr for the two-head bench-XS and for bench-S, 3 Dec 2026)::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench/probes/probe.py 4000 \
+        '[["bench-XS", 1e-2], ["bench-XS", 2e-2], ["bench-S", 1e-2]]' benchmarks/results/bench/probes/runs/lr
+
+Results (3 Dec 2026): ``probes.json`` (its ``val_loss`` and ``cpu_s`` are what this script prints).
+Families probed besides the benchmark's: ``family_xs_one_head.yaml``
 (the family before: bench-XS with one head of width 8), ``family_s_heads4.yaml`` (bench-S with 4 heads of 4).
 """
 
