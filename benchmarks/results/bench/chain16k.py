@@ -6,10 +6,16 @@ of the same seed, with the paper's recipe (insert / duplicate, IFD alpha 500) an
 bench-S and M: the same steps as a link, started from scratch, so the table says how many baseline
 steps a link's inheritance is worth. The 16000-step baselines are reference16k.py's (its JSON); the
 bench-XS teachers are retrained here under the same keys (their weights are not committed), which
-also checks that CPU training reproduces reference16k.json to the last digit. From the repository root::
+also says how far CPU training here moves from reference16k.json. Two recipe arms at 1/4 (alpha 0 and
+SALT's early switch-off, ``OPTION_ARMS``) are trained by the recipe harness's runner. From the repository
+root::
 
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py run     # resumable, 2 workers
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py run 2 alpha0@4000 salt-step@4000
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py table   # -> chain16k.json
+
+``run 2 ARM@STEPS|KEY ...`` trains only those links or runs (and the teachers they need). The table
+merges runs/ (not committed) into the committed chain16k.json, so a fresh checkout adds to it.
 """
 
 import json
@@ -17,7 +23,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from reproduce_lib import Job, Protocol, baseline_key, mean_std, run_jobs  # noqa: E402
+from recipe_bench import IssueTwelveBench  # noqa: E402
+from recipe_lib import ARMS as RECIPE_ARMS  # noqa: E402
+from recipe_lib import Job as RecipeJob  # noqa: E402
+from recipe_lib import run_job as run_recipe_job  # noqa: E402
+from reproduce_lib import Job, Protocol, baseline_key, mean_std, run_job, run_jobs  # noqa: E402
 
 OUT = Path("benchmarks/results/bench")
 FIRST, LINKS, SEEDS = "bench-XS", ("bench-S", "bench-M"), (0, 1, 2)
@@ -27,10 +37,22 @@ ARMS = {("paper", 4000): False, ("gate", 4000): True, ("paper", 8000): False}
 # The 16000- and 8000-step baselines are reference16k.json's, trained on another machine; one of them
 # retrained here says how far this machine's runs move from it (with the bench-XS teachers).
 RERUN = Job(baseline_key("bench-S", 8000, 0), "bench-S", 8000, 0)
+# Recipe arms (benchmarks/recipe_lib.py) on the 1/4 links, trained by the recipe harness's runner (its
+# TrainConfig overrides; scored on both splits, the test split being reproduce's): the alpha and the
+# schedule group winners of the 8000-step screen (benchmarks/results/recipe-bench/screen-seed0.md),
+# since here the second link's teacher is worse than a bench-M trained alone for the link's steps.
+OPTION_ARMS = ("alpha0", "salt-step")
+ARM_STEPS = [*ARMS, *((arm, LINK) for arm in OPTION_ARMS)]
+BENCH = IssueTwelveBench(baseline_steps=REFERENCE)
+COSTS = ("train_macs", "wall_s")
+
+
+def link_prefix(arm: str, steps: int) -> str:
+    return f"chain16k-{arm}_f{steps / REFERENCE:g}_".replace(".", "p")
 
 
 def link_key(arm: str, steps: int, member: str, seed: int) -> str:
-    return f"chain16k-{arm}_f{steps / REFERENCE:g}_{member}_s{seed}".replace(".", "p")
+    return f"{link_prefix(arm, steps)}{member}_s{seed}"
 
 
 def jobs() -> list[Job]:
@@ -48,12 +70,35 @@ def jobs() -> list[Job]:
                 teacher = key
     short = [Job(baseline_key(m, LINK, s), m, LINK, s) for s in SEEDS for m in LINKS]
     quarter = [j for j in links if j.steps == LINK and not j.distill_gate]
-    return teachers + quarter + short + [RERUN] + [j for j in links if j not in quarter]
+    return teachers + quarter + short + [RERUN] + [j for j in links if j not in quarter] + option_jobs()
+
+
+def option_jobs() -> list[RecipeJob]:
+    """The 1/4 links of every recipe arm in ``OPTION_ARMS``, grown from the same teachers."""
+    jobs = []
+    for arm in OPTION_ARMS:
+        options = tuple(sorted(RECIPE_ARMS[arm][1].items()))
+        for s in SEEDS:
+            teacher = baseline_key(FIRST, REFERENCE, s)
+            for m in LINKS:
+                key = link_key(arm, LINK, m, s)
+                jobs.append(RecipeJob(key, m, LINK, s, teacher, arm, options, deps=(teacher,)))
+                teacher = key
+    return jobs
+
+
+def _run(proto: Protocol, job: Job | RecipeJob, out: str) -> dict:
+    return run_recipe_job(BENCH, job, out) if isinstance(job, RecipeJob) else run_job(proto, job, out)
 
 
 def _record(key: str) -> dict | None:
+    """A finished run's record, its ``metrics`` those of the test split (a recipe run has both)."""
     path = OUT / "runs" / key / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    record["metrics"] = record["metrics"].get("test", record["metrics"])
+    return record
 
 
 def table() -> dict:
@@ -61,19 +106,28 @@ def table() -> dict:
     std; 8000 and 16000 from reference16k.json) and each arm's links, with the gap to the 16000-step
     reference, the lossless verdict, the gap to the baseline of the same steps, and the chain's
     accumulated training-MAC acceleration (the engine's exact counts; a link's includes its teacher's
-    forward)."""
+    forward). A run whose record is not in runs/ (runs/ is not committed: trained in another checkout)
+    keeps the value this table had in the committed chain16k.json."""
     ref = json.loads((OUT / "reference16k.json").read_text())["rows"]
+    path = OUT / "chain16k.json"
+    kept = json.loads(path.read_text()) if path.is_file() else {}
 
-    def row(keys: dict[int, str]) -> dict:
-        found = {s: _record(k) for s, k in keys.items()}
-        values = {s: r["metrics"]["val_loss"] for s, r in found.items() if r}
+    def row(keys: dict[int, str], name: tuple[str, str]) -> dict:
+        values = kept.get("members", {}).get(name[0], {}).get(name[1], {}).get("seeds", {})
+        values = {int(s): v for s, v in values.items()}
+        for s, k in keys.items():
+            if r := _record(k):
+                values[s] = r["metrics"]["val_loss"]
+        values = dict(sorted(values.items()))
         if not values:  # not run (yet)
             return {}
         mean, std = mean_std(list(values.values()))
         return {"seeds": values, "mean": mean, "std": std}
 
-    out: dict = {"rerun_check": {}, "members": {}}
-    out |= {f"accumulated_acceleration_{cost}": {} for cost in ("train_macs", "wall_s")}
+    out: dict = {"rerun_check": dict(kept.get("rerun_check", {})), "members": {}}
+    for cost in COSTS:
+        name = f"accumulated_acceleration_{cost}"
+        out[name] = dict(kept.get(name, {}))
     reruns = [(FIRST, REFERENCE, s) for s in SEEDS] + [(RERUN.member, RERUN.steps, RERUN.seed)]
     for m, steps, s in reruns:  # runs retrained here against reference16k.json's
         r = _record(baseline_key(m, steps, s))
@@ -85,14 +139,14 @@ def table() -> dict:
             }
     for m in LINKS:
         base = {
-            LINK: row({s: baseline_key(m, LINK, s) for s in SEEDS}),
+            LINK: row({s: baseline_key(m, LINK, s) for s in SEEDS}, (m, f"baseline@{LINK}")),
             8000: ref[f"{m}@8000"],
             REFERENCE: ref[f"{m}@{REFERENCE}"],
         }
         entry = {f"baseline@{steps}": b for steps, b in base.items()}
         tolerance = max(Protocol().loss_tolerance, 2 * base[REFERENCE]["std"])
-        for arm, steps in ARMS:
-            link = row({s: link_key(arm, steps, m, s) for s in SEEDS})
+        for arm, steps in ARM_STEPS:
+            link = row({s: link_key(arm, steps, m, s) for s in SEEDS}, (m, f"{arm}@{steps}"))
             if link:
                 link["gap_to_reference"] = link["mean"] - base[REFERENCE]["mean"]
                 link["tolerance"] = tolerance
@@ -105,22 +159,51 @@ def table() -> dict:
     # reference, then each link as measured, seed 0. MACs are exact and seed-free; wall seconds are
     # this machine's with 2 jobs on its 2 cores (the 16000-step S / M baselines were trained on
     # another machine, so their wall time is 4x that of the 4000-step runs here)
-    first = _record(baseline_key(FIRST, REFERENCE, 0))
-    per_step = {m: _record(baseline_key(m, LINK, 0)) for m in LINKS}
-    if first and all(per_step.values()):
-        for cost in ("train_macs", "wall_s"):
-            individual = first[cost] + sum(REFERENCE * r[cost] / r["steps"] for r in per_step.values())
-            for arm, steps in ARMS:
-                links = [_record(link_key(arm, steps, m, 0)) for m in LINKS]
+    # the seed-0 costs behind it, kept in the table so that a later checkout can add an arm to it
+    out["seed0_cost"] = costs = dict(kept.get("seed0_cost", {}))
+    for key in [baseline_key(FIRST, REFERENCE, 0), *(baseline_key(m, LINK, 0) for m in LINKS)] + [
+        link_key(arm, steps, m, 0) for arm, steps in ARM_STEPS for m in LINKS
+    ]:
+        if r := _record(key):
+            costs[key] = {c: r[c] for c in (*COSTS, "steps")}
+    first = costs.get(baseline_key(FIRST, REFERENCE, 0))
+    per_step = [costs.get(baseline_key(m, LINK, 0)) for m in LINKS]
+    if first and all(per_step):
+        for cost in COSTS:
+            individual = first[cost] + sum(REFERENCE * r[cost] / r["steps"] for r in per_step)
+            for arm, steps in ARM_STEPS:
+                links = [costs.get(link_key(arm, steps, m, 0)) for m in LINKS]
                 if all(links):
                     chain = first[cost] + sum(r[cost] for r in links)
                     out[f"accumulated_acceleration_{cost}"][f"{arm}@{steps}"] = individual / chain
     return out
 
 
+def selected(arms: list[str]) -> list[Job | RecipeJob]:
+    """The jobs ``arms`` names (an arm's links as ``arm@steps``, e.g. ``alpha0@4000``, or one job by its
+    key) and what they need, in :func:`jobs`' order; every job when ``arms`` is empty."""
+    every = jobs()
+    if not arms:
+        return every
+    by_key, keep = {j.key: j for j in every}, set()
+    prefixes = tuple(link_prefix(*_arm(a)) if "@" in a else a for a in arms)
+    wanted = [j for j in every if j.key.startswith(prefixes)]
+    while wanted:
+        job = wanted.pop()
+        keep.add(job.key)
+        wanted += [by_key[d] for d in job.deps if d in by_key and d not in keep]
+    return [j for j in every if j.key in keep]
+
+
+def _arm(text: str) -> tuple[str, int]:
+    arm, steps = text.split("@")
+    return arm, int(steps)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run_jobs(Protocol(), jobs(), str(OUT), workers=int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+        workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+        run_jobs(Protocol(), selected(sys.argv[3:]), str(OUT), workers=workers, runner=_run)
     else:
         result = table()
         (OUT / "chain16k.json").write_text(json.dumps(result, indent=1))
