@@ -57,8 +57,8 @@ def link_key(arm: str, steps: int, member: str, seed: int) -> str:
 
 def jobs() -> list[Job]:
     """In the order the pool starts ready jobs (the order of priority on 2 cores): the teachers,
-    the paper's links at 1/4, the equal-step baselines, the rerun, the gated links at 1/4, the
-    paper's links at 1/2."""
+    the paper's links at 1/4, the equal-step baselines, the rerun, the other arms' links at 1/4
+    (gated, then ``OPTION_ARMS``), the paper's links at 1/2."""
     teachers = [Job(baseline_key(FIRST, REFERENCE, s), FIRST, REFERENCE, s) for s in SEEDS]
     links = []
     for (arm, steps), gate in ARMS.items():
@@ -70,7 +70,9 @@ def jobs() -> list[Job]:
                 teacher = key
     short = [Job(baseline_key(m, LINK, s), m, LINK, s) for s in SEEDS for m in LINKS]
     quarter = [j for j in links if j.steps == LINK and not j.distill_gate]
-    return teachers + quarter + short + [RERUN] + [j for j in links if j not in quarter] + option_jobs()
+    gated = [j for j in links if j.steps == LINK and j.distill_gate]
+    half = [j for j in links if j.steps != LINK]
+    return teachers + quarter + short + [RERUN] + gated + option_jobs() + half
 
 
 def option_jobs() -> list[RecipeJob]:
