@@ -13,9 +13,13 @@ root::
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py run     # resumable, 2 workers
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py run 2 alpha0@4000 salt-step@4000
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py table   # -> chain16k.json
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench/chain16k.py table xeon  # -> chain16k-xeon.json
 
 ``run 2 ARM@STEPS|KEY ...`` trains only those links or runs (and the teachers they need). The table
-merges runs/ (not committed) into the committed chain16k.json, so a fresh checkout adds to it.
+merges runs/ (not committed) into the committed table it writes, so a fresh checkout adds to it. CPU
+runs are bitwise equal on one machine type only, and the teachers are retrained in every checkout, so
+a sitting on another machine type writes its own table (``table NAME`` -> ``chain16k-NAME.json``):
+the seeds of one arm never mix teachers trained on two machines.
 """
 
 import json
@@ -103,15 +107,14 @@ def _record(key: str) -> dict | None:
     return record
 
 
-def table() -> dict:
+def table(path: Path) -> dict:
     """Per member: the baselines at 4000, 8000 and 16000 steps (test-split val_loss per seed, mean,
     std; 8000 and 16000 from reference16k.json) and each arm's links, with the gap to the 16000-step
     reference, the lossless verdict, the gap to the baseline of the same steps, and the chain's
     accumulated training-MAC acceleration (the engine's exact counts; a link's includes its teacher's
     forward). A run whose record is not in runs/ (runs/ is not committed: trained in another checkout)
-    keeps the value this table had in the committed chain16k.json."""
+    keeps the value it had in the committed table at ``path``."""
     ref = json.loads((OUT / "reference16k.json").read_text())["rows"]
-    path = OUT / "chain16k.json"
     kept = json.loads(path.read_text()) if path.is_file() else {}
 
     def row(keys: dict[int, str], name: tuple[str, str]) -> dict:
@@ -207,6 +210,7 @@ if __name__ == "__main__":
         workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
         run_jobs(Protocol(), selected(sys.argv[3:]), str(OUT), workers=workers, runner=_run)
     else:
-        result = table()
-        (OUT / "chain16k.json").write_text(json.dumps(result, indent=1))
+        path = OUT / (f"chain16k-{sys.argv[2]}.json" if len(sys.argv) > 2 else "chain16k.json")
+        result = table(path)
+        path.write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
