@@ -307,6 +307,15 @@ def test_scheduled_off_distillation_skips_the_teacher(tmp_path, teacher_ckpt):
     assert result.train_macs == 4 * (16 * s.train_macs + s.update_macs) + 2 * 16 * t.forward_macs
 
 
+def test_alpha_zero_link_skips_the_teacher(tmp_path, teacher_ckpt):
+    """alpha 0 (IWI only, Table 4b): L_IFD is 0 on every step, so the teacher is neither run nor counted."""
+    cfg = config(tmp_path, member="debug-L", teacher=str(teacher_ckpt), steps=4, alpha=0.0)
+    result = train_member(cfg)
+    assert all(r["loss_ifd"] == 0 for r in read_metrics(tmp_path / "metrics.jsonl", "train"))
+    s = member_cost("debug-L", 4)
+    assert result.train_macs == 4 * (16 * s.train_macs + s.update_macs)
+
+
 def test_msg_link_starts_as_its_teacher_and_ends_plain(tmp_path, teacher_ckpt):
     cfg = config(
         tmp_path / "msg", member="debug-L", teacher=str(teacher_ckpt), width="msg", save_every_steps=1

@@ -304,8 +304,11 @@ class Distiller:
     def factor(self, step: int) -> float:
         """The schedule's factor on alpha for the update after ``step`` steps (a host float: no sync).
 
-        0 means L_IFD is off this step, and the trainer skips the teacher's forward pass.
+        0 means L_IFD is off this step, and the trainer skips the teacher's forward pass: always so
+        at a fixed alpha of 0 (IWI only, Table 4b), where L_IFD weighs nothing on any step.
         """
+        if self.alpha == 0:
+            return 0.0
         return float(self._schedule(step / self.total_steps, self.fraction))
 
     @torch.no_grad()
