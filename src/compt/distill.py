@@ -35,7 +35,7 @@ A chain link trains the student on ``L = L_task + L_IFD`` (Eq. 4) with, for CLIP
   run's progress: ``constant`` (the paper), ``linear`` decay to 0 at a fraction of the run (Knowledge
   Inheritance, Qin et al. 2022), ``step``: switched off after a fraction (SALT, arXiv 2410.18779).
   The factor is a function of the step, so a resumed run gets the same alpha; a step whose factor
-  is 0 needs no teacher forward at all (:meth:`Distiller.factor`).
+  is 0 (every step at a fixed alpha of 0) needs no teacher forward at all (:meth:`Distiller.factor`).
 - What is distilled is a *target* of the paradigm (:attr:`compt.paradigms.Paradigm.distill_targets`):
   ``"feature"`` is Eq. 1 as above; the LM paradigm also offers ``"logit"``, a KL on the shared
   vocabulary (no T). The paradigm gives each pair's unweighted distance
