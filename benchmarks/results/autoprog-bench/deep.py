@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
+from autoprog_lib import MANUAL  # noqa: E402
 from recipe_bench import IssueTwelveBench  # noqa: E402
 from recipe_lib import Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import Protocol, run_jobs  # noqa: E402
 
 OUT, MEMBER, STEPS, SEED = Path("benchmarks/results/autoprog-bench/deep"), "bench-S4", 8000, 0
-DEPTH = {"schedule": "manual", "resolution": [3, 3, 3, 3]}  # the linear depth ramp, full resolution
+DEPTH = MANUAL | {"resolution": [3, 3, 3, 3]}  # the linear depth ramp, full resolution
 ARMS = {
     "ap-depth": DEPTH,
     "ap-depth-plain": DEPTH | {"mogrow": False},
@@ -63,11 +64,10 @@ def table() -> dict:
     """Per arm: test-split val_loss (and the validation split's), zero-shot top-1 per task, the gap
     to the baseline (nats, positive = worse), the exact training-MAC and the wall-time ratio to the
     baseline (wall: 2 jobs on 2 cores)."""
-    runs = {j.key: json.loads((OUT / "runs" / j.key / "result.json").read_text()) for j in jobs()}
-    base = runs[BASE]
+    runs = [(j, json.loads((OUT / "runs" / j.key / "result.json").read_text())) for j in jobs()]
+    base = runs[0][1]
     out = {}
-    for job in jobs():
-        r = runs[job.key]
+    for job, r in runs:
         test = r["metrics"]["test"]
         loss = test["val_loss"]
         out[job.arm or "base"] = {
