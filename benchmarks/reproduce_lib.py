@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import signal
 import statistics
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -380,6 +383,9 @@ def run_jobs(
     pending = list(jobs)
     running: dict[Any, Job] = {}
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    previous = None
+    if pool is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _stop_pool)
     try:
         while pending or running:
             ready = [j for j in pending if all(d in results or d not in by_key for d in j.deps)]
@@ -401,10 +407,29 @@ def run_jobs(
                 job = running.pop(fut)
                 results[job.key] = fut.result()
                 log(f"  done {job.key} ({results[job.key]['wall_s']:.0f} s)")
+    except _PoolStopped as stop:
+        # A scheduler's SIGTERM reaches this process only: pass it on, so that each running job saves
+        # its step checkpoint and stops (the engine's SIGTERM handling) instead of training on as an
+        # orphan once this process is gone; the shutdown below waits for them. Then exit 143.
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise SystemExit(128 + stop.signum) from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return results
+
+
+class _PoolStopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _stop_pool(signum: int, frame: Any) -> None:
+    raise _PoolStopped(signum)
 
 
 # --- the protocol as jobs ---------------------------------------------------------------------------

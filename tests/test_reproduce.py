@@ -199,3 +199,57 @@ def test_a_restored_run_cannot_teach_and_says_what_to_do(results, tmp_path):
     restore_runs(committed, tmp_path / "out", proto)
     with pytest.raises(FileNotFoundError, match=r"has a result but no weights.*delete its folder"):
         reproduce.run(proto, tmp_path / "out", workers=1, log=lambda *a: None)
+
+
+_POOL_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {bench!r})
+from reproduce_lib import Job, Protocol, run_jobs
+
+OUT = Path({out!r})
+
+def slow(proto, job, out):
+    # what the engine does in a worker: SIGTERM is recorded, the run saves and stops (exit 143)
+    def saved(signum, frame):
+        (OUT / f"{{job.key}}.saved").write_text(str(os.getpid()))
+        raise SystemExit(143)
+    signal.signal(signal.SIGTERM, saved)
+    (OUT / f"{{job.key}}.tmp").write_text(str(os.getpid()))
+    os.replace(OUT / f"{{job.key}}.tmp", OUT / f"{{job.key}}.pid")  # whole, for the test to read
+    time.sleep(120)
+    return {{"wall_s": 0.0}}
+
+if __name__ == "__main__":
+    jobs = [Job(f"j{{i}}", "debug-S", 1, 0) for i in range(3)]
+    run_jobs(Protocol(), jobs, str(OUT), workers=2, runner=slow)
+"""
+
+
+def test_sigterm_to_a_pool_stops_its_workers_after_they_save(tmp_path):
+    """A scheduler's SIGTERM to the benchmark's parent reaches the jobs it runs, which save their step
+    checkpoint and stop, and no worker outlives the parent (before: two orphans kept running)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL_SCRIPT.format(bench=str(BENCH), out=str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent / "src"))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    if len(pids) < 2:
+        proc.kill()
+        pytest.fail(f"the two workers did not start: {proc.communicate()[1]}")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert sorted(int(p.read_text()) for p in tmp_path.glob("*.saved")) == sorted(pids)
+    assert not list(tmp_path.glob("j2.*")), "a job was started after the stop"
+    time.sleep(0.5)
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"workers {alive} outlived the stopped pool"
