@@ -253,3 +253,35 @@ def test_sigterm_to_a_pool_stops_its_workers_after_they_save(tmp_path):
     time.sleep(0.5)
     alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     assert not alive, f"workers {alive} outlived the stopped pool"
+
+
+def test_the_deep_family_grows_width_then_depth_then_width():
+    """benchmarks/bench_deep_family.yaml: its bench-XS and bench-S are the one-block family's (their
+    runs are reused), each neighbour costs 3-4x the training MACs (§3.1.2), and the chain's two new
+    links grow as the YAML says: bench-S -> S4 duplicates the one block (depth), S4 -> M4 inserts
+    the teacher into a wider model (width), every teacher tensor inherited."""
+    import torch
+
+    from compt.cost import member_cost
+    from compt.families import create, load_family_yaml
+    from compt.grow import grow
+
+    deep = load_family_yaml(BENCH / "bench_deep_family.yaml")
+    one_block = {m.name: m.model_cfg for m in get_family(Protocol().family).members}
+    assert [m.name for m in deep.members] == ["bench-XS", "bench-S", "bench-S4", "bench-M4"]
+    for m in deep.members[:2]:
+        assert m.model_cfg == one_block[m.name]
+    macs = [member_cost(m, num_captions=4).train_macs for m in deep.members]
+    assert all(3.0 < b / a < 4.0 for a, b in zip(macs, macs[1:], strict=False)), macs
+
+    torch.manual_seed(0)
+    s, s4, m4 = (create(m) for m in deep.members[1:])
+    report = grow(s, s4)
+    assert report.depth_maps and all(set(v) == {0} for v in report.depth_maps.values()), report.depth_maps
+    block = s.visual.transformer.resblocks[0].state_dict()
+    for grown in s4.visual.transformer.resblocks:
+        assert all(torch.equal(grown.state_dict()[k], v) for k, v in block.items())
+    report = grow(s4, m4)
+    assert report.summary()["fresh"] == 0 and report.summary()["params_inherited"] == sum(
+        p.numel() for p in s4.parameters()
+    )
