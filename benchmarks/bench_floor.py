@@ -1,0 +1,92 @@
+"""The floor of the benchmark's ``val_loss``: what a critic that knows the data generator scores.
+
+``val_loss`` (Eq. 2-3 on the embedded held-out set, docs/reproduce.md) cannot reach 0: a caption
+such as "a red object" is true of many images of a batch, so even a perfect model spreads its
+probability over them. Here every caption's likelihood under every image's scene is exact (the
+caption pool of :func:`compt.paradigms.clip.data.scene_captions.describe`: the primary caption and a
+uniform pick of 15 of the scene's other phrasings; each caption slot uniform over that pool), and the
+loss of the same fixed batches and slots is computed with the critic the InfoNCE optimum is built
+from (the density ratio, Oord et al. 2018): caption -> image rows score ``log p(c | i)``, image ->
+caption rows ``log p(c | i) - log p(c)`` with ``p(c)`` the batch's mean likelihood, both times a
+logit scale (the best of :data:`SCALES`, as a model learns its own). The oracle's loss is achievable
+by a critic that knows each image's scene, so the true floor is at most this value, and a member's
+distance to it is a lower bound on the room left. From the
+repository rootFrom the
+repository root::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_floor.py     # -> benchmarks/results/bench/floor.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from compt.paradigms.clip.data.evalsets import EVAL_STREAMS, embedded_val_set
+from compt.paradigms.clip.data.scene_captions import all_captions
+from compt.paradigms.clip.data.synthetic import Scene, SyntheticSpec, sample_scene, scene_rng
+
+
+def caption_likelihood(scenes: list[Scene], texts: list[str], num_sub_captions: int) -> torch.Tensor:
+    """``[len(scenes), len(texts)]``: the probability that one caption slot of scene i reads text k."""
+    p = torch.zeros(len(scenes), len(texts), dtype=torch.float64)
+    for i, scene in enumerate(scenes):
+        primary, subs = all_captions(scene)
+        kept = min(num_sub_captions, len(subs))  # the pool keeps the primary and `kept` of the subs
+        pool = 1 + kept
+        chance = {s: kept / len(subs) / pool for s in subs}
+        for k, text in enumerate(texts):
+            p[i, k] = (text == primary) / pool + chance.get(text, 0.0)
+    return p
+
+
+SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # logit scales of the oracle's critic (1.25 best on both splits)
+
+
+def oracle_loss(p: torch.Tensor, scale: float = 1.0) -> float:
+    """The symmetric contrastive loss of one slot of one batch (its i-th text is image i's) under the
+    generator's critic ``p[i, k] = p(text k | image i)``: the mean of both directions, as Eq. 2-3."""
+    labels = torch.arange(p.shape[0])
+    log_p = p.clamp_min(1e-300).log()
+    t2v = F.cross_entropy(scale * log_p.t(), labels)  # caption k against the images: posterior ∝ p(c|i)
+    v2t = F.cross_entropy(scale * (log_p - p.mean(0, keepdim=True).log()), labels)  # image i vs captions
+    return float((t2v + v2t) / 2)
+
+
+def val_floor(
+    seed: int, spec: SyntheticSpec, num_images: int = 2048, batch_size: int = 256
+) -> dict[str, float]:
+    """The oracle's loss at each of :data:`SCALES` on the embedded validation set of ``seed`` (the
+    batches and caption draws of :func:`compt.paradigms.clip.data.evalsets.embedded_val_set`),
+    averaged like ``val_loss``; ``best``: the lowest."""
+    vset = embedded_val_set(32, seed, num_images=num_images, batch_size=batch_size, spec=spec)
+    scenes = [sample_scene(scene_rng(seed, EVAL_STREAMS["val"], i), spec) for i in range(num_images)]
+    likelihoods = []
+    for start in range(0, num_images, batch_size):
+        batch = range(start, min(start + batch_size, num_images))
+        shown = [scenes[i] for i in batch]
+        for slot in range(len(vset.captions[0])):
+            texts = [vset.captions[i][slot] for i in batch]
+            likelihoods.append(caption_likelihood(shown, texts, spec.num_sub_captions))
+    losses = {f"{s:g}": sum(oracle_loss(p, s) for p in likelihoods) / len(likelihoods) for s in SCALES}
+    return losses | {"best": min(losses.values())}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reproduce_lib import Protocol
+
+    proto = Protocol()
+    floors = {
+        split: val_floor(seed, proto.spec, proto.val_images, proto.val_batch)
+        for split, seed in (("val", 0), ("test", proto.eval_seed))
+    }
+    out = {"metric": "val_loss (nats)", "chance": math.log(proto.val_batch), "oracle": floors}
+    path = Path(__file__).resolve().parent / "results" / "bench" / "floor.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
