@@ -8,7 +8,8 @@ bench-S are the one-block family's, whose runs are in ``reference16k.json``. Fro
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-deep/family.py run bench-M4@8000@0 ...
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-deep/family.py table   # -> family.json
 
-``run`` trains the given ``member@steps@seed`` baselines in that order on 2 workers (resumable).
+``run`` trains the given ``member@steps@seed`` baselines and ``ARM:member@steps@seed<TEACHER``
+links in that order on 2 workers (resumable).
 """
 
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
 from recipe_bench import IssueTwelveBench  # noqa: E402
-from recipe_lib import Job, baseline_key, run_job  # noqa: E402
+from recipe_lib import ARMS, Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import Protocol, mean_std, run_jobs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -41,36 +42,81 @@ BENCH = DeepFamilyBench()
 
 
 def parse(spec: str) -> Job:
-    member, steps, seed = spec.split("@")
+    """``member@steps@seed`` (a baseline) or ``ARM:member@steps@seed<TEACHER`` (a chain link of the
+    recipe harness's arm ``ARM``, grown from the finished run ``TEACHER`` in runs/)."""
+    arm, _, rest = spec.rpartition(":")
+    rest, _, teacher = rest.partition("<")
+    member, steps, seed = rest.split("@")
     if member not in MEMBERS:
         raise SystemExit(f"unknown member {member!r} in {spec!r}: one of {', '.join(MEMBERS)}")
-    return Job(baseline_key(member, int(steps), int(seed)), member, int(steps), int(seed))
+    if not arm:
+        return Job(baseline_key(member, int(steps), int(seed)), member, int(steps), int(seed))
+    if arm not in ARMS or not teacher:
+        raise SystemExit(f"{spec!r}: a link needs a known arm ({', '.join(ARMS)}) and a teacher after '<'")
+    options = tuple(sorted(ARMS[arm][1].items()))
+    key = f"link-{arm}_{member}_{steps}_s{seed}"
+    return Job(key, member, int(steps), int(seed), teacher, arm, options, deps=(teacher,))
 
 
 def _run(_: Protocol, job: Job, out: str) -> dict:
     return run_job(BENCH, job, out)
 
 
+REFERENCE = {"bench-XS": 16000, "bench-S": 16000, "bench-S4": 8000, "bench-M4": 8000}  # each baseline's
+
+
+def _test(record: dict) -> dict:
+    return record["metrics"].get("test", record["metrics"])  # a reproduce run has the test split only
+
+
 def table() -> dict:
-    """Per member and schedule: each seed's val_loss on both splits with mean and std (bench-XS and
-    bench-S: the one-block family's test split), and the doubling of each member's seed-0 schedules."""
+    """Per member and schedule (``arm:member@steps`` for a link): each seed's test-split val_loss
+    (and the validation split's where the run has it) with mean and std, bench-XS and bench-S from
+    the one-block family's reference16k.json. Per link: its lineage's accumulated training MACs
+    (the engine's counts) against the family trained individually at ``REFERENCE`` steps."""
     rows: dict = {}
     for key, r in json.loads(ONE_BLOCK.read_text())["rows"].items():
         if key.split("@")[0] in MEMBERS:
             rows[key] = {"test": r, "source": "bench/reference16k.json"}
-    for done in sorted((OUT / "runs").glob("*/result.json")):
-        r = json.loads(done.read_text())
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*/result.json"))}
+    step_macs = {
+        r["job"]["member"]: r["train_macs"] / r["job"]["steps"]
+        for r in runs.values()
+        if not r["job"]["teacher"]
+    }
+    chains = {}
+    for key, r in runs.items():
         job = r["job"]
-        empty = {"test": {"seeds": {}}, "val": {"seeds": {}}}
-        row = rows.setdefault(f"{job['member']}@{job['steps']}", empty)
-        for split in ("test", "val"):
-            row[split]["seeds"][str(job["seed"])] = r["metrics"][split]["val_loss"]
-        row.setdefault("wall_s", {})[str(job["seed"])] = r["wall_s"]
+        if job["member"] not in ("bench-S4", "bench-M4"):
+            continue  # a teacher copied from ../bench/runs
+        name = f"{job.get('arm') or 'baseline'}:{job['member']}@{job['steps']}".removeprefix("baseline:")
+        row = rows.setdefault(name, {"test": {"seeds": {}}})
+        row["test"]["seeds"][str(job["seed"])] = _test(r)["val_loss"]
+        if "val" in r["metrics"]:
+            row.setdefault("val", {"seeds": {}})["seeds"][str(job["seed"])] = r["metrics"]["val"]["val_loss"]
+        if job["teacher"]:
+            lineage, teacher = [(key, r)], job["teacher"]
+            while teacher:
+                lineage.append((teacher, runs[teacher]))
+                teacher = runs[teacher]["job"]["teacher"]
+            members = [t["job"]["member"] for _, t in lineage]
+            accum = sum(t["train_macs"] for _, t in lineage)
+            individual = sum(REFERENCE[m] * step_macs[m] for m in members)
+            chains[key] = {
+                "lineage": [k for k, _ in lineage],
+                "train_macs": accum,
+                "accumulated_x": individual / accum,
+            }
     for row in rows.values():
         for split in ("test", "val"):
             if split in row and "source" not in row:
                 row[split]["mean"], row[split]["std"] = mean_std(list(row[split]["seeds"].values()))
-    return {"family": BENCH.family, "metric": "val_loss (nats, lower is better)", "rows": rows}
+    head = {
+        "family": BENCH.family,
+        "metric": "val_loss (nats, lower is better)",
+        "reference_steps": REFERENCE,
+    }
+    return head | {"rows": rows, "chains": chains}
 
 
 if __name__ == "__main__":
