@@ -10,9 +10,7 @@ from (the density ratio, Oord et al. 2018): caption -> image rows score ``log p(
 caption rows ``log p(c | i) - log p(c)`` with ``p(c)`` the batch's mean likelihood, both times a
 logit scale (the best of :data:`SCALES`, as a model learns its own). The oracle's loss is achievable
 by a critic that knows each image's scene, so the true floor is at most this value, and a member's
-distance to it is a lower bound on the room left. From the
-repository rootFrom the
-repository root::
+distance to it is a lower bound on the room left. From the repository root::
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_floor.py     # -> benchmarks/results/bench/floor.json
 """
@@ -64,6 +62,7 @@ def val_floor(
     """The oracle's loss at each of :data:`SCALES` on the embedded validation set of ``seed`` (the
     batches and caption draws of :func:`compt.paradigms.clip.data.evalsets.embedded_val_set`),
     averaged like ``val_loss``; ``best``: the lowest."""
+    # the captions, not the pixels, are what the oracle reads: any image size draws the same ones
     vset = embedded_val_set(32, seed, num_images=num_images, batch_size=batch_size, spec=spec)
     scenes = [sample_scene(scene_rng(seed, EVAL_STREAMS["val"], i), spec) for i in range(num_images)]
     likelihoods = []

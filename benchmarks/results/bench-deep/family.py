@@ -22,10 +22,13 @@ from recipe_bench import IssueTwelveBench  # noqa: E402
 from recipe_lib import ARMS, Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import Protocol, mean_std, run_jobs  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE
-ONE_BLOCK = HERE.parent / "bench" / "reference16k.json"  # bench-XS / bench-S: the one-block family's runs
-MEMBERS = ("bench-XS", "bench-S", "bench-S4", "bench-M4")
+from compt.families import load_family_yaml  # noqa: E402
+
+OUT = Path(__file__).resolve().parent
+ONE_BLOCK = OUT.parent / "bench" / "reference16k.json"  # bench-XS / bench-S: the one-block family's runs
+FAMILY = "benchmarks/bench_deep_family.yaml"
+MEMBERS = tuple(m.name for m in load_family_yaml(FAMILY).members)
+TRAINED_HERE = MEMBERS[2:]  # bench-S4, bench-M4; the first two are the one-block family's
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class DeepFamilyBench(IssueTwelveBench):
     """The issue-12 protocol on the deep family; nothing adopted from reproduce's runs."""
 
     name: str = "bench-deep"
-    family: str = "benchmarks/bench_deep_family.yaml"
+    family: str = FAMILY
     members: tuple[str, ...] = MEMBERS
     baseline_dir: str = ""
 
@@ -46,7 +49,10 @@ def parse(spec: str) -> Job:
     recipe harness's arm ``ARM``, grown from the finished run ``TEACHER`` in runs/)."""
     arm, _, rest = spec.rpartition(":")
     rest, _, teacher = rest.partition("<")
-    member, steps, seed = rest.split("@")
+    parts = rest.split("@")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+        raise SystemExit(f"{spec!r}: expected member@steps@seed, e.g. bench-M4@8000@0")
+    member, steps, seed = parts
     if member not in MEMBERS:
         raise SystemExit(f"unknown member {member!r} in {spec!r}: one of {', '.join(MEMBERS)}")
     if not arm:
@@ -87,7 +93,7 @@ def table() -> dict:
     chains = {}
     for key, r in runs.items():
         job = r["job"]
-        if job["member"] not in ("bench-S4", "bench-M4"):
+        if job["member"] not in TRAINED_HERE:
             continue  # a teacher copied from ../bench/runs
         name = f"{job.get('arm') or 'baseline'}:{job['member']}@{job['steps']}".removeprefix("baseline:")
         row = rows.setdefault(name, {"test": {"seeds": {}}})
@@ -123,5 +129,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "run":
         run_jobs(Protocol(), [parse(s) for s in sys.argv[2:]], str(OUT), workers=2, runner=_run)
     else:
-        (HERE / "family.json").write_text(json.dumps(table(), indent=1) + "\n")
-        print(json.dumps(table(), indent=1))
+        text = json.dumps(table(), indent=1)
+        (OUT / "family.json").write_text(text + "\n")
+        print(text)
