@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from recipe_bench import IssueTwelveBench  # noqa: E402
 from recipe_lib import ARMS, Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import Protocol, mean_std, run_jobs  # noqa: E402
@@ -27,7 +28,7 @@ from compt.families import load_family_yaml  # noqa: E402
 OUT = Path(__file__).resolve().parent
 ONE_BLOCK = OUT.parent / "bench" / "reference16k.json"  # bench-XS / bench-S: the one-block family's runs
 FAMILY = "benchmarks/bench_deep_family.yaml"
-MEMBERS = tuple(m.name for m in load_family_yaml(FAMILY).members)
+MEMBERS = tuple(m.name for m in load_family_yaml(ROOT / FAMILY).members)
 TRAINED_HERE = MEMBERS[2:]  # bench-S4, bench-M4; the first two are the one-block family's
 
 
@@ -75,22 +76,26 @@ def _test(record: dict) -> dict:
     return record["metrics"].get("test", record["metrics"])  # a reproduce run has the test split only
 
 
-def table() -> dict:
+def table(out: Path = OUT) -> dict:
     """Per member and schedule (``arm:member@steps`` for a link): each seed's test-split val_loss
     (and the validation split's where the run has it) with mean and std, bench-XS and bench-S from
     the one-block family's reference16k.json. Per link: its lineage's accumulated training MACs
-    (the engine's counts) against the family trained individually at ``REFERENCE`` steps."""
-    rows: dict = {}
+    (the engine's counts) against the family trained individually at ``REFERENCE`` steps. runs/ is
+    not committed, so the runs found there are merged into ``out/family.json``'s rows and chains:
+    a table written in a fresh checkout keeps every committed number."""
+    committed = json.loads((out / "family.json").read_text()) if (out / "family.json").exists() else {}
+    rows: dict = {k: v for k, v in committed.get("rows", {}).items() if "source" not in v}
     for key, r in json.loads(ONE_BLOCK.read_text())["rows"].items():
         if key.split("@")[0] in MEMBERS:
             rows[key] = {"test": r, "source": "bench/reference16k.json"}
-    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*/result.json"))}
-    step_macs = {
-        r["job"]["member"]: r["train_macs"] / r["job"]["steps"]
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))}
+    # one step of each member's baseline (the engine's count): kept, since its runs are not committed
+    step_macs = committed.get("step_train_macs", {}) | {
+        r["job"]["member"]: r["train_macs"] // r["job"]["steps"]
         for r in runs.values()
         if not r["job"]["teacher"]
     }
-    chains = {}
+    chains = dict(committed.get("chains", {}))
     for key, r in runs.items():
         job = r["job"]
         if job["member"] not in TRAINED_HERE:
@@ -116,13 +121,15 @@ def table() -> dict:
     for row in rows.values():
         for split in ("test", "val"):
             if split in row and "source" not in row:
+                row[split]["seeds"] = dict(sorted(row[split]["seeds"].items()))
                 row[split]["mean"], row[split]["std"] = mean_std(list(row[split]["seeds"].values()))
     head = {
         "family": BENCH.family,
         "metric": "val_loss (nats, lower is better)",
         "reference_steps": REFERENCE,
+        "step_train_macs": dict(sorted(step_macs.items())),
     }
-    return head | {"rows": rows, "chains": chains}
+    return head | {"rows": rows, "chains": dict(sorted(chains.items()))}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""The deep family's table (benchmarks/results/bench-deep/family.py): runs/ is not committed, so a
+table written in a fresh checkout must keep the committed rows and chains and add the new runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("deep_family", ROOT / "benchmarks/results/bench-deep/family.py")
+family = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(family)
+
+
+def _record(
+    folder: Path, member: str, steps: int, seed: int, loss: float, teacher: str = "", arm: str = ""
+) -> None:
+    """The fields of a run's result.json that the table reads (recipe_lib.run_job writes them)."""
+    job = {"member": member, "steps": steps, "seed": seed, "teacher": teacher, "arm": arm}
+    record = {
+        "job": job,
+        "train_macs": 1000 * steps,
+        "metrics": {"test": {"val_loss": loss}, "val": {"val_loss": loss}},
+    }
+    (folder / "result.json").parent.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    shutil.copy(family.OUT / "family.json", tmp_path / "family.json")
+    return tmp_path
+
+
+def test_a_fresh_checkout_keeps_the_committed_rows_and_chains(out: Path):
+    committed = json.loads((out / "family.json").read_text())
+    assert family.table(out) == committed
+
+
+def test_a_new_seed_joins_its_committed_row_and_a_new_link_gets_its_chain(out: Path):
+    committed = json.loads((out / "family.json").read_text())
+    runs = out / "runs"
+    _record(runs / "base_bench-XS_16000_s1", "bench-XS", 16000, 1, 2.9)
+    _record(runs / "chain16k-paper_f0p25_bench-S_s1", "bench-S", 4000, 1, 2.7, "base_bench-XS_16000_s1")
+    _record(
+        runs / "link-paper_bench-S4_2000_s1",
+        "bench-S4",
+        2000,
+        1,
+        2.5,
+        "chain16k-paper_f0p25_bench-S_s1",
+        "paper",
+    )
+    result = family.table(out)
+    row = result["rows"]["paper:bench-S4@2000"]["test"]
+    assert row["seeds"] == committed["rows"]["paper:bench-S4@2000"]["test"]["seeds"] | {"1": 2.5}
+    assert row["mean"] == pytest.approx(sum(row["seeds"].values()) / len(row["seeds"]))
+    chain = result["chains"]["link-paper_bench-S4_2000_s1"]
+    assert chain["lineage"] == [
+        "link-paper_bench-S4_2000_s1",
+        "chain16k-paper_f0p25_bench-S_s1",
+        "base_bench-XS_16000_s1",
+    ]
+    assert chain["train_macs"] == 1000 * (2000 + 4000 + 16000)
+    # individually: each member at its reference schedule, at the committed per-step MACs
+    step = result["step_train_macs"]
+    expected = sum(family.REFERENCE[m] * step[m] for m in ("bench-S4", "bench-S", "bench-XS"))
+    assert chain["accumulated_x"] == pytest.approx(expected / chain["train_macs"])
+    assert (
+        result["chains"]["link-paper_bench-M4_2000_s0"] == committed["chains"]["link-paper_bench-M4_2000_s0"]
+    )
