@@ -73,3 +73,20 @@ def test_a_new_seed_joins_its_committed_row_and_a_new_link_gets_its_chain(out: P
     assert (
         result["chains"]["link-paper_bench-M4_2000_s0"] == committed["chains"]["link-paper_bench-M4_2000_s0"]
     )
+
+
+def test_the_figure_puts_a_chain_at_its_lineage_s_macs_and_a_baseline_at_its_own(out: Path):
+    result = family.table(out)
+    baseline = family.cost_points(result, "bench-M4", "baseline")
+    assert [m for m, *_ in baseline] == sorted(m for m, *_ in baseline)
+    row = result["rows"]["bench-M4@8000"]["test"]
+    assert baseline[-1] == (8000 * result["step_train_macs"]["bench-M4"], row["mean"], row["std"], 3)
+    (macs, mean, std, seeds), *_ = family.cost_points(result, "bench-M4", "paper")
+    keys = [f"link-paper_bench-M4_2000_s{s}" for s in range(3)]
+    assert macs == pytest.approx(sum(result["chains"][k]["train_macs"] for k in keys) / 3)
+    assert (mean, std, seeds) == (
+        result["rows"]["paper:bench-M4@2000"]["test"]["mean"],
+        result["rows"]["paper:bench-M4@2000"]["test"]["std"],
+        3,
+    )
+    assert family.plot(result, out / "chain.png").stat().st_size > 10_000

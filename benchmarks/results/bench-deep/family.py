@@ -24,6 +24,7 @@ from recipe_lib import ARMS, Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import Protocol, mean_std, run_jobs  # noqa: E402
 
 from compt.families import load_family_yaml  # noqa: E402
+from compt.report.figures import Curve, CurvePanel, plot_curve_panels  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 ONE_BLOCK = OUT.parent / "bench" / "reference16k.json"  # bench-XS / bench-S: the one-block family's runs
@@ -132,10 +133,51 @@ def table(out: Path = OUT) -> dict:
     return head | {"rows": rows, "chains": dict(sorted(chains.items()))}
 
 
+ARM_COLORS = {"baseline": 7, "paper": 0, "alpha0": 1}
+
+
+def cost_points(result: dict, member: str, arm: str) -> list[tuple[float, float, float, int]]:
+    """``(training MACs, mean, std, seeds)`` of ``member``'s test val_loss at each schedule, sorted by
+    MACs: for the baseline its own MACs, for a chain arm its lineage's accumulated MACs (``chains``)."""
+    prefix = "" if arm == "baseline" else f"{arm}:"
+    out = []
+    for name, row in result["rows"].items():
+        if "source" in row or not name.startswith(f"{prefix}{member}@"):
+            continue
+        steps, seeds = int(name.split("@")[1]), row["test"]["seeds"]
+        if arm == "baseline":
+            macs = steps * result["step_train_macs"][member]
+        else:
+            keys = [f"link-{arm}_{member}_{steps}_s{s}" for s in seeds]
+            macs = sum(result["chains"][k]["train_macs"] for k in keys) / len(keys)
+        out.append((macs, row["test"]["mean"], row["test"]["std"], len(seeds)))
+    return sorted(out)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Fig. 1 of the paper, per grown member: test val_loss against the training MACs it took, the
+    baseline at each schedule and each chain arm at each link length. Error bars: the seed std of a
+    point with three seeds (the others have one)."""
+    panels = []
+    for member in TRAINED_HERE:
+        curves = []
+        for arm, color in ARM_COLORS.items():
+            pts = cost_points(result, member, arm)
+            label = "baseline (the member alone)" if arm == "baseline" else f"chain, {arm} (accumulated)"
+            dashed = arm == "baseline"
+            curves.append(Curve(label, [(m / 1e12, y) for m, y, _, _ in pts], color, dashed))
+            curves += [
+                Curve(label, [(m / 1e12, y)], color, dashed, spread=[sd]) for m, y, sd, n in pts if n > 1
+            ]
+        panels.append(CurvePanel(member, "test val_loss (nats, lower is better)", curves))
+    return plot_curve_panels(panels, path, xlabel="training MACs (x 1e12)", band_label="seed std (3 seeds)")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "run":
         run_jobs(Protocol(), [parse(s) for s in sys.argv[2:]], str(OUT), workers=2, runner=_run)
     else:
-        text = json.dumps(table(), indent=1)
-        (OUT / "family.json").write_text(text + "\n")
-        print(text)
+        result = table()
+        (OUT / "family.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        print(plot(result, OUT / "chain.png"))
