@@ -46,6 +46,10 @@ class DeepFamilyBench(IssueTwelveBench):
 BENCH = DeepFamilyBench()
 
 
+def link_key(arm: str, member: str, steps: int, seed: int) -> str:
+    return f"link-{arm}_{member}_{steps}_s{seed}"
+
+
 def parse(spec: str) -> Job:
     """``member@steps@seed`` (a baseline) or ``ARM:member@steps@seed<TEACHER`` (a chain link of the
     recipe harness's arm ``ARM``, grown from the finished run ``TEACHER`` in runs/)."""
@@ -62,7 +66,7 @@ def parse(spec: str) -> Job:
     if arm not in ARMS or not teacher:
         raise SystemExit(f"{spec!r}: a link needs a known arm ({', '.join(ARMS)}) and a teacher after '<'")
     options = tuple(sorted(ARMS[arm][1].items()))
-    key = f"link-{arm}_{member}_{steps}_s{seed}"
+    key = link_key(arm, member, int(steps), int(seed))
     return Job(key, member, int(steps), int(seed), teacher, arm, options, deps=(teacher,))
 
 
@@ -148,7 +152,7 @@ def cost_points(result: dict, member: str, arm: str) -> list[tuple[float, float,
         if arm == "baseline":
             macs = steps * result["step_train_macs"][member]
         else:
-            keys = [f"link-{arm}_{member}_{steps}_s{s}" for s in seeds]
+            keys = [link_key(arm, member, steps, int(s)) for s in seeds]
             macs = sum(result["chains"][k]["train_macs"] for k in keys) / len(keys)
         out.append((macs, row["test"]["mean"], row["test"]["std"], len(seeds)))
     return sorted(out)
@@ -178,6 +182,7 @@ if __name__ == "__main__":
         run_jobs(Protocol(), [parse(s) for s in sys.argv[2:]], str(OUT), workers=2, runner=_run)
     else:
         result = table()
-        (OUT / "family.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result, indent=1))
+        text = json.dumps(result, indent=1)
+        (OUT / "family.json").write_text(text + "\n")
+        print(text)
         print(plot(result, OUT / "chain.png"))
