@@ -82,15 +82,23 @@ def plot_curve_panels(
 
     The legend has one entry per curve label (its colour), then each ``(label, dashed)`` of
     ``styles`` whose line style some curve has (e.g. chain solid, baseline dashed), ``band_label``
-    when a spread is drawn (a band, or an error bar on a curve of one point) and "chance" when a
-    chance line is. Curves without points are left out.
+    when a spread is drawn (its glyph a band, an error bar on a curve of one point, or both, as
+    drawn) and "chance" when a chance line is. Curves without points are left out.
     """
+    fig = _curve_figure(panels, xlabel=xlabel, styles=styles, band_label=band_label)
+    fig.savefig(path)
+    return Path(path)
+
+
+def _curve_figure(
+    panels: Sequence[CurvePanel], *, xlabel: str, styles: Sequence[tuple[str, bool]], band_label: str
+):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     fig = _figure(6.0 * len(panels) if len(panels) > 1 else 7.0, 4.5)
     entries: dict[str, Line2D] = {}
-    dashed_drawn, banded, chance_drawn = set(), False, False
+    dashed_drawn, banded, barred, chance_drawn = set(), False, False, False
     for j, panel in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
         for c in panel.curves:
@@ -108,7 +116,7 @@ def plot_curve_panels(
                 banded = True
             elif c.spread and any(c.spread):  # a lone point (a final evaluation): an error bar
                 ax.errorbar(xs, ys, yerr=list(c.spread), fmt="none", ecolor=f"C{c.color}", capsize=3, lw=1)
-                banded = True
+                barred = True
             if c.annotation:
                 ax.annotate(
                     c.annotation, (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points"
@@ -131,8 +139,11 @@ def plot_curve_panels(
                 Line2D([], [], color="k", ls="--" if dashed else "-", marker="s" if dashed else "o", ms=3)
             )
             labels.append(label)
-    if banded and band_label:
-        handles.append(Patch(color="0.5", alpha=0.3))
+    glyphs = [Patch(color="0.5", alpha=0.3)] * banded + [
+        Line2D([], [], color="0.5", ls="none", marker="|", ms=9)
+    ] * barred
+    if glyphs and band_label:  # the glyph of what was drawn: a band, an error bar, or both (a tuple handle)
+        handles.append(glyphs[0] if len(glyphs) == 1 else tuple(glyphs))
         labels.append(band_label)
     if chance_drawn:
         handles.append(Line2D([], [], color="0.45", ls=":", lw=1.2))
@@ -140,8 +151,7 @@ def plot_curve_panels(
     if handles:
         fig.axes[-1].legend(handles, labels, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return fig
 
 
 def plot_bar_panels(panels: Sequence[BarPanel], path: str | Path) -> Path:
