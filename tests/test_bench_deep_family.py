@@ -66,6 +66,7 @@ def test_a_new_seed_joins_its_committed_row_and_a_new_link_gets_its_chain(out: P
         "base_bench-XS_16000_s1",
     ]
     assert chain["train_macs"] == 1000 * (2000 + 4000 + 16000)
+    assert chain["lineage_test_val_loss"] == [2.5, 2.7, 2.9]
     # individually: each member at its reference schedule, at the committed per-step MACs
     step = result["step_train_macs"]
     expected = sum(family.REFERENCE[m] * step[m] for m in ("bench-S4", "bench-S", "bench-XS"))

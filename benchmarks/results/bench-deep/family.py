@@ -122,6 +122,8 @@ def table(out: Path = OUT) -> dict:
                 "lineage": [k for k, _ in lineage],
                 "train_macs": accum,
                 "accumulated_x": individual / accum,
+                # each ancestor's score: its run is not committed, and the docs compare teachers
+                "lineage_test_val_loss": [_test(t)["val_loss"] for _, t in lineage],
             }
     for row in rows.values():
         for split in ("test", "val"):

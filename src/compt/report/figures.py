@@ -15,6 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn, not with compt
+    from matplotlib.figure import Figure
 
 __all__ = ["Curve", "CurvePanel", "BarPanel", "plot_curves", "plot_curve_panels", "plot_bar_panels"]
 
@@ -92,7 +96,7 @@ def plot_curve_panels(
 
 def _curve_figure(
     panels: Sequence[CurvePanel], *, xlabel: str, styles: Sequence[tuple[str, bool]], band_label: str
-):
+) -> Figure:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -139,10 +143,12 @@ def _curve_figure(
                 Line2D([], [], color="k", ls="--" if dashed else "-", marker="s" if dashed else "o", ms=3)
             )
             labels.append(label)
-    glyphs = [Patch(color="0.5", alpha=0.3)] * banded + [
-        Line2D([], [], color="0.5", ls="none", marker="|", ms=9)
-    ] * barred
-    if glyphs and band_label:  # the glyph of what was drawn: a band, an error bar, or both (a tuple handle)
+    glyphs = []  # the glyph of what was drawn: a band, an error bar, or both (a tuple handle)
+    if banded:
+        glyphs.append(Patch(color="0.5", alpha=0.3))
+    if barred:
+        glyphs.append(Line2D([], [], color="0.5", ls="none", marker="|", ms=9))
+    if glyphs and band_label:
         handles.append(glyphs[0] if len(glyphs) == 1 else tuple(glyphs))
         labels.append(band_label)
     if chance_drawn:
