@@ -6,25 +6,33 @@ towers (``benchmarks/bench_deep_family.yaml``), trained on the benchmark's proto
 test split of docs/reproduce.md) for 8000 steps: individually, and with the manual AutoProg-One depth
 ramp at full resolution (the resolution axis does not transfer on this data: docs/autoprog.md), with
 MoGrow and AdamW carried (compt's default), without MoGrow, and with AdamW reset at every growth
-(the official code); and the full member trained for the depth ramp's MACs (6070 steps). Seed 0.
+(the official code); and the full member trained for the depth ramp's MACs (6070 steps). Seeds 0-2.
 From the repository root::
 
-    PYTHONPATH=src .venv/bin/python benchmarks/results/autoprog-bench/deep.py run    # resumable, 2 workers
-    PYTHONPATH=src .venv/bin/python benchmarks/results/autoprog-bench/deep.py table  # -> deep.json
+    PYTHONPATH=src .venv/bin/python benchmarks/results/autoprog-bench/deep.py run 1 2  # seeds, 2 workers
+    PYTHONPATH=src .venv/bin/python benchmarks/results/autoprog-bench/deep.py table    # -> deep.json
+
+The runs are not committed. ``table`` reads the finished runs in ``deep/runs`` and keeps, for a seed
+with no runs here, the rows ``deep.json`` already records (seed 0 was trained in another sitting).
 """
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from autoprog_lib import MANUAL  # noqa: E402
 from recipe_bench import IssueTwelveBench  # noqa: E402
 from recipe_lib import Job, baseline_key, run_job  # noqa: E402
-from reproduce_lib import Protocol, run_jobs  # noqa: E402
+from reproduce_lib import Protocol, mean_std, run_jobs  # noqa: E402
 
-OUT, MEMBER, STEPS, SEED = Path("benchmarks/results/autoprog-bench/deep"), "bench-S4", 8000, 0
+from compt.report.figures import Curve, CurvePanel, plot_curve_panels  # noqa: E402
+
+OUT, MEMBER, STEPS = Path(__file__).resolve().parent / "deep", "bench-S4", 8000
+RECORD = OUT.parent / "deep.json"
+FAMILY_RECORD = OUT.parent.parent / "bench-deep" / "family.json"  # bench-S4 alone at 4000 / 16000 steps
 DEPTH = MANUAL | {"resolution": [3, 3, 3, 3]}  # the linear depth ramp, full resolution
 ARMS = {
     "ap-depth": DEPTH,
@@ -44,48 +52,127 @@ class DeepBench(IssueTwelveBench):
 
 
 BENCH = DeepBench()
-BASE = baseline_key(MEMBER, STEPS, SEED)
 # The baseline of the depth ramp's training MACs (8000 / 1.318 steps): is growing better than training
 # the full member for fewer steps at the same cost?
-EQUAL_COST = Job(baseline_key(MEMBER, 6070, SEED), MEMBER, 6070, SEED, arm="base-equal-macs")
+EQUAL_COST_STEPS = 6070
 
 
-def jobs() -> list[Job]:
-    progressive = [Job(f"{a}_{MEMBER}_{STEPS}_s{SEED}", MEMBER, STEPS, SEED, arm=a,
+def jobs(seed: int) -> list[Job]:
+    """One seed's runs, the baseline first (the table's gaps are to it)."""
+    progressive = [Job(f"{a}_{MEMBER}_{STEPS}_s{seed}", MEMBER, STEPS, seed, arm=a,
                        options=(("progressive", o),)) for a, o in ARMS.items()]  # fmt: skip
-    return [Job(BASE, MEMBER, STEPS, SEED), *progressive, EQUAL_COST]
+    equal_cost = Job(baseline_key(MEMBER, EQUAL_COST_STEPS, seed), MEMBER, EQUAL_COST_STEPS, seed,
+                     arm="base-equal-macs")  # fmt: skip
+    return [Job(baseline_key(MEMBER, STEPS, seed), MEMBER, STEPS, seed), *progressive, equal_cost]
 
 
 def _run(_: Protocol, job: Job, out: str) -> dict:
     return run_job(BENCH, job, out)
 
 
-def table() -> dict:
-    """Per arm: test-split val_loss (and the validation split's), zero-shot top-1 per task, the gap
-    to the baseline (nats, positive = worse), the exact training-MAC and the wall-time ratio to the
-    baseline (wall: 2 jobs on 2 cores)."""
-    runs = [(j, json.loads((OUT / "runs" / j.key / "result.json").read_text())) for j in jobs()]
-    base = runs[0][1]
-    out = {}
-    for job, r in runs:
-        test = r["metrics"]["test"]
-        loss = test["val_loss"]
-        out[job.arm or "base"] = {
-            "val_loss": loss,
-            "val_loss_val_split": r["metrics"]["val"]["val_loss"],
-            "zeroshot": {t: test[f"zeroshot/{t}/top1"] for t in ("shape", "colour", "count", "binding")},
-            "gap": loss - base["metrics"]["test"]["val_loss"],
-            "macs_x": base["train_macs"] / r["train_macs"],
-            "wall_x": base["wall_s"] / r["wall_s"],
-            "train_macs": r["train_macs"],
-            "wall_s": r["wall_s"],
+def _row(r: dict, base: dict) -> dict:
+    test = r["metrics"]["test"]
+    return {
+        "val_loss": test["val_loss"],
+        "val_loss_val_split": r["metrics"]["val"]["val_loss"],
+        "zeroshot": {t: test[f"zeroshot/{t}/top1"] for t in ("shape", "colour", "count", "binding")},
+        "gap": test["val_loss"] - base["metrics"]["test"]["val_loss"],
+        "macs_x": base["train_macs"] / r["train_macs"],
+        "wall_x": base["wall_s"] / r["wall_s"],
+        "train_macs": r["train_macs"],
+        "wall_s": r["wall_s"],
+    }
+
+
+def _spread(values: list[float]) -> dict:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
+
+
+def table(record: Path = RECORD, runs: Path = OUT / "runs") -> dict:
+    """Per seed and arm: test-split val_loss (and the validation split's), zero-shot top-1 per task,
+    the gap to the seed's baseline (nats, positive = worse), the exact training-MAC and the wall-time
+    ratio to it (wall: 2 jobs on 2 cores); then per arm the mean and seed std of the loss and the gap,
+    and each arm's per-seed difference to the equal-MAC baseline (positive = the arm is worse)."""
+    per_seed = json.loads(record.read_text())["seeds"] if record.exists() else {}
+    for done_base in sorted(runs.glob(f"base_{MEMBER}_{STEPS}_s*/result.json")):
+        seed = int(done_base.parent.name.rpartition("_s")[2])
+        done = [(j, runs / j.key / "result.json") for j in jobs(seed)]
+        done = [(j, json.loads(p.read_text())) for j, p in done if p.is_file()]
+        per_seed[str(seed)] = {j.arm or "base": _row(r, done[0][1]) for j, r in done}
+    per_seed = dict(sorted(per_seed.items(), key=lambda kv: int(kv[0])))
+    summary = {}
+    for arm in ["base", *ARMS, "base-equal-macs"]:
+        rows = {s: rs[arm] for s, rs in per_seed.items() if arm in rs}
+        if not rows:
+            continue
+        vs_equal = {s: r["val_loss"] - per_seed[s]["base-equal-macs"]["val_loss"]
+                    for s, r in rows.items() if "base-equal-macs" in per_seed[s]}  # fmt: skip
+        summary[arm] = {
+            "seeds": sorted(rows, key=int),
+            **{k: _spread([r[k] for r in rows.values()]) for k in ("val_loss", "val_loss_val_split", "gap")},
+            "minus_equal_macs": vs_equal,
+            "macs_x": min(r["macs_x"] for r in rows.values()),
         }
-    return {"member": MEMBER, "steps": STEPS, "seed": SEED, "arms": ARMS, "rows": out}
+    head = {"member": MEMBER, "steps": STEPS, "metric": "val_loss (nats, lower is better)", "arms": ARMS}
+    return head | {"summary": summary, "seeds": per_seed}
+
+
+LABELS = {
+    "ap-depth": "depth ramp, MoGrow, AdamW carried (default)",
+    "ap-depth-plain": "depth ramp without MoGrow",
+    "ap-depth-reset": "depth ramp, AdamW reset (official)",
+}
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Test val_loss against training MACs: bench-S4 alone at each schedule (6070 and 8000 steps from
+    these runs, 4000 and 16000 from the deep family's ``family.json``) and the depth ramp's arms.
+    Error bars: the seed std of a point with several seeds. A ramp below the dashed line beats
+    training the full member for the same MACs."""
+    family = json.loads(FAMILY_RECORD.read_text())
+    step_macs = family["step_train_macs"][MEMBER]
+    alone = {
+        int(k.split("@")[1]): (r["test"]["mean"], r["test"]["std"])
+        for k, r in family["rows"].items()
+        if k.startswith(f"{MEMBER}@") and int(k.split("@")[1]) >= 4000
+    }
+    summary = result["summary"]
+    for arm, steps in (("base", STEPS), ("base-equal-macs", EQUAL_COST_STEPS)):
+        if arm in summary:
+            alone[steps] = (summary[arm]["val_loss"]["mean"], summary[arm]["val_loss"]["std"])
+    label = f"{MEMBER} alone (4000 ... 16000 steps)"
+    curves = [Curve(label, [(n * step_macs / 1e12, m) for n, (m, _) in sorted(alone.items())], 7, True)]
+    curves += [
+        Curve(label, [(n * step_macs / 1e12, m)], 7, True, spread=[sd]) for n, (m, sd) in alone.items()
+    ]
+    for color, arm in enumerate(ARMS):
+        if arm not in summary:
+            continue
+        row = summary[arm]
+        macs = STEPS * step_macs / row["macs_x"] / 1e12
+        curves.append(
+            Curve(LABELS[arm], [(macs, row["val_loss"]["mean"])], color, spread=[row["val_loss"]["std"]])
+        )
+    seeds = len(result["seeds"])
+    title = f"AutoProg-One's depth ramp on {MEMBER} ({seeds} seed{'s' * (seeds > 1)})"
+    ylabel = "test val_loss (nats, lower is better)"
+    # the right panel: the ramp's neighbourhood (6070 and 8000 steps alone), where the arms part
+    near = [replace(c, points=[p for p in c.points if 3 < p[0] < 5]) for c in curves]
+    panels = [CurvePanel(title, ylabel, curves), CurvePanel("zoom: the ramp's MACs", ylabel, near)]
+    return plot_curve_panels(panels, path, xlabel="training MACs (x 1e12)", band_label="seed std")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run_jobs(Protocol(), jobs(), str(OUT), workers=2, runner=_run)
+        # The baseline, the default ramp and the equal-cost baseline of every seed before the two
+        # single-option arms, so that an interrupted sitting leaves the main comparison complete.
+        per_seed = [jobs(int(s)) for s in sys.argv[2:] or ["0"]]
+        order = [j for js in per_seed for j in js if j.arm in ("", "ap-depth", "base-equal-macs")]
+        order += [j for js in per_seed for j in js if j not in order]
+        run_jobs(Protocol(), order, str(OUT), workers=2, runner=_run)
     else:
-        (OUT.parent / "deep.json").write_text(json.dumps(table(), indent=1))
-        print(json.dumps(table(), indent=1))
+        text = json.dumps(table(), indent=1)
+        RECORD.write_text(text + "\n")
+        print(text)
+        print(plot(json.loads(text), OUT.parent / "deep.png"))
