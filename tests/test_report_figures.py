@@ -33,3 +33,14 @@ def test_no_spread_no_entry(tmp_path):
         [CurvePanel("m", "val_loss", [Curve("b", [(1.0, 2.0)])])], tmp_path / "f.png", xlabel="x"
     )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_panel_may_name_its_own_x_axis():
+    curves = [Curve("b", [(1.0, 2.0), (2.0, 1.5)])]
+    panels = [CurvePanel("cost", "val_loss", curves), CurvePanel("per seed", "diff", curves, xlabel="seed")]
+    fig = _curve_figure(panels, xlabel="MACs", styles=(), band_label="")
+    assert [ax.get_xlabel() for ax in fig.axes] == ["MACs", "seed"]
+    assert not all(t == int(t) for t in fig.axes[1].get_xticks())  # float points: float ticks
+    seeds = [CurvePanel("per seed", "diff", [Curve("b", [(0, 0.1), (1, -0.1), (2, 0.05)])])]
+    ticks = _curve_figure(seeds, xlabel="seed", styles=(), band_label="").axes[0].get_xticks()
+    assert len(ticks) > 1 and all(t == int(t) for t in ticks)

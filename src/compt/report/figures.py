@@ -46,6 +46,7 @@ class CurvePanel:
     ylabel: str
     curves: Sequence[Curve]
     chance: float | None = None  # drawn as a dotted line: what a blind guess scores
+    xlabel: str = ""  # this panel's own x axis (e.g. seeds beside a MACs panel); empty: the figure's
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def _curve_figure(
 ) -> Figure:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     fig = _figure(6.0 * len(panels) if len(panels) > 1 else 7.0, 4.5)
     entries: dict[str, Line2D] = {}
@@ -132,7 +134,9 @@ def _curve_figure(
         if panel.chance is not None and any(c.points for c in panel.curves):
             ax.axhline(panel.chance, color="0.45", ls=":", lw=1.2)
             chance_drawn = True
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(panel.xlabel or xlabel)
+        if all(isinstance(x, int) for c in panel.curves for x, _ in c.points):  # seeds, steps: no 0.25
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(panel.ylabel)
         ax.set_title(panel.title, fontsize=10)
         ax.grid(alpha=0.3)
