@@ -18,7 +18,7 @@ with no runs here, the rows ``deep.json`` already records (seed 0 was trained in
 
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -126,10 +126,12 @@ LABELS = {
 
 
 def plot(result: dict, path: Path) -> Path:
-    """Test val_loss against training MACs: bench-S4 alone at each schedule (6070 and 8000 steps from
-    these runs, 4000 and 16000 from the deep family's ``family.json``) and the depth ramp's arms.
-    Error bars: the seed std of a point with several seeds. A ramp below the dashed line beats
-    training the full member for the same MACs."""
+    """Left: test val_loss against training MACs, bench-S4 alone at each schedule (6070 and 8000 steps
+    from these runs, 4000 and 16000 from the deep family's ``family.json``) and the depth ramp's arms;
+    error bars are the seed std of a point with several seeds, and a ramp below the dashed line beats
+    training the full member for the same MACs. Right: each seed's ramp minus that seed's equal-MAC
+    baseline. The seed spread (0.02-0.06 nats) hides the arms on the left; paired by seed, MoGrow's
+    effect (the same data order and initialization on both sides) shows."""
     family = json.loads(FAMILY_RECORD.read_text())
     step_macs = family["step_train_macs"][MEMBER]
     alone = {
@@ -146,6 +148,7 @@ def plot(result: dict, path: Path) -> Path:
     curves += [
         Curve(label, [(n * step_macs / 1e12, m)], 7, True, spread=[sd]) for n, (m, sd) in alone.items()
     ]
+    paired = [Curve(f"{MEMBER} alone, same MACs", [(int(s), 0.0) for s in result["seeds"]], 7, True)]
     for color, arm in enumerate(ARMS):
         if arm not in summary:
             continue
@@ -154,12 +157,19 @@ def plot(result: dict, path: Path) -> Path:
         curves.append(
             Curve(LABELS[arm], [(macs, row["val_loss"]["mean"])], color, spread=[row["val_loss"]["std"]])
         )
+        diffs = sorted((int(s), d) for s, d in row["minus_equal_macs"].items())
+        paired.append(Curve(LABELS[arm], diffs, color))
     seeds = len(result["seeds"])
     title = f"AutoProg-One's depth ramp on {MEMBER} ({seeds} seed{'s' * (seeds > 1)})"
-    ylabel = "test val_loss (nats, lower is better)"
-    # the right panel: the ramp's neighbourhood (6070 and 8000 steps alone), where the arms part
-    near = [replace(c, points=[p for p in c.points if 3 < p[0] < 5]) for c in curves]
-    panels = [CurvePanel(title, ylabel, curves), CurvePanel("zoom: the ramp's MACs", ylabel, near)]
+    panels = [
+        CurvePanel(title, "test val_loss (nats, lower is better)", curves),
+        CurvePanel(
+            "per seed: the ramp minus the full member at equal MACs",
+            "nats (below 0: the ramp wins)",
+            paired,
+            xlabel="seed",
+        ),
+    ]
     return plot_curve_panels(panels, path, xlabel="training MACs (x 1e12)", band_label="seed std")
 
 
