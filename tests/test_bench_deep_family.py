@@ -91,3 +91,14 @@ def test_the_figure_puts_a_chain_at_its_lineage_s_macs_and_a_baseline_at_its_own
         3,
     )
     assert family.plot(result, out / "chain.png").stat().st_size > 10_000
+
+
+def test_an_ablation_arm_is_a_run_of_its_own_beside_the_chain_arm_of_the_same_options():
+    chain = family.parse("alpha0:bench-S4@4000@1<link-alpha0_bench-S_s1")
+    iwi = family.parse("iwi-only:bench-S4@4000@1<chain16k-paper_f0p25_bench-S_s1")
+    assert iwi.options == chain.options == (("alpha", 0.0),)
+    assert iwi.key != chain.key and iwi.deps == ("chain16k-paper_f0p25_bench-S_s1",)
+    ifd = family.parse("ifd-only:bench-S4@4000@1<chain16k-paper_f0p25_bench-S_s1")
+    assert dict(ifd.options) == {"width": "none", "depth": "none"}  # alpha stays the paper's
+    with pytest.raises(SystemExit, match="ifd-only"):
+        family.parse("iwi:bench-S4@4000@1<x")  # a typo: the message lists the arms

@@ -9,7 +9,8 @@ bench-S are the one-block family's, whose runs are in ``reference16k.json``. Fro
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-deep/family.py table   # -> family.json
 
 ``run`` trains the given ``member@steps@seed`` baselines and ``ARM:member@steps@seed<TEACHER``
-links in that order on 2 workers (resumable).
+links in that order on 2 workers (resumable). ``ARM`` is an arm of the recipe harness or one of
+:data:`ABLATIONS`, the paper's Table 4 rerun with the recipe chosen on this family.
 """
 
 import json
@@ -31,6 +32,18 @@ ONE_BLOCK = OUT.parent / "bench" / "reference16k.json"  # bench-XS / bench-S: th
 FAMILY = "benchmarks/bench_deep_family.yaml"
 MEMBERS = tuple(m.name for m in load_family_yaml(ROOT / FAMILY).members)
 TRAINED_HERE = MEMBERS[2:]  # bench-S4, bench-M4; the first two are the one-block family's
+# The paper's Table 4 with the recipe chosen on the validation split (alpha 0 at 1/2 links,
+# docs/reproduce.md). The arm's name tells the run apart; its teacher, given after '<', is the study:
+ABLATIONS = {
+    # 4(b), one link from the paper link's bench-S: IWI without IFD (beside IWI + IFD, the paper arm,
+    # and neither, the baseline of the link's steps) ...
+    "iwi-only": {"alpha": 0.0},
+    # ... and IFD without IWI: the student as member.create() made it, distilled at the paper's alpha
+    "ifd-only": {"width": "none", "depth": "none"},
+    # 4(a): grown straight from the first member (bench-XS), not along the chain
+    "from-first": {"alpha": 0.0},
+}
+LINK_ARMS = {arm: options for arm, (_, options) in ARMS.items()} | ABLATIONS
 
 
 @dataclass(frozen=True)
@@ -63,9 +76,11 @@ def parse(spec: str) -> Job:
         raise SystemExit(f"unknown member {member!r} in {spec!r}: one of {', '.join(MEMBERS)}")
     if not arm:
         return Job(baseline_key(member, int(steps), int(seed)), member, int(steps), int(seed))
-    if arm not in ARMS or not teacher:
-        raise SystemExit(f"{spec!r}: a link needs a known arm ({', '.join(ARMS)}) and a teacher after '<'")
-    options = tuple(sorted(ARMS[arm][1].items()))
+    if arm not in LINK_ARMS or not teacher:
+        raise SystemExit(
+            f"{spec!r}: a link needs a known arm ({', '.join(LINK_ARMS)}) and a teacher after '<'"
+        )
+    options = tuple(sorted(LINK_ARMS[arm].items()))
     key = link_key(arm, member, int(steps), int(seed))
     return Job(key, member, int(steps), int(seed), teacher, arm, options, deps=(teacher,))
 
