@@ -7,6 +7,7 @@ bench-S are the one-block family's, whose runs are in ``reference16k.json``. Fro
 
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-deep/family.py run bench-M4@8000@0 ...
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-deep/family.py table   # -> family.json
+    ... family.py --out benchmarks/results/bench-deep/epyc run ...   # a sitting's own runs/ and table
 
 ``run`` trains the given ``member@steps@seed`` baselines and ``ARM:member@steps@seed<TEACHER``
 links in that order on 2 workers (resumable). ``ARM`` is an arm of the recipe harness or one of
@@ -195,11 +196,15 @@ def plot(result: dict, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "run":
-        run_jobs(Protocol(), [parse(s) for s in sys.argv[2:]], str(OUT), workers=2, runner=_run)
+    # ``--out DIR``: a sitting of its own (its runs/ and family.json), e.g. one machine's lineages
+    args = sys.argv[1:]
+    out = Path(args.pop(args.index("--out") + 1)) if "--out" in args else OUT
+    args = [a for a in args if a != "--out"]
+    if args[0] == "run":
+        run_jobs(Protocol(), [parse(s) for s in args[1:]], str(out), workers=2, runner=_run)
     else:
-        result = table()
+        result = table(out)
         text = json.dumps(result, indent=1)
-        (OUT / "family.json").write_text(text + "\n")
+        (out / "family.json").write_text(text + "\n")
         print(text)
-        print(plot(result, OUT / "chain.png"))
+        print(plot(result, out / "chain.png"))
