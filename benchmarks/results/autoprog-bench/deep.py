@@ -6,7 +6,8 @@ towers (``benchmarks/bench_deep_family.yaml``), trained on the benchmark's proto
 test split of docs/reproduce.md) for 8000 steps: individually, and with the manual AutoProg-One depth
 ramp at full resolution (the resolution axis does not transfer on this data: docs/autoprog.md), with
 MoGrow and AdamW carried (compt's default), without MoGrow, and with AdamW reset at every growth
-(the official code); and the full member trained for the depth ramp's MACs (6070 steps). Seeds 0-2.
+(the official code); AutoProg-One's searched schedule (depth and resolution, seeds 1-2); and the full
+member trained for the depth ramp's MACs (6070 steps). Seeds 0-2.
 From the repository root::
 
     PYTHONPATH=src .venv/bin/python benchmarks/results/autoprog-bench/deep.py run 1 2  # seeds, 2 workers
@@ -23,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from autoprog_lib import MANUAL  # noqa: E402
+from autoprog_lib import MANUAL, SEARCH  # noqa: E402
 from recipe_bench import IssueTwelveBench  # noqa: E402
 from recipe_lib import Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import Protocol, mean_std, run_jobs  # noqa: E402
@@ -38,6 +39,9 @@ ARMS = {
     "ap-depth": DEPTH,
     "ap-depth-plain": DEPTH | {"mogrow": False},
     "ap-depth-reset": DEPTH | {"optimizer_growth": "reset"},
+    # AutoProg-One's default, the one-shot search over depth and resolution at each growth: the only
+    # member of the benchmark where the search has depth to choose (seeds 1-2, docs/autoprog.md)
+    "ap-searched": SEARCH,
 }
 
 
@@ -122,6 +126,7 @@ LABELS = {
     "ap-depth": "depth ramp, MoGrow, AdamW carried (default)",
     "ap-depth-plain": "depth ramp without MoGrow",
     "ap-depth-reset": "depth ramp, AdamW reset (official)",
+    "ap-searched": "searched schedule (AutoProg-One's default)",
 }
 
 
