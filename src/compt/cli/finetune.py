@@ -1,9 +1,9 @@
 """``compt finetune``: transfer of a CLIP member to a labelled set (issue 16; docs/finetune.md).
 
-    compt finetune --make-set sets/shape --task shape --like runs/demo/chain/tiny-M
-    compt finetune runs/demo/chain/tiny-M --train sets/shape/train --test sets/shape/test --mode linear-probe
-    compt finetune runs/demo/chain/tiny-M --train sets/shape/train --test sets/shape/test --lr 3e-3
-    compt finetune runs/demo/chain/tiny-M --train ... --test ... --lr 3e-3 --progressive autoprog-zero --sid
+    compt finetune --make-set sets/shape --task shape --like runs/demo/chain/bench-M
+    compt finetune runs/demo/chain/bench-M --train sets/shape/train --test sets/shape/test --mode linear-probe
+    compt finetune runs/demo/chain/bench-M --train sets/shape/train --test sets/shape/test --lr 3e-3
+    compt finetune runs/demo/chain/bench-M --train ... --test ... --lr 3e-3 --progressive autoprog-zero --sid
 
 CKPT is a compt checkpoint, a run folder or an exported member. ``linear-probe`` fits a logistic
 regression on the frozen image features (C chosen on a validation split, CLIP paper App. A.3);

@@ -1,7 +1,7 @@
 """``compt finetune``: a CLIP member's linear probe, or its full fine-tune on the training engine (issue 16).
 
-    compt finetune runs/demo/chain/tiny-M --train sets/shape/train --test sets/shape/test --mode full
-    compt finetune runs/demo/chain/tiny-M --train ... --test ... --mode full --progressive autoprog-zero
+    compt finetune runs/demo/chain/bench-M --train sets/shape/train --test sets/shape/test --mode full
+    compt finetune runs/demo/chain/bench-M --train ... --test ... --mode full --progressive autoprog-zero
 
 From Python: ``finetune(FinetuneConfig(checkpoint=..., train_dir=..., test_dir=..., mode="full"))``.
 
