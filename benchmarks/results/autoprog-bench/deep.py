@@ -110,8 +110,10 @@ def table(record: Path = RECORD, runs: Path = OUT / "runs") -> dict:
         rows = {s: rs[arm] for s, rs in per_seed.items() if arm in rs}
         if not rows:
             continue
-        vs_equal = {s: r["val_loss"] - per_seed[s]["base-equal-macs"]["val_loss"]
-                    for s, r in rows.items() if "base-equal-macs" in per_seed[s]}  # fmt: skip
+        # against the full member trained for the same MACs: only an arm that costs what it cost
+        equal = {s: per_seed[s]["base-equal-macs"] for s in rows if "base-equal-macs" in per_seed[s]}
+        same_cost = [s for s in equal if abs(rows[s]["macs_x"] / equal[s]["macs_x"] - 1) < 0.01]
+        vs_equal = {s: rows[s]["val_loss"] - equal[s]["val_loss"] for s in same_cost}
         summary[arm] = {
             "seeds": sorted(rows, key=int),
             **{k: _spread([r[k] for r in rows.values()]) for k in ("val_loss", "val_loss_val_split", "gap")},
@@ -162,8 +164,8 @@ def plot(result: dict, path: Path) -> Path:
         curves.append(
             Curve(LABELS[arm], [(macs, row["val_loss"]["mean"])], color, spread=[row["val_loss"]["std"]])
         )
-        if arm == "ap-searched":
-            continue  # it costs 1.12x, not the ramp's 1.32x: the 6070-step member is not its equal-MAC twin
+        if not row["minus_equal_macs"]:
+            continue  # not at the equal-MAC baseline's cost (the search: 1.12x, not the ramp's 1.32x)
         diffs = sorted((int(s), d) for s, d in row["minus_equal_macs"].items())
         paired.append(Curve(LABELS[arm], diffs, color))
     seeds = len(result["seeds"])

@@ -197,9 +197,9 @@ def plot(result: dict, path: Path) -> Path:
 
 if __name__ == "__main__":
     # ``--out DIR``: a sitting of its own (its runs/ and family.json), e.g. one machine's lineages
-    args = sys.argv[1:]
-    out = Path(args.pop(args.index("--out") + 1)) if "--out" in args else OUT
-    args = [a for a in args if a != "--out"]
+    args, out = sys.argv[1:], OUT
+    if args[0] == "--out":
+        out, args = Path(args[1]), args[2:]
     if args[0] == "run":
         run_jobs(Protocol(), [parse(s) for s in args[1:]], str(out), workers=2, runner=_run)
     else:

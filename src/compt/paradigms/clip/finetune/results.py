@@ -6,7 +6,7 @@ One JSON object per run, written atomically when the run ends (its presence mean
       "kind": "finetune",
       "label": "full",                 # linear-probe | full | autoprog-zero-{search,manual}[-sid]
       "mode": "full", "progressive": null,
-      "member": "tiny-M",              # the member fine-tuned (from its checkpoint)
+      "member": "bench-M",             # the member fine-tuned (from its checkpoint)
       "checkpoint": "runs/demo/chain/bench-M/final.pt",
       "set": "shape",                  # the set's name (the folder above train/), train_dir, test_dir
       "seed": 0,
