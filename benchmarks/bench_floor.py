@@ -10,16 +10,24 @@ from (the density ratio, Oord et al. 2018): caption -> image rows score ``log p(
 caption rows ``log p(c | i) - log p(c)`` with ``p(c)`` the batch's mean likelihood, both times a
 logit scale (the best of :data:`SCALES`, as a model learns its own). The oracle's loss is achievable
 by a critic that knows each image's scene, so the true floor is at most this value, and a member's
-distance to it is a lower bound on the room left. From the repository root::
+distance to it is a lower bound on the room left.
+
+A *blind* oracle (:data:`BLIND`) knows the scene up to one attribute: its likelihood is the mean over
+the scenes it cannot tell apart (a two-object scene and its colour-swapped twin; every assignment of
+sizes). Its loss minus the oracle's is what seeing that attribute is worth on the metric: the most a
+member can gain by learning it. From the repository root::
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_floor.py     # -> benchmarks/results/bench/floor.json
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +51,41 @@ def caption_likelihood(scenes: list[Scene], texts: list[str], num_sub_captions: 
     return p
 
 
+def _colour_swaps(scene: Scene, spec: SyntheticSpec) -> list[Scene]:
+    """A two-object scene and its twin with the colours swapped: what a bag of words cannot tell apart."""
+    if scene.kind != "pair":
+        return [scene]
+    twin = copy.deepcopy(scene)
+    a, b = twin.objects
+    a.colour, b.colour = b.colour, a.colour
+    return [scene, twin]
+
+
+def _size_assignments(scene: Scene, spec: SyntheticSpec) -> list[Scene]:
+    """The scene with every assignment of the spec's sizes to its objects."""
+    out = []
+    for sizes in itertools.product(spec.sizes, repeat=len(scene.objects)):
+        variant = copy.deepcopy(scene)
+        for obj, size in zip(variant.objects, sizes, strict=True):
+            obj.size = size
+        out.append(variant)
+    return out
+
+
+# what a blind oracle cannot tell apart: the scenes whose caption likelihoods it averages
+BLIND: dict[str, Callable[[Scene, SyntheticSpec], list[Scene]]] = {
+    "binding": _colour_swaps,
+    "size": _size_assignments,
+}
+
+
+def blind_likelihood(scenes: list[Scene], texts: list[str], spec: SyntheticSpec, blind: str) -> torch.Tensor:
+    """:func:`caption_likelihood` of a critic blind to ``blind``: per scene, the mean over its variants."""
+    pool = spec.num_sub_captions
+    rows = [caption_likelihood(BLIND[blind](scene, spec), texts, pool).mean(0) for scene in scenes]
+    return torch.stack(rows)
+
+
 SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # logit scales of the oracle's critic (1.25 best on both splits)
 
 
@@ -57,11 +100,12 @@ def oracle_loss(p: torch.Tensor, scale: float = 1.0) -> float:
 
 
 def val_floor(
-    seed: int, spec: SyntheticSpec, num_images: int = 2048, batch_size: int = 256
+    seed: int, spec: SyntheticSpec, num_images: int = 2048, batch_size: int = 256, blind: str = ""
 ) -> dict[str, float]:
     """The oracle's loss at each of :data:`SCALES` on the embedded validation set of ``seed`` (the
     batches and caption draws of :func:`compt.paradigms.clip.data.evalsets.embedded_val_set`),
-    averaged like ``val_loss``; ``best``: the lowest."""
+    averaged like ``val_loss``; ``best``: the lowest. ``blind``: a key of :data:`BLIND` (the oracle
+    that cannot see that attribute), or empty."""
     # the captions, not the pixels, are what the oracle reads: any image size draws the same ones
     vset = embedded_val_set(32, seed, num_images=num_images, batch_size=batch_size, spec=spec)
     scenes = [sample_scene(scene_rng(seed, EVAL_STREAMS["val"], i), spec) for i in range(num_images)]
@@ -71,7 +115,10 @@ def val_floor(
         shown = [scenes[i] for i in batch]
         for slot in range(len(vset.captions[0])):
             texts = [vset.captions[i][slot] for i in batch]
-            likelihoods.append(caption_likelihood(shown, texts, spec.num_sub_captions))
+            if blind:
+                likelihoods.append(blind_likelihood(shown, texts, spec, blind))
+            else:
+                likelihoods.append(caption_likelihood(shown, texts, spec.num_sub_captions))
     losses = {f"{s:g}": sum(oracle_loss(p, s) for p in likelihoods) / len(likelihoods) for s in SCALES}
     return losses | {"best": min(losses.values())}
 
@@ -86,6 +133,11 @@ if __name__ == "__main__":
         for split, seed in (("val", 0), ("test", proto.eval_seed))
     }
     out = {"metric": "val_loss (nats)", "chance": math.log(proto.val_batch), "oracle": floors}
+    for blind in BLIND:
+        out[f"{blind}-blind oracle"] = {
+            split: val_floor(seed, proto.spec, proto.val_images, proto.val_batch, blind)["best"]
+            for split, seed in (("val", 0), ("test", proto.eval_seed))
+        }
     path = Path(__file__).resolve().parent / "results" / "bench" / "floor.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))

@@ -11,7 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_floor import caption_likelihood, oracle_loss, val_floor  # noqa: E402
+from bench_floor import (  # noqa: E402
+    _colour_swaps,
+    _size_assignments,
+    blind_likelihood,
+    caption_likelihood,
+    oracle_loss,
+    val_floor,
+)
 from reproduce_lib import BENCH_SPEC  # noqa: E402
 
 from compt.paradigms.clip.data.scene_captions import all_captions  # noqa: E402
@@ -39,3 +46,35 @@ def test_the_floor_lies_between_zero_and_chance_and_falls_with_the_batch():
     """Fewer images a batch, fewer that a caption is also true of: the floor falls with the batch."""
     small, large = (val_floor(0, BENCH_SPEC, num_images=128, batch_size=b)["best"] for b in (16, 128))
     assert 0 < small < large < math.log(128)
+
+
+def _scene(kind: str):
+    for i in range(200):
+        scene = sample_scene(scene_rng(0, 7, i), BENCH_SPEC)
+        if scene.kind == kind and (kind != "pair" or scene.objects[0].colour != scene.objects[1].colour):
+            return scene
+    raise AssertionError(f"no {kind} scene in 200 draws")
+
+
+def test_a_binding_blind_oracle_cannot_tell_a_pair_from_its_colour_swap():
+    pair = _scene("pair")
+    (twin,) = [s for s in _colour_swaps(pair, BENCH_SPEC) if s is not pair]
+    texts = [all_captions(pair)[0], all_captions(twin)[0]]  # each scene's own primary caption
+    exact = caption_likelihood([pair], texts, BENCH_SPEC.num_sub_captions)
+    blind = blind_likelihood([pair], texts, BENCH_SPEC, "binding")
+    assert float(exact[0, 0]) > float(exact[0, 1])  # the oracle reads the right assignment ...
+    assert float(blind[0, 0]) == pytest.approx(float(blind[0, 1]))  # ... the blind one cannot
+
+
+def test_a_blind_oracle_sees_what_it_is_not_blind_to():
+    """A one-object scene has no colour swap; its size-blind likelihood still sums to 1."""
+    single = _scene("single")
+    primary, subs = all_captions(single)
+    texts = [primary, *subs]
+    exact = caption_likelihood([single], texts, BENCH_SPEC.num_sub_captions)
+    assert torch.equal(blind_likelihood([single], texts, BENCH_SPEC, "binding"), exact)
+    variants = _size_assignments(single, BENCH_SPEC)
+    every = sorted({t for s in variants for t in [all_captions(s)[0], *all_captions(s)[1]]})
+    sized = blind_likelihood([single], every, BENCH_SPEC, "size")
+    assert float(sized.sum()) == pytest.approx(1.0)
+    assert len(variants) == len(BENCH_SPEC.sizes)
