@@ -74,7 +74,7 @@ def test_tables_are_consistent(results):
     assert len(b["per_seed"]) == 2 and b["tolerance"] >= Protocol().loss_tolerance
     # convergence (criterion 2): what doubling 2 -> 4 steps bought at seed 0, positive when the loss fell
     assert b["doubling_gain"] == pytest.approx(b["sweep"][2] - b["sweep"][4])
-    assert b["converged"] == (abs(b["doubling_gain"]) < Protocol().loss_tolerance)
+    assert b["converged"] == (abs(b["doubling_gain"]) < b["tolerance"])
     fam = res["family"][0]  # criterion 1: the smaller member's loss minus the larger one's
     small = res["baselines"]["debug-S"]
     assert fam["gap"] == pytest.approx(small["mean"] - b["mean"])
@@ -285,3 +285,26 @@ def test_the_deep_family_grows_width_then_depth_then_width():
     assert report.summary()["fresh"] == 0 and report.summary()["params_inherited"] == sum(
         p.numel() for p in s4.parameters()
     )
+
+
+def test_a_doubling_inside_the_lossless_tolerance_is_converged():
+    """Criterion 2 of issue 12: converged when doubling moves the metric by less than the lossless
+    tolerance, max(0.02 nats, 2 x the reference's seed std), the rule a chain is judged by. A member
+    whose seeds spread by 0.1 nats cannot be told from its doubling by a 0.05-nat change."""
+    proto = replace_proto(
+        Protocol(), members=("a", "b"), seeds=(0, 1, 2), baseline_steps=(8, 16), reference_steps=8
+    )
+
+    def record(loss: float) -> dict:
+        return {"metrics": {METRIC: loss}, "train_macs": 1, "wall_s": 1.0}
+
+    runs = {}
+    for member, losses, doubled in (("a", (3.0, 3.1, 3.2), 2.95), ("b", (2.0, 2.001, 2.002), 1.95)):
+        for seed, loss in enumerate(losses):
+            runs[f"base_{member}_8_s{seed}"] = record(loss)
+        runs[f"base_{member}_16_s0"] = record(doubled)
+    table = reproduce.baseline_table(proto, runs)
+    noisy, quiet = table["a"], table["b"]
+    assert noisy["tolerance"] == pytest.approx(0.2) and noisy["doubling_gain"] == pytest.approx(0.05)
+    assert noisy["converged"]  # 0.05 < 2 x its 0.1 seed std
+    assert quiet["tolerance"] == pytest.approx(0.02) and not quiet["converged"]  # 0.05 > 0.02
