@@ -96,7 +96,8 @@ def _baseline_tables(results: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Doubling: what twice the reference schedule bought at seed 0 (positive: better); converged "
-        f"when its size is below the lossless tolerance ({results['base_tolerance']:g}).",
+        f"when its size is below the member's lossless tolerance, max({results['base_tolerance']:g}, "
+        "2 x its seed std at the reference).",
     ]
     return lines
 
