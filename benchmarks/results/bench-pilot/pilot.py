@@ -1,0 +1,88 @@
+"""What would let the top members separate at convergence? Two pilots for issue 12's next regime.
+
+On the benchmark's data the deep family's two largest members converge to about the same val_loss
+(docs/reproduce.md, "The schedule sweep"), 0.38 nats above the oracle floor. Each pilot changes one
+thing the two members share and trains them on the benchmark's protocol otherwise (batch, lr,
+cosine, evaluation on both splits), seed 0:
+
+* ``embed``: the joint embedding is 64-d instead of 32 (``embed_family.yaml``): is the 32-d dot
+  product, shared by every member, the plateau?
+* ``binding``: two-object scenes are 80 % of the scenes and there are 4 shapes, so a scene's
+  colour-swapped twin is likely in a batch and the loss pays for binding (worth 0.166 nats of the
+  oracle's loss here, 0.056 on the benchmark's data).
+
+From the repository root::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/results/bench-pilot/pilot.py run embed bench-M4-e64@8000@0
+    ... pilot.py run binding bench-M4@16000@0 bench-S4@16000@0
+    ... pilot.py table   # -> pilot.json
+
+``run PILOT`` trains the given ``member@steps@seed`` baselines on 2 workers into ``PILOT/runs``
+(resumable).
+"""
+
+import json
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "bench-deep"))
+from family import BENCH  # noqa: E402
+from recipe_lib import Job, baseline_key, run_job  # noqa: E402
+from reproduce_lib import BENCH_SPEC, Protocol, run_jobs  # noqa: E402
+
+from compt.families import load_family_yaml  # noqa: E402
+
+BINDING = replace(BENCH_SPEC, shapes=("circle", "square", "triangle", "cross"), p_pair=0.8, p_multi=0.1)
+EMBED_FAMILY = str((HERE / "embed_family.yaml").relative_to(HERE.parents[2]))
+PILOTS = {
+    "embed": replace(BENCH, name="bench-pilot-embed", family=EMBED_FAMILY),
+    "binding": replace(BENCH, name="bench-pilot-binding", protocol=replace(BENCH.protocol, spec=BINDING)),
+}
+KEYS = (
+    "val_loss",
+    "zeroshot/shape/top1",
+    "zeroshot/colour/top1",
+    "zeroshot/count/top1",
+    "zeroshot/binding/top1",
+)
+
+
+def parse(pilot: str, spec: str) -> Job:
+    """``member@steps@seed``: a baseline of the pilot's family."""
+    members = [m.name for m in load_family_yaml(HERE.parents[2] / PILOTS[pilot].family).members]
+    parts = spec.split("@")
+    if len(parts) != 3 or parts[0] not in members or not all(p.isdigit() for p in parts[1:]):
+        raise SystemExit(f"{spec!r}: expected member@steps@seed with a member of {', '.join(members)}")
+    return Job(baseline_key(parts[0], int(parts[1]), int(parts[2])), parts[0], int(parts[1]), int(parts[2]))
+
+
+def _run(pilot: str, _: Protocol, job: Job, out: str) -> dict:
+    return run_job(PILOTS[pilot], job, out)
+
+
+def table() -> dict:
+    """Per pilot and run: val_loss and zero-shot top-1 on both splits, and the run's wall seconds."""
+    out = {"metric": "val_loss (nats, lower is better)", "binding_spec": {"shapes": BINDING.shapes,
+           "p_pair": BINDING.p_pair, "p_multi": BINDING.p_multi}}  # fmt: skip
+    for pilot in PILOTS:
+        rows = out.setdefault(pilot, {"family": PILOTS[pilot].family, "rows": {}})["rows"]
+        for p in sorted((HERE / pilot / "runs").glob("*/result.json")):
+            r = json.loads(p.read_text())
+            name = f"{r['job']['member']}@{r['job']['steps']}@{r['job']['seed']}"
+            rows[name] = {split: {k: m[k] for k in KEYS} for split, m in r["metrics"].items()}
+            rows[name]["wall_s"] = round(r["wall_s"], 1)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "run":
+        pilot = sys.argv[2]
+        jobs = [parse(pilot, s) for s in sys.argv[3:]]
+        run_jobs(Protocol(), jobs, str(HERE / pilot), workers=2, runner=partial(_run, pilot))
+    else:
+        text = json.dumps(table(), indent=1)
+        (HERE / "pilot.json").write_text(text + "\n")
+        print(text)
