@@ -80,8 +80,11 @@ BLIND: dict[str, Callable[[Scene, SyntheticSpec], list[Scene]]] = {
 
 
 def blind_likelihood(scenes: list[Scene], texts: list[str], spec: SyntheticSpec, blind: str) -> torch.Tensor:
-    """:func:`caption_likelihood` of a critic blind to ``blind``: per scene, the mean over its variants."""
+    """:func:`caption_likelihood` of a critic blind to ``blind``: per scene, the mean over its variants
+    (``blind`` empty: the oracle's own)."""
     pool = spec.num_sub_captions
+    if not blind:
+        return caption_likelihood(scenes, texts, pool)
     rows = [caption_likelihood(BLIND[blind](scene, spec), texts, pool).mean(0) for scene in scenes]
     return torch.stack(rows)
 
@@ -89,14 +92,20 @@ def blind_likelihood(scenes: list[Scene], texts: list[str], spec: SyntheticSpec,
 SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # logit scales of the oracle's critic (1.25 best on both splits)
 
 
-def oracle_loss(p: torch.Tensor, scale: float = 1.0) -> float:
-    """The symmetric contrastive loss of one slot of one batch (its i-th text is image i's) under the
-    generator's critic ``p[i, k] = p(text k | image i)``: the mean of both directions, as Eq. 2-3."""
+def oracle_rows(p: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per image i of one slot of one batch (its i-th text is image i's), under the generator's critic
+    ``p[i, k] = p(text k | image i)``: the mean of its rows in both directions of Eq. 2-3."""
     labels = torch.arange(p.shape[0])
     log_p = p.clamp_min(1e-300).log()
-    t2v = F.cross_entropy(scale * log_p.t(), labels)  # caption k against the images: posterior ∝ p(c|i)
-    v2t = F.cross_entropy(scale * (log_p - p.mean(0, keepdim=True).log()), labels)  # image i vs captions
-    return float((t2v + v2t) / 2)
+    # caption k against the images: posterior ∝ p(c|i); image i against the captions: the density ratio
+    t2v = F.cross_entropy(scale * log_p.t(), labels, reduction="none")
+    v2t = F.cross_entropy(scale * (log_p - p.mean(0, keepdim=True).log()), labels, reduction="none")
+    return (t2v + v2t) / 2
+
+
+def oracle_loss(p: torch.Tensor, scale: float = 1.0) -> float:
+    """The symmetric contrastive loss of one slot of one batch under the generator's critic."""
+    return float(oracle_rows(p, scale).mean())
 
 
 def val_floor(
@@ -115,10 +124,7 @@ def val_floor(
         shown = [scenes[i] for i in batch]
         for slot in range(len(vset.captions[0])):
             texts = [vset.captions[i][slot] for i in batch]
-            if blind:
-                likelihoods.append(blind_likelihood(shown, texts, spec, blind))
-            else:
-                likelihoods.append(caption_likelihood(shown, texts, spec.num_sub_captions))
+            likelihoods.append(blind_likelihood(shown, texts, spec, blind))
     losses = {f"{s:g}": sum(oracle_loss(p, s) for p in likelihoods) / len(likelihoods) for s in SCALES}
     return losses | {"best": min(losses.values())}
 

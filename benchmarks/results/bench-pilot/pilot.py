@@ -1,9 +1,9 @@
 """What would let the top members separate at convergence? Two pilots for issue 12's next regime.
 
 On the benchmark's data the deep family's two largest members converge to about the same val_loss
-(docs/reproduce.md, "The schedule sweep"), 0.38 nats above the oracle floor. Each pilot changes one
-thing the two members share and trains them on the benchmark's protocol otherwise (batch, lr,
-cosine, evaluation on both splits), seed 0:
+(docs/reproduce.md, "Where the family stops being a family"), 0.38 nats above the oracle floor.
+Each pilot changes one thing the two members share and trains them on the benchmark's protocol
+otherwise (batch, lr, cosine, evaluation on both splits), seed 0:
 
 * ``embed``: the joint embedding is 64-d instead of 32 (``embed_family.yaml``): is the 32-d dot
   product, shared by every member, the plateau?

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-from bench_floor import BLIND, blind_likelihood, caption_likelihood  # noqa: E402
+from bench_floor import BLIND, blind_likelihood, oracle_rows  # noqa: E402
 from reproduce_lib import Protocol  # noqa: E402
 
 from compt.engine.checkpoint import model_from_checkpoint  # noqa: E402
@@ -30,7 +30,8 @@ from compt.paradigms.clip.data import tokenizer  # noqa: E402
 from compt.paradigms.clip.data.evalsets import EVAL_STREAMS, embedded_val_set  # noqa: E402
 from compt.paradigms.clip.data.synthetic import sample_scene, scene_rng  # noqa: E402
 
-ORACLE_SCALE = 1.25  # the oracle's best logit scale on both splits (floor.json)
+_FLOOR = json.loads((HERE / "floor.json").read_text())["oracle"]["test"]
+ORACLE_SCALE = float(next(k for k, v in _FLOOR.items() if k != "best" and v == _FLOOR["best"]))
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -60,23 +61,10 @@ class Split:
 
     def oracle(self, blind: str = "") -> torch.Tensor:
         """Per image: the (``blind``) oracle's share of its val_loss, the critic of bench_floor."""
-        out, spec = torch.zeros(self.n, dtype=torch.float64), self.proto.spec
+        out = torch.zeros(self.n, dtype=torch.float64)
         for start, _, texts in self.batches():
-            shown = self.scenes[start : start + self.bs]
-            if blind:
-                p = blind_likelihood(shown, texts, spec, blind)
-            else:
-                p = caption_likelihood(shown, texts, spec.num_sub_captions)
-            log_p = p.clamp_min(1e-300).log()
-            # image -> caption: the density ratio; caption -> image: log p(c | i) (bench_floor.oracle_loss)
-            v2t = ORACLE_SCALE * (log_p - p.mean(0, keepdim=True).log())
-            t2v = ORACLE_SCALE * log_p
-            labels = torch.arange(len(shown))
-            rows = (
-                F.cross_entropy(v2t, labels, reduction="none")
-                + F.cross_entropy(t2v.t(), labels, reduction="none")
-            ) / 2
-            out[start : start + self.bs] += rows / self.slots
+            p = blind_likelihood(self.scenes[start : start + self.bs], texts, self.proto.spec, blind)
+            out[start : start + self.bs] += oracle_rows(p, ORACLE_SCALE) / self.slots
         return out
 
     @torch.no_grad()

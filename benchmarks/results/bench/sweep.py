@@ -11,7 +11,7 @@ criterion 1 at those schedules. From the repository root::
 """
 
 import json
-import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -20,17 +20,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+from reproduce_lib import Protocol, mean_std  # noqa: E402
+
 DEEP = HERE.parent / "bench-deep"
 ONE_BLOCK = ("bench-XS", "bench-S", "bench-M", "bench-L")
 DEEP_FAMILY = ("bench-XS", "bench-S", "bench-S4", "bench-M4")
-BASE_TOLERANCE = 0.02  # nats (docs/reproduce.md: the lossless rule is max(0.02, 2 x the baseline's seed std))
+BASE_TOLERANCE = Protocol().loss_tolerance  # nats; the lossless rule is max(it, 2 x the baseline's seed std)
 FLOOR = json.loads((HERE / "floor.json").read_text())["oracle"]["test"]["best"]
 
 
 def _stats(seeds: dict[str, float]) -> dict:
-    values = list(seeds.values())
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    mean, std = mean_std(list(seeds.values()))
     return {"seeds": dict(sorted(seeds.items())), "mean": mean, "std": std}
 
 
