@@ -72,10 +72,28 @@ def _size_assignments(scene: Scene, spec: SyntheticSpec) -> list[Scene]:
     return out
 
 
+def _placements(scene: Scene, spec: SyntheticSpec) -> list[Scene]:
+    """The scene with its objects in every pair of distinct cells of the grid (a 6 x 6 lattice for
+    free placement): what a critic that cannot see where things are cannot tell apart. Copies of one
+    object (``multi``) are never placed by a caption, so they keep theirs."""
+    if scene.kind == "multi":
+        return [scene]
+    k = spec.grid or 6
+    cells = [((i + 0.5) / k, (j + 0.5) / k) for j in range(k) for i in range(k)]
+    out = []
+    for where in itertools.permutations(cells, len(scene.objects)):
+        variant = copy.deepcopy(scene)
+        for obj, xy in zip(variant.objects, where, strict=True):
+            obj.positions = [xy]
+        out.append(variant)
+    return out
+
+
 # what a blind oracle cannot tell apart: the scenes whose caption likelihoods it averages
 BLIND: dict[str, Callable[[Scene, SyntheticSpec], list[Scene]]] = {
     "binding": _colour_swaps,
     "size": _size_assignments,
+    "position": _placements,
 }
 
 
@@ -85,7 +103,16 @@ def blind_likelihood(scenes: list[Scene], texts: list[str], spec: SyntheticSpec,
     pool = spec.num_sub_captions
     if not blind:
         return caption_likelihood(scenes, texts, pool)
-    rows = [caption_likelihood(BLIND[blind](scene, spec), texts, pool).mean(0) for scene in scenes]
+    rows = []
+    for scene in scenes:
+        # variants that read the same captions have the same likelihood: score each once, weighted
+        seen: dict[tuple, list] = {}
+        for variant in BLIND[blind](scene, spec):
+            primary, subs = all_captions(variant)
+            seen.setdefault((primary, *subs), [variant, 0])[1] += 1
+        p = caption_likelihood([v for v, _ in seen.values()], texts, pool)
+        weight = torch.tensor([n for _, n in seen.values()], dtype=p.dtype)
+        rows.append(weight @ p / weight.sum())
     return torch.stack(rows)
 
 

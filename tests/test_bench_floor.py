@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_floor import (  # noqa: E402
     _colour_swaps,
+    _placements,
     _size_assignments,
     blind_likelihood,
     caption_likelihood,
@@ -21,7 +22,7 @@ from bench_floor import (  # noqa: E402
 )
 from reproduce_lib import BENCH_SPEC  # noqa: E402
 
-from compt.paradigms.clip.data.scene_captions import all_captions  # noqa: E402
+from compt.paradigms.clip.data.scene_captions import _WHERE, all_captions  # noqa: E402
 from compt.paradigms.clip.data.synthetic import sample_scene, scene_rng  # noqa: E402
 
 
@@ -78,3 +79,20 @@ def test_a_blind_oracle_sees_what_it_is_not_blind_to():
     sized = blind_likelihood([single], every, BENCH_SPEC, "size")
     assert float(sized.sum()) == pytest.approx(1.0)
     assert len(variants) == len(BENCH_SPEC.sizes)
+
+
+def test_a_position_blind_oracle_spreads_where_over_the_cells_of_each_region():
+    """On the 4 x 4 grid the centre region holds 4 cells, an edge 2, a corner 1: the position-blind
+    likelihood of "a <colour> <shape> <where>." is in those ratios whatever the scene's own place
+    (variants that read the same captions are scored once and weighted by how many there are)."""
+    single = _scene("single")
+    o = single.objects[0]
+    texts = [f"a {o.colour} {o.shape} {w}." for row in _WHERE for w in row]
+    p = blind_likelihood([single], texts, BENCH_SPEC, "position")[0]
+    cells = torch.tensor([1, 2, 1, 2, 4, 2, 1, 2, 1], dtype=p.dtype)
+    assert torch.allclose(p / p.sum(), cells / cells.sum())
+    assert len(_placements(single, BENCH_SPEC)) == BENCH_SPEC.grid**2
+    copies = _scene("multi")  # no caption places copies of one object: nothing to be blind to
+    primary, subs = all_captions(copies)
+    exact = caption_likelihood([copies], [primary, *subs], BENCH_SPEC.num_sub_captions)
+    assert torch.equal(blind_likelihood([copies], [primary, *subs], BENCH_SPEC, "position"), exact)
