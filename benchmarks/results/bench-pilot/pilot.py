@@ -1,4 +1,4 @@
-"""What would let the top members separate at convergence? Two pilots for issue 12's next regime.
+"""What would let the top members separate at convergence? Pilots for issue 12's next regime.
 
 On the benchmark's data the deep family's two largest members converge to about the same val_loss
 (docs/reproduce.md, "Where the family stops being a family"), 0.38 nats above the oracle floor.
@@ -10,11 +10,15 @@ otherwise (batch, lr, cosine, evaluation on both splits), seed 0:
 * ``binding``: two-object scenes are 80 % of the scenes and there are 4 shapes, so a scene's
   colour-swapped twin is likely in a batch and the loss pays for binding (worth 0.166 nats of the
   oracle's loss here, 0.056 on the benchmark's data).
+* ``sincos``: open_clip's fixed 2-D sin-cos position embedding instead of the learned one
+  (``sincos_family.yaml``): every member is blind to where an object is (``position.py``); does a
+  position code the members need not learn let them see it?
 
 From the repository root::
 
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-pilot/pilot.py run embed bench-M4-e64@8000@0
-    ... pilot.py run binding bench-M4@16000@0 bench-S4@16000@0
+    ... pilot.py run binding bench-M4@8000@0 bench-S4@8000@0
+    ... pilot.py run sincos bench-S4-sc@4000@0 bench-M4-sc@4000@0
     ... pilot.py table   # -> pilot.json
 
 ``run PILOT`` trains the given ``member@steps@seed`` baselines on 2 workers into ``PILOT/runs``
@@ -37,8 +41,10 @@ from compt.families import load_family_yaml  # noqa: E402
 
 BINDING = replace(BENCH_SPEC, shapes=("circle", "square", "triangle", "cross"), p_pair=0.8, p_multi=0.1)
 EMBED_FAMILY = str((HERE / "embed_family.yaml").relative_to(HERE.parents[2]))
+SINCOS_FAMILY = str((HERE / "sincos_family.yaml").relative_to(HERE.parents[2]))
 PILOTS = {
     "embed": replace(BENCH, name="bench-pilot-embed", family=EMBED_FAMILY),
+    "sincos": replace(BENCH, name="bench-pilot-sincos", family=SINCOS_FAMILY),
     "binding": replace(BENCH, name="bench-pilot-binding", protocol=replace(BENCH.protocol, spec=BINDING)),
 }
 KEYS = (
