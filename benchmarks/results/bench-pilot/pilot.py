@@ -32,7 +32,9 @@ from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "bench-deep"))
+from bench_floor import val_floor  # noqa: E402
 from family import BENCH  # noqa: E402
 from recipe_lib import Job, baseline_key, run_job  # noqa: E402
 from reproduce_lib import BENCH_SPEC, Protocol, run_jobs  # noqa: E402
@@ -73,6 +75,12 @@ def table() -> dict:
     """Per pilot and run: val_loss and zero-shot top-1 on both splits, and the run's wall seconds."""
     out = {"metric": "val_loss (nats, lower is better)", "binding_spec": {"shapes": BINDING.shapes,
            "p_pair": BINDING.p_pair, "p_multi": BINDING.p_multi}}  # fmt: skip
+    # the binding data's own floor on the test split: its val set is drawn from BINDING
+    test = (BENCH.protocol.eval_seed, BINDING, BENCH.protocol.val_images, BENCH.protocol.val_batch)
+    out["binding_floor_test"] = {
+        "oracle": val_floor(*test)["best"],
+        "binding-blind oracle": val_floor(*test, "binding")["best"],
+    }
     for pilot in PILOTS:
         rows = out.setdefault(pilot, {"family": PILOTS[pilot].family, "rows": {}})["rows"]
         for p in sorted((HERE / pilot / "runs").glob("*/result.json")):
