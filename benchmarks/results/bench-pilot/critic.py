@@ -38,6 +38,8 @@ from compt.paradigms.clip.loss import multi_caption_clip_loss
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent / "bench"))
+from headroom import _rows  # noqa: E402
 from reproduce_lib import Protocol  # noqa: E402
 
 PROTO = Protocol()
@@ -109,10 +111,9 @@ class Towers(nn.Module):
         return self.text_out(torch.cat([h[0], h[1]], dim=-1))
 
 
-def val_batches(seed: int, vocab: Vocab, blind: str):
+def val_batches(seed: int, scenes: list[Scene], vocab: Vocab, blind: str):
     """The fixed batches and caption draws of ``val_loss`` (the same texts every member is scored on)."""
     vset = embedded_val_set(32, seed, num_images=PROTO.val_images, batch_size=PROTO.val_batch, spec=SPEC)
-    scenes = [sample_scene(scene_rng(seed, EVAL_STREAMS["val"], i), SPEC) for i in range(PROTO.val_images)]
     for start in range(0, PROTO.val_images, PROTO.val_batch):
         idx = range(start, start + PROTO.val_batch)
         feats = torch.tensor([scene_features(scenes[i], blind) for i in idx])
@@ -131,16 +132,7 @@ def val_loss(model: Towers, batches) -> dict[str, float]:
         txt = nn.functional.normalize(model.encode_text(ids.view(b * m, -1)), dim=-1).view(b, m, -1)
         total.append(float(multi_caption_clip_loss(img, txt, scale)))
         logits = scale * torch.matmul(img, txt.permute(1, 2, 0))  # [M, N images, N texts]
-        labels = torch.arange(b)
-        rows = [
-            (
-                nn.functional.cross_entropy(lg, labels, reduction="none")
-                + nn.functional.cross_entropy(lg.t(), labels, reduction="none")
-            )
-            / 2
-            for lg in logits
-        ]
-        rows = torch.stack(rows).mean(0)
+        rows = torch.stack([_rows(lg) for lg in logits]).mean(0)  # per image, over the slots
         for k, r in zip(kinds, rows.tolist(), strict=True):
             per_kind[k].append(r)
     return {"all": sum(total) / len(total)} | {k: sum(v) / len(v) for k, v in per_kind.items()}
@@ -162,7 +154,7 @@ def main(steps: int, dim: int, blind: str = "") -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     rng = np.random.default_rng(0)
     batch, m = PROTO.batch, 4
-    val = {s: list(val_batches(s, vocab, blind)) for s in (0, PROTO.eval_seed)}
+    val = {s: list(val_batches(s, val_scenes[s], vocab, blind)) for s in val_scenes}
     curve, t0 = [], time.time()
     for step in range(1, steps + 1):
         idx = rng.choice(len(train), size=batch, replace=False)
