@@ -12,7 +12,8 @@ From the repository root, with finished runs' weights (not committed)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-pilot/position.py NAME=RUN/final.pt ...
 
-writes ``position.json``.
+writes ``position.json``; with ``data=PILOT`` first (a data pilot of ``pilot.py``, e.g. ``grid3``), the
+probes use that pilot's test split and write ``position-PILOT.json``.
 """
 
 import json
@@ -64,10 +65,16 @@ def probe(split: Split, checkpoint: str) -> dict[str, float]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    split = Split(Protocol())
+    args, proto, out_name = sys.argv[1:], Protocol(), "position"
+    if args and args[0].startswith("data="):
+        from pilot import PILOTS
+
+        out_name = f"position-{args[0][5:]}"
+        proto = PILOTS[args.pop(0)[5:]].protocol
+    split = Split(proto)
     out = {"split": "test", "one_object_scenes": sum(sc.kind == "single" for sc in split.scenes)}
-    for item in sys.argv[1:]:
+    for item in args:
         name, _, path = item.partition("=")
         out[name] = probe(split, path)
         print(name, {k: round(v, 4) for k, v in out[name].items()}, flush=True)
-    (HERE / "position.json").write_text(json.dumps(out, indent=1) + "\n")
+    (HERE / f"{out_name}.json").write_text(json.dumps(out, indent=1) + "\n")
