@@ -69,8 +69,8 @@ if __name__ == "__main__":
     if args and args[0].startswith("data="):
         from pilot import PILOTS
 
-        out_name = f"position-{args[0][5:]}"
-        proto = PILOTS[args.pop(0)[5:]].protocol
+        pilot = args.pop(0).removeprefix("data=")
+        out_name, proto = f"position-{pilot}", PILOTS[pilot].protocol
     split = Split(proto)
     out = {"split": "test", "one_object_scenes": sum(sc.kind == "single" for sc in split.scenes)}
     for item in args:
