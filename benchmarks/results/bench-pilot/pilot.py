@@ -16,7 +16,9 @@ otherwise (batch, lr, cosine, evaluation on both splits), seed 0:
 * ``grid3``: objects centred in the cells of a 3 x 3 grid, one cell per region a caption names,
   instead of one 8 px patch each: an object's region then shows in its pixels (the centre one is
   split across four patches, a side one sits off its patch's centre), at the cost of shapes that
-  cross patches. Does a member that sees where objects are separate from the smaller one?
+  cross patches. Does a member that sees where objects are separate from the smaller one? Its
+  family (``grid3_family.yaml``) adds bench-XS four blocks deep, so that the chain bench-XS -> XS4
+  -> S4 -> M4 (``CHAINS``) has depth wherever shape needs it; ``table`` writes criterion 1 for it.
 
 From the repository root::
 
@@ -24,6 +26,7 @@ From the repository root::
     ... pilot.py run binding bench-M4@8000@0 bench-S4@8000@0
     ... pilot.py run sincos bench-S4-sc@4000@0 bench-M4-sc@4000@0
     ... pilot.py run grid3 bench-M4@8000@0 bench-S4@8000@0 bench-XS@8000@0 bench-S@8000@0
+    ... pilot.py run grid3 bench-S4@32000@0 bench-XS4@8000@0 bench-M4@8000@1 ...   # COMMANDS.md #10
     ... pilot.py table   # -> pilot.json
 
 ``run PILOT`` trains the given ``member@steps@seed`` baselines on 2 workers into ``PILOT/runs``
@@ -32,6 +35,7 @@ From the repository root::
 
 import json
 import sys
+from collections import defaultdict
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
@@ -42,7 +46,8 @@ sys.path.insert(0, str(HERE.parent / "bench-deep"))
 from bench_floor import val_floor  # noqa: E402
 from family import BENCH  # noqa: E402
 from recipe_lib import Job, baseline_key, run_job  # noqa: E402
-from reproduce_lib import BENCH_SPEC, Protocol, run_jobs  # noqa: E402
+from reproduce import family_table  # noqa: E402
+from reproduce_lib import BENCH_SPEC, Protocol, mean_std, run_jobs  # noqa: E402
 
 from compt.families import load_family_yaml  # noqa: E402
 
@@ -50,12 +55,17 @@ BINDING = replace(BENCH_SPEC, shapes=("circle", "square", "triangle", "cross"), 
 GRID3 = replace(BENCH_SPEC, grid=3)
 EMBED_FAMILY = str((HERE / "embed_family.yaml").relative_to(HERE.parents[2]))
 SINCOS_FAMILY = str((HERE / "sincos_family.yaml").relative_to(HERE.parents[2]))
+GRID3_FAMILY = str((HERE / "grid3_family.yaml").relative_to(HERE.parents[2]))
 PILOTS = {
     "embed": replace(BENCH, name="bench-pilot-embed", family=EMBED_FAMILY),
     "sincos": replace(BENCH, name="bench-pilot-sincos", family=SINCOS_FAMILY),
     "binding": replace(BENCH, name="bench-pilot-binding", protocol=replace(BENCH.protocol, spec=BINDING)),
-    "grid3": replace(BENCH, name="bench-pilot-grid3", protocol=replace(BENCH.protocol, spec=GRID3)),
+    "grid3": replace(
+        BENCH, name="bench-pilot-grid3", family=GRID3_FAMILY, protocol=replace(BENCH.protocol, spec=GRID3)
+    ),
 }
+# a pilot's 4-member chain, ~4x training MACs a step between neighbours, for criterion 1
+CHAINS = {"grid3": ("bench-XS", "bench-XS4", "bench-S4", "bench-M4")}
 KEYS = (
     "val_loss",
     "zeroshot/shape/top1",
@@ -82,6 +92,26 @@ def _json(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def family(rows: dict, chain: tuple[str, ...]) -> dict:
+    """Criterion 1 on a pilot's chain, per schedule where every member has 2 seeds or more: test
+    val_loss mean and seed std per member, each adjacent gap in the pair's larger std (as reproduce.py)."""
+    runs = defaultdict(list)
+    for name, row in rows.items():
+        member, steps, _ = name.split("@")
+        runs[member, int(steps)].append(row)
+    out = {}
+    for steps in sorted({s for m, s in runs if m in chain}):
+        if any(len(runs[m, steps]) < 2 for m in chain):
+            continue
+        base = {}
+        for m in chain:
+            mean, std = mean_std([r["test"]["val_loss"] for r in runs[m, steps]])
+            macs = next(r["train_macs"] for r in runs[m, steps] if "train_macs" in r)
+            base[m] = {"mean": mean, "std": std, "seeds": len(runs[m, steps]), "train_macs": macs}
+        out[str(steps)] = {"members": base, "pairs": family_table(Protocol(), base)}
+    return out
+
+
 def table() -> dict:
     """Per pilot and run: val_loss and zero-shot top-1 on both splits, and the run's wall seconds.
 
@@ -103,12 +133,16 @@ def table() -> dict:
             }
         out[f"{name}_spec"] = changed
     for pilot in PILOTS:
-        rows = out.setdefault(pilot, {"family": PILOTS[pilot].family, "rows": {}})["rows"]
+        out.setdefault(pilot, {"rows": {}})["family"] = PILOTS[pilot].family
+        rows = out[pilot]["rows"]
         for p in sorted((HERE / pilot / "runs").glob("*/result.json")):
             r = json.loads(p.read_text())
             name = f"{r['job']['member']}@{r['job']['steps']}@{r['job']['seed']}"
             rows[name] = {split: {k: m[k] for k in KEYS} for split, m in r["metrics"].items()}
             rows[name]["wall_s"] = round(r["wall_s"], 1)
+            rows[name]["train_macs"] = r["train_macs"]
+        if pilot in CHAINS:
+            out[pilot]["family_by_steps"] = family(rows, CHAINS[pilot])
     return out
 
 

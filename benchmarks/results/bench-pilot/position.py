@@ -12,8 +12,9 @@ From the repository root, with finished runs' weights (not committed)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/results/bench-pilot/position.py NAME=RUN/final.pt ...
 
-writes ``position.json``; with ``data=PILOT`` first (a data pilot of ``pilot.py``, e.g. ``grid3``), the
-probes use that pilot's test split and write ``position-PILOT.json``.
+adds their rows to ``position.json`` (rows of runs not probed again stay); with ``data=PILOT`` first
+(a data pilot of ``pilot.py``, e.g. ``grid3``), the probes use that pilot's test split and
+``position-PILOT.json``.
 """
 
 import json
@@ -72,9 +73,12 @@ if __name__ == "__main__":
         pilot = args.pop(0).removeprefix("data=")
         out_name, proto = f"position-{pilot}", PILOTS[pilot].protocol
     split = Split(proto)
-    out = {"split": "test", "one_object_scenes": sum(sc.kind == "single" for sc in split.scenes)}
+    # runs' weights are not committed: probes already recorded stay, a probed run replaces its row
+    path = HERE / f"{out_name}.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out |= {"split": "test", "one_object_scenes": sum(sc.kind == "single" for sc in split.scenes)}
     for item in args:
-        name, _, path = item.partition("=")
-        out[name] = probe(split, path)
+        name, _, checkpoint = item.partition("=")
+        out[name] = probe(split, checkpoint)
         print(name, {k: round(v, 4) for k, v in out[name].items()}, flush=True)
-    (HERE / f"{out_name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    path.write_text(json.dumps(out, indent=1) + "\n")
