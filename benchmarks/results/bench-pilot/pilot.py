@@ -101,7 +101,8 @@ def family(rows: dict, chain: tuple[str, ...]) -> dict:
         runs[member, int(steps)].append(row)
     out = {}
     for steps in sorted({s for m, s in runs if m in chain}):
-        if any(len(runs[m, steps]) < 2 for m in chain):
+        # rows recorded before pilot.json kept training MACs have none: such a schedule waits for a new run
+        if any(len(runs[m, steps]) < 2 or all("train_macs" not in r for r in runs[m, steps]) for m in chain):
             continue
         base = {}
         for m in chain:
@@ -113,7 +114,7 @@ def family(rows: dict, chain: tuple[str, ...]) -> dict:
 
 
 def table() -> dict:
-    """Per pilot and run: val_loss and zero-shot top-1 on both splits, and the run's wall seconds.
+    """Per pilot and run: val_loss and zero-shot top-1 on both splits, the run's wall seconds and MACs.
 
     Runs' folders are not committed: rows and floors already in ``pilot.json`` are kept (a new
     checkout has only the runs trained in it), and a run on disk replaces its row."""
